@@ -1,0 +1,173 @@
+"""`crossmodalseg`: one entry point, sub-commands. User errors end with a clear message and exit code 2, never a
+traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _parse_option_value(value: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crossmodalseg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"crossmodalseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ds = sub.add_parser("dataset", help="check or import datasets").add_subparsers(dest="dataset_command",
+                                                                                     required=True)
+    p = ds.add_parser("check", help="validate a dataset folder and print every problem")
+    p.add_argument("path", type=Path)
+    for name, help_text in (("import-nnunet", "import an nnU-Net v2 raw dataset"),
+                            ("import-msd", "import a Medical Segmentation Decathlon task folder")):
+        p = ds.add_parser(name, help=help_text)
+        p.add_argument("src", type=Path)
+        p.add_argument("dst", type=Path)
+        p.add_argument("--type", action="append", type=_key_value, default=[], metavar="CHANNEL=CT|MR",
+                       help="override a channel's modality type")
+        p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("train", help="train (or fine-tune) a model")
+    p.add_argument("dataset", type=Path)
+    p.add_argument("--method", default="single")
+    p.add_argument("--target", help="the modality to segment")
+    p.add_argument("--assistant", action="append", default=[], help="assistant modality (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="model folder to write")
+    p.add_argument("--preset", choices=["fast", "full"], default="fast")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int)
+    budget.add_argument("--minutes", type=float)
+    p.add_argument("--iterations-per-epoch", type=int)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--init-from", type=Path, help="fine-tune from this model folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
+    p.add_argument("--val-every", type=int, default=5, help="epochs between validations")
+    p.add_argument("--val-cases", nargs="+", help="case ids held out for validation")
+    p.add_argument("--option", action="append", type=_key_value, default=[], metavar="NAME=VALUE",
+                   help="method hyper-parameter")
+    p.add_argument("--json-events", action="store_true", help="print progress as JSON lines instead of a bar")
+
+    p = sub.add_parser("predict", help="segment one case")
+    p.add_argument("model", type=Path)
+    p.add_argument("--image", action="append", type=_key_value, required=True, metavar="MODALITY=PATH")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--members", action="store_true", help="also write each member's label map")
+    p.add_argument("--uncertainty", action="store_true", help="also write the member disagreement map")
+    p.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    p = sub.add_parser("evaluate", help="Dice and HD95 per structure on a labelled dataset")
+    p.add_argument("model", type=Path)
+    p.add_argument("dataset", type=Path)
+    p.add_argument("--cases", nargs="+")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    p = sub.add_parser("demo", help="offline demo: phantom data -> train -> segment -> report")
+    p.add_argument("--out", type=Path, default=Path("demo_output"))
+    p.add_argument("--minutes", type=float, default=2.5, help="training budget")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    sub.add_parser("info", help="version, devices and methods")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - user-facing boundary: known errors become one clear line
+        from .errors import user_message
+
+        message = user_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "dataset":
+        return _dataset(args)
+    if args.command == "train":
+        from .engine.events import EventLog
+        from .engine.trainer import TrainConfig, train
+
+        config = TrainConfig(
+            method=args.method, target=args.target or "", assistants=args.assistant, preset=args.preset,
+            epochs=args.epochs, minutes=args.minutes, iterations_per_epoch=args.iterations_per_epoch,
+            device=args.device, seed=args.seed, checkpoint_every=args.checkpoint_every, val_every=args.val_every,
+            val_cases=args.val_cases, hparams={k: _parse_option_value(v) for k, v in args.option},
+            init_from=str(args.init_from) if args.init_from else None)
+        model = train(args.dataset, args.out, config, resume=args.resume, events=EventLog(json_stdout=args.json_events))
+        print(f"model written to {model}", file=sys.stderr)
+        return 0
+    if args.command == "predict":
+        from .engine.inferer import Predictor
+
+        predictor = Predictor(args.model, device=args.device, tta=args.tta)
+        result = predictor.predict(dict(args.image), members=args.members, uncertainty=args.uncertainty)
+        for kind, path in result.save(args.out).items():
+            print(f"{kind}: {path}")
+        return 0
+    if args.command == "evaluate":
+        from .engine.evaluate import evaluate_model, format_table
+
+        results = evaluate_model(args.model, args.dataset, args.cases, device=args.device, out_json=args.json)
+        print(format_table(results))
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.out, minutes=args.minutes, device=args.device)
+        return 0
+    if args.command == "info":
+        import torch
+
+        from .methods import METHODS
+
+        devices = ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+        print(json.dumps({"version": __version__, "devices": devices,
+                          "methods": {n: m.description for n, m in METHODS.items()}}, indent=2))
+        return 0
+    raise AssertionError(args.command)
+
+
+def _dataset(args: argparse.Namespace) -> int:
+    if args.dataset_command == "check":
+        from .data.check import check_dataset, format_report
+
+        spec, problems = check_dataset(args.path)
+        print(format_report(spec, problems))
+        return 1 if problems else 0
+    from .data.importers import import_msd, import_nnunet
+
+    importer = import_nnunet if args.dataset_command == "import-nnunet" else import_msd
+    spec = importer(args.src, args.dst, dict(args.type) or None, overwrite=args.overwrite)
+    print(f"imported {len(spec.cases)} cases into {args.dst / 'dataset.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

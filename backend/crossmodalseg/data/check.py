@@ -1,0 +1,213 @@
+"""Dataset check: every problem that would stop or corrupt training, found before training starts.
+
+`check_dataset` never raises; it reads each file once and inspects voxels in slabs of slices, so one image is in
+memory at a time (a 512x512x300 volume costs its own size plus a few MB). Errors fail the check; warnings
+(`dataset_warnings`) are reported but do not.
+
+NaN/Inf are found in .mha/.nrrd files; ITK 5's NIfTI reader (SimpleITK 2.x) turns them into 0 while reading, so
+training never sees them in NIfTI files and neither can this check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .io import Geometry, ImageError, read_image
+from .spec import DatasetError, DatasetSpec, load_spec, spec_path
+
+_SLAB_VOXELS = 1 << 22  # voxels inspected per step: bounds the temporaries (~32 MB at int64)
+_MAX_VALUES = 1000  # distinct offending label values kept; a wrong file (an image given as label) has millions
+_SHOWN_VALUES = 10
+
+Report = Callable[[str], None]
+
+
+@dataclass
+class Problem:
+    case: str | None
+    modality: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = " ".join(s for s in (self.case, f"[{self.modality}]" if self.modality else None) if s)
+        return f"{where}: {self.message}" if where else self.message
+
+
+def check_dataset(path: str | Path) -> tuple[DatasetSpec | None, list[Problem]]:
+    """Loads the spec at `path` (folder or dataset.json) and returns it with every error found (empty: usable).
+    The spec is None when dataset.json itself cannot be used; then the one problem says why."""
+    try:
+        spec = load_spec(path)
+    except DatasetError as e:
+        return None, [Problem(None, None, str(e))]
+    except (OSError, UnicodeDecodeError) as e:  # unreadable file: still a report, not a crash
+        return None, [Problem(None, None, f"cannot read {spec_path(path)}: {e}")]
+
+    if not spec.cases:
+        return spec, [Problem(None, None, "the dataset has no cases; add at least one entry to 'cases'")]
+    problems: list[Problem] = []
+    if not any(c.labelled for c in spec.cases):
+        problems.append(Problem(None, None, "no case has a label: nothing to train on (label at least one case)"))
+
+    allowed = sorted(set(spec.labels.values()))
+    # Per-file results keyed by path, so a file listed twice (one label shared by co-registered modalities) is
+    # read and reported once.
+    image_geometry: dict[Path, Geometry | None] = {}
+    label_geometry: dict[Path, Geometry | None] = {}
+    for case in spec.cases:
+        def report(modality: str, case_id: str = case.id) -> Report:
+            return lambda message: problems.append(Problem(case_id, modality, message))
+
+        for modality, file in case.images.items():
+            if file not in image_geometry:
+                image_geometry[file] = _inspect(file, spec.root, "image", allowed, report(modality))
+        for modality, file in case.labels.items():
+            if file not in label_geometry:
+                label_geometry[file] = _inspect(file, spec.root, "label", allowed, report(modality))
+            label, image = label_geometry[file], image_geometry.get(case.images[modality])
+            if label is not None and image is not None and not label.matches(image):
+                problems.append(Problem(case.id, modality, _geometry_message(label, image)))
+    return spec, problems
+
+
+def dataset_warnings(spec: DatasetSpec) -> list[Problem]:
+    """Oddities that do not stop training: modalities declared in the spec but used by no case."""
+    used = {m for c in spec.cases for m in c.images}
+    return [Problem(None, m, f"modality {m!r} is declared in 'modalities' but no case has a {m!r} image")
+            for m in spec.modalities if m not in used]
+
+
+def format_report(spec: DatasetSpec | None, problems: list[Problem], warnings: list[Problem] | None = None) -> str:
+    """A human-readable summary; warnings default to `dataset_warnings(spec)`."""
+    lines: list[str] = []
+    if spec is None:
+        lines.append("dataset.json could not be loaded")
+    else:
+        lines.append(f"dataset {spec.name!r}: {len(spec.cases)} case(s) at {spec.root}")
+        lines.append("structures: " + ", ".join(f"{n}={v}" for n, v in spec.labels.items()))
+        for m, kind in spec.modalities.items():
+            lines.append(f"  {m} ({kind}): {len(spec.cases_with(m, labelled=True))} labelled, "
+                         f"{len(spec.cases_with(m, labelled=False))} unlabelled")
+        if warnings is None:
+            warnings = dataset_warnings(spec)
+    if problems:
+        lines.append(f"{len(problems)} problem(s):")
+        lines += [f"  - {p}" for p in problems]
+    else:
+        lines.append("no problems found")
+    if warnings:
+        lines.append(f"{len(warnings)} warning(s):")
+        lines += [f"  - warning: {w}" for w in warnings]
+    return "\n".join(lines)
+
+
+# ---- per-file inspection -----------------------------------------------------------------------------------------
+def _inspect(path: Path, root: Path, kind: str, allowed: list[int], report: Report) -> Geometry | None:
+    """Reads one file and reports its problems; returns its geometry, or None when it cannot be read."""
+    shown = _shown_path(path, root)
+    if not path.exists():
+        report(f"{kind} file not found: {shown}")
+        return None
+    try:
+        image = read_image(path)
+        if kind == "image":
+            _check_finite(image, shown, report)
+        else:
+            _check_label_values(image, shown, allowed, report)
+        return Geometry.of(image)
+    except ImageError as e:
+        report(f"{kind} {str(e).replace(str(path), shown, 1)}")
+    except Exception as e:  # the check must report, never raise (odd pixel types, out of memory, ...)
+        report(f"{kind} {shown}: could not be checked: {type(e).__name__}: {e}")
+    return None
+
+
+def _slabs(image: sitk.Image) -> Iterator[np.ndarray]:
+    array = sitk.GetArrayViewFromImage(image)  # (z, y, x) view of the image buffer, no copy
+    step = max(1, _SLAB_VOXELS // max(1, array[0].size))
+    for z in range(0, array.shape[0], step):
+        yield array[z:z + step]
+
+
+def _check_finite(image: sitk.Image, shown: str, report: Report) -> None:
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return  # integer images cannot hold NaN/Inf
+    nan = inf = 0
+    for slab in _slabs(image):
+        nan += int(np.count_nonzero(np.isnan(slab)))
+        inf += int(np.count_nonzero(np.isinf(slab)))
+    if nan or inf:
+        counts = " and ".join(s for s in (f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else "") if s)
+        report(f"image {shown} has {counts} voxel(s) (of {_voxels(image)}); replace them (e.g. with the minimum "
+               f"intensity) before training")
+
+
+def _check_label_values(image: sitk.Image, shown: str, allowed: list[int], report: Report) -> None:
+    allowed_values = np.asarray(allowed, dtype=np.int64)
+    non_integer, example = 0, None
+    offending = np.empty(0)
+    more = False
+    for slab in _slabs(image):
+        if slab.dtype.kind == "f":
+            bad = ~np.isfinite(slab) | (slab != np.round(slab))
+            if bad.any():
+                non_integer += int(np.count_nonzero(bad))
+                example = slab[bad][0] if example is None else example
+                slab = slab[~bad]
+        values = _distinct(slab)
+        values = values[~np.isin(values, allowed_values)]
+        if values.size and not more:
+            offending = np.union1d(offending, values)
+            if offending.size > _MAX_VALUES:
+                offending, more = offending[:_MAX_VALUES], True
+    if non_integer:
+        report(f"label {shown} has {non_integer} non-integer voxel(s) (e.g. {float(example):g}); labels must hold "
+               f"integer values (resample labels with nearest-neighbour interpolation)")
+    if offending.size:
+        values = ", ".join(_fmt(v) for v in offending[:_SHOWN_VALUES])
+        if more or offending.size > _SHOWN_VALUES:
+            values += f", ... ({'more than ' if more else ''}{offending.size} distinct)"
+        report(f"label values {{{values}}} are not in the spec (allowed: {', '.join(map(str, allowed))})")
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values; a histogram for integers of a small range (much faster than sorting)."""
+    flat = values.ravel()
+    if flat.size == 0:
+        return flat
+    if flat.dtype.kind in "ui" and flat.dtype.itemsize <= 4:
+        lo, hi = int(flat.min()), int(flat.max())
+        if hi - lo < 1 << 16:
+            return np.flatnonzero(np.bincount(flat.astype(np.int64) - lo)) + lo
+    return np.unique(flat)
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{float(value):g}"
+
+
+def _voxels(image: sitk.Image) -> int:
+    return int(np.prod(image.GetSize()))
+
+
+def _geometry_message(label: Geometry, image: Geometry) -> str:
+    message = f"label geometry differs from its image: label {label.describe()}; image {image.describe()}"
+    if not np.allclose(label.direction, image.direction, atol=1e-4):
+        message += f"; directions differ (label {_fmt_dir(label)}, image {_fmt_dir(image)})"
+    return message + " (resample the label onto its image's grid with nearest-neighbour interpolation)"
+
+
+def _fmt_dir(geometry: Geometry) -> str:
+    return "(" + ", ".join(f"{d:.3g}" for d in geometry.direction) + ")"
+
+
+def _shown_path(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)

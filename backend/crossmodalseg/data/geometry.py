@@ -1,0 +1,61 @@
+"""Resampling by world coordinates with SimpleITK.
+
+Every function keeps the physical space: a voxel centre maps to the same world point (LPS, mm) before and after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .io import Geometry
+
+_INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
+
+
+def resample_to_grid(image: sitk.Image, grid: sitk.Image | Geometry, interpolator: str = "linear",
+                     default: float = 0.0) -> sitk.Image:
+    """`image` sampled on the voxel grid of `grid` (world coordinates; voxels outside `image` get `default`)."""
+    geometry = grid if isinstance(grid, Geometry) else Geometry.of(grid)
+    if Geometry.of(image).matches(geometry, tolerance=1e-6):
+        return image
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize([int(s) for s in geometry.size])
+    resampler.SetOutputSpacing(geometry.spacing)
+    resampler.SetOutputOrigin(geometry.origin)
+    resampler.SetOutputDirection(geometry.direction)
+    resampler.SetInterpolator(_INTERPOLATORS[interpolator])
+    resampler.SetDefaultPixelValue(default)
+    resampler.SetOutputPixelType(image.GetPixelID())
+    return resampler.Execute(image)
+
+
+def grid_with_spacing(geometry: Geometry, spacing: Sequence[float]) -> Geometry:
+    """The grid that covers the same physical box as `geometry` at `spacing` (x, y, z), same origin/direction.
+
+    The first voxel centre stays at the origin, and the extent (size * spacing) is kept to within one new voxel.
+    """
+    spacing = tuple(float(s) for s in spacing)
+    size = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(geometry.size, geometry.spacing, spacing))
+    return Geometry(size=size, spacing=spacing, origin=geometry.origin, direction=geometry.direction)
+
+
+def resample_to_spacing(image: sitk.Image, spacing: Sequence[float], interpolator: str = "linear",
+                        default: float = 0.0) -> sitk.Image:
+    return resample_to_grid(image, grid_with_spacing(Geometry.of(image), spacing), interpolator, default)
+
+
+def world_to_index(geometry: Geometry, points: np.ndarray) -> np.ndarray:
+    """Continuous (x, y, z) voxel indices of LPS world points (N, 3)."""
+    direction = np.asarray(geometry.direction).reshape(3, 3)
+    rel = np.asarray(points, dtype=float) - np.asarray(geometry.origin)
+    return (np.linalg.inv(direction) @ rel.T).T / np.asarray(geometry.spacing)
+
+
+def index_to_world(geometry: Geometry, indices: np.ndarray) -> np.ndarray:
+    """LPS world points of (x, y, z) voxel indices (N, 3)."""
+    direction = np.asarray(geometry.direction).reshape(3, 3)
+    scaled = np.asarray(indices, dtype=float) * np.asarray(geometry.spacing)
+    return (direction @ scaled.T).T + np.asarray(geometry.origin)

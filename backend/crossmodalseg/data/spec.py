@@ -1,0 +1,218 @@
+"""The dataset spec (`dataset.json`): structures, modalities and cases.
+
+A case maps modality -> image file and modality -> label file (a label lives in the space of its image). Unpaired
+data are cases with one modality each; unlabelled cases have no labels. Label values on disk may be anything
+(MM-WHS uses 205, 420, ...): `labels` maps structure names to those values, and training works on contiguous class
+indices 0..K in the order of `labels` (background first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODALITY_TYPES = ("CT", "MR")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+SPEC_FILE = "dataset.json"
+
+
+class DatasetError(ValueError):
+    """A dataset spec that cannot be used; the message says what to fix."""
+
+
+@dataclass
+class Case:
+    id: str
+    images: dict[str, Path]
+    labels: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.labels)
+
+    def label_for(self, modality: str) -> Path | None:
+        """The label drawn on `modality`'s image, else another label of the case (co-registered images may share
+        one label; it is resampled onto the image's grid by world coordinates)."""
+        if modality in self.labels:
+            return self.labels[modality]
+        return next(iter(self.labels.values()), None)
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    labels: dict[str, int]
+    modalities: dict[str, str]
+    cases: list[Case]
+    root: Path
+
+    # ---- derived views -------------------------------------------------------------------------------------
+    @property
+    def structures(self) -> list[str]:
+        """Foreground structure names, in class-index order (index 1 first)."""
+        return [name for name in self.labels if self.labels[name] != 0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.structures) + 1
+
+    @property
+    def label_values(self) -> list[int]:
+        """On-disk values in class-index order: label_values[k] is written for class k."""
+        return [0] + [self.labels[name] for name in self.structures]
+
+    def case(self, case_id: str) -> Case:
+        for case in self.cases:
+            if case.id == case_id:
+                return case
+        raise DatasetError(f"dataset {self.name!r} has no case {case_id!r}")
+
+    def cases_with(self, modality: str, labelled: bool | None = None) -> list[Case]:
+        out = [c for c in self.cases if modality in c.images]
+        if labelled is not None:
+            out = [c for c in out if (c.label_for(modality) is not None) == labelled]
+        return out
+
+    # ---- (de)serialisation ---------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        def rel(p: Path) -> str:
+            try:
+                return Path(os.path.relpath(p, self.root)).as_posix()
+            except ValueError:  # another drive on Windows
+                return str(p)
+
+        return {
+            "name": self.name,
+            "labels": dict(self.labels),
+            "modalities": dict(self.modalities),
+            "cases": [
+                {"id": c.id, "images": {m: rel(p) for m, p in c.images.items()},
+                 **({"labels": {m: rel(p) for m, p in c.labels.items()}} if c.labels else {})}
+                for c in self.cases
+            ],
+        }
+
+    def save(self, directory: Path | None = None) -> Path:
+        directory = Path(directory or self.root)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / SPEC_FILE
+        write_json_atomic(path, self.to_json())
+        return path
+
+
+def spec_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / SPEC_FILE if path.is_dir() else path
+
+
+def parse_spec(data: Any, root: Path) -> DatasetSpec:
+    """Builds a spec from parsed JSON, raising DatasetError with every structural problem listed."""
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise DatasetError("dataset.json must hold a JSON object with 'name', 'labels', 'modalities' and 'cases'")
+    for key in ("name", "labels", "modalities", "cases"):
+        if key not in data:
+            problems.append(f"missing key {key!r}")
+    if problems:
+        raise DatasetError("dataset.json: " + "; ".join(problems))
+
+    labels = data["labels"]
+    if not isinstance(labels, dict) or not labels:
+        problems.append("'labels' must map structure names to integer values, e.g. {\"background\": 0, \"liver\": 1}")
+        labels = {}
+    else:
+        for name, value in labels.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                problems.append(f"label {name!r} has value {value!r}; values must be non-negative integers")
+        values = [v for v in labels.values() if isinstance(v, int)]
+        if len(set(values)) != len(values):
+            problems.append("two structures share one label value")
+        if 0 not in values:
+            problems.append("'labels' must name the background value 0")
+
+    modalities = data["modalities"]
+    if not isinstance(modalities, dict) or not modalities:
+        problems.append("'modalities' must map modality names to a type, e.g. {\"ct\": \"CT\", \"t1c\": \"MR\"}")
+        modalities = {}
+    for name, kind in modalities.items():
+        if kind not in MODALITY_TYPES:
+            problems.append(f"modality {name!r} has type {kind!r}; use one of {', '.join(MODALITY_TYPES)}")
+        if not ID_PATTERN.match(str(name)):
+            problems.append(f"modality name {name!r} may hold only letters, digits, '_', '-' and '.'")
+
+    cases: list[Case] = []
+    raw_cases = data["cases"]
+    if not isinstance(raw_cases, list):
+        problems.append("'cases' must be a list")
+        raw_cases = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_cases):
+        if not isinstance(raw, dict) or "id" not in raw or "images" not in raw:
+            problems.append(f"case #{i} needs 'id' and 'images'")
+            continue
+        cid = str(raw["id"])
+        if not ID_PATTERN.match(cid):
+            problems.append(f"case id {cid!r} may hold only letters, digits, '_', '-' and '.'")
+        if cid in seen:
+            problems.append(f"case id {cid!r} appears twice")
+        seen.add(cid)
+        images, case_labels = raw.get("images") or {}, raw.get("labels") or {}
+        if not isinstance(images, dict) or not images:
+            problems.append(f"case {cid!r}: 'images' must map modality -> file")
+            continue
+        if not isinstance(case_labels, dict):
+            problems.append(f"case {cid!r}: 'labels' must map modality -> file")
+            case_labels = {}
+        for m in list(images) + list(case_labels):
+            if m not in modalities:
+                problems.append(f"case {cid!r}: modality {m!r} is not declared in 'modalities'")
+        for m in case_labels:
+            if m not in images:
+                problems.append(f"case {cid!r}: a label for {m!r} but no {m!r} image")
+        cases.append(Case(
+            id=cid,
+            images={m: _resolve(root, p) for m, p in images.items()},
+            labels={m: _resolve(root, p) for m, p in case_labels.items()},
+        ))
+    if problems:
+        raise DatasetError("dataset.json: " + "; ".join(problems))
+    return DatasetSpec(name=str(data["name"]), labels=dict(labels), modalities=dict(modalities), cases=cases,
+                       root=root)
+
+
+def _resolve(root: Path, p: str) -> Path:
+    path = Path(p)
+    return path if path.is_absolute() else root / path
+
+
+def load_spec(path: str | Path) -> DatasetSpec:
+    """Reads `dataset.json` (or the folder holding it)."""
+    file = spec_path(path)
+    if not file.exists():
+        raise DatasetError(f"no dataset.json at {file} (pass the dataset folder or its dataset.json)")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{file} is not valid JSON: {e}") from None
+    return parse_spec(data, file.parent.resolve())
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Writes JSON so that readers see the old or the new file, never a half-written one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,142 @@
+"""From files to network inputs: MONAI dictionary transforms.
+
+`LoadCased` reads a case's images (SimpleITK), puts every input modality on the reference modality's grid at the
+plan's spacing (by world coordinates), normalises each modality by its type and maps label values to class indices.
+The result carries the grid it lives on (`"grid"`) so predictions can be mapped back to any input's own geometry.
+Random patch sampling: labelled patches are balanced over the classes (so small structures are seen); unlabelled
+patches are cropped at random without reading any label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    RandAffined,
+    RandCropByLabelClassesd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropSamplesd,
+    SpatialPadd,
+)
+
+from .geometry import grid_with_spacing, resample_to_grid
+from .io import Geometry, ImageError, read_image, to_array
+from .plan import Plan
+from .spec import Case
+
+
+class LabelValueError(ValueError):
+    """A label holds values that the dataset spec does not name."""
+
+
+def values_to_indices(label: np.ndarray, label_values: Sequence[int], name: str = "label") -> np.ndarray:
+    """Maps on-disk label values to class indices 0..K-1; unknown values raise LabelValueError."""
+    if not np.all(np.isfinite(label)) or not np.all(np.equal(np.mod(label, 1), 0)):
+        raise LabelValueError(f"{name}: label voxels must be whole numbers (found fractional or NaN values)")
+    label = label.astype(np.int64)
+    lut_size = max(int(label.max(initial=0)), max(label_values)) + 1
+    if label.min(initial=0) < 0:
+        raise LabelValueError(f"{name}: negative label values {sorted(set(np.unique(label[label < 0]).tolist()))}")
+    lut = np.full(lut_size, -1, dtype=np.int64)
+    for index, value in enumerate(label_values):
+        lut[value] = index
+    out = lut[label]
+    if (out < 0).any():
+        unknown = sorted(set(np.unique(label[out < 0]).tolist()))
+        raise LabelValueError(f"{name}: label values {unknown} are not in the dataset spec (allowed: "
+                              f"{', '.join(map(str, label_values))}); fix the label or add them to 'labels'")
+    return out
+
+
+def reference_grid(image: sitk.Image, plan: Plan) -> Geometry:
+    """The grid a case is processed on: the reference image's box, origin and direction at the plan spacing."""
+    return grid_with_spacing(Geometry.of(image), plan.spacing[::-1])
+
+
+def load_case_arrays(images: Mapping[str, sitk.Image | str | Path], modalities: Sequence[str], plan: Plan,
+                     label: sitk.Image | str | Path | None = None, label_values: Sequence[int] | None = None,
+                     ) -> dict[str, Any]:
+    """Stacks `modalities` (first = reference grid) into a (C, Z, Y, X) float32 array on the plan's grid.
+
+    Returns {"image", "grid"} and, with a label, {"label": (1, Z, Y, X) int64 class indices}.
+    """
+    missing = [m for m in modalities if m not in images]
+    if missing:
+        raise ImageError(f"missing modality {', '.join(missing)}: this model needs {', '.join(modalities)}")
+    loaded = {m: images[m] if isinstance(images[m], sitk.Image) else read_image(images[m]) for m in modalities}
+    grid = reference_grid(loaded[modalities[0]], plan)
+    channels = []
+    for m in modalities:
+        image = sitk.Cast(loaded[m], sitk.sitkFloat32)
+        array = to_array(image)
+        if not np.isfinite(array).all():
+            raise ImageError(f"{m}: the image has {int((~np.isfinite(array)).sum())} NaN/Inf voxels; "
+                             f"fix or mask them before training or prediction")
+        image = resample_to_grid(image, grid, "linear", default=float(array.min()))
+        channels.append(plan.normalisation[m].apply(to_array(image)))
+    out: dict[str, Any] = {"image": np.stack(channels).astype(np.float32), "grid": grid}
+    if label is not None:
+        label_image = label if isinstance(label, sitk.Image) else read_image(label)
+        label_image = resample_to_grid(label_image, grid, "nearest", default=0)
+        out["label"] = values_to_indices(to_array(label_image, np.float64), label_values or [0, 1],
+                                         name=str(label if not isinstance(label, sitk.Image) else "label"))[None]
+    return out
+
+
+class LoadCased(MapTransform):
+    """{"case": Case} -> {"image", "label"?, "grid", "case_id"} for the given modalities."""
+
+    def __init__(self, modalities: Sequence[str], plan: Plan, label_values: Sequence[int], use_label: bool = True):
+        super().__init__(keys=["case"])
+        self.modalities, self.plan, self.label_values, self.use_label = list(modalities), plan, label_values, use_label
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        case: Case = data["case"]
+        label = case.label_for(self.modalities[0]) if self.use_label else None
+        out = load_case_arrays(case.images, self.modalities, self.plan, label, self.label_values)
+        out["case_id"] = case.id
+        return out
+
+
+def augmentations(keys: Sequence[str], image_keys: Sequence[str], label_keys: Sequence[str]) -> list:
+    """Mild intensity and spatial augmentation (no mirroring: left/right position is a real cue in anatomy)."""
+    modes = ["bilinear" if k in image_keys else "nearest" for k in keys]
+    return [
+        RandAffined(keys=list(keys), prob=0.2, rotate_range=(0.26, 0.26, 0.26), scale_range=(0.15, 0.15, 0.15),
+                    mode=modes, padding_mode="border"),
+        RandScaleIntensityd(keys=list(image_keys), factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys=list(image_keys), offsets=0.1, prob=0.5),
+        RandGaussianNoised(keys=list(image_keys), prob=0.15, std=0.1),
+    ]
+
+
+def labelled_patch_transform(patch_size: Sequence[int], num_classes: int, samples_per_volume: int = 2,
+                             augment: bool = True) -> Compose:
+    """Patches centred on each class equally often (background included)."""
+    keys = ["image", "label"]
+    return Compose([
+        SpatialPadd(keys=keys, spatial_size=list(patch_size), mode="edge"),
+        RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=list(patch_size),
+                                ratios=[1] * num_classes, num_classes=num_classes, num_samples=samples_per_volume,
+                                warn=False),
+        *(augmentations(keys, ["image"], ["label"]) if augment else []),
+    ])
+
+
+def unlabelled_patch_transform(patch_size: Sequence[int], samples_per_volume: int = 2,
+                               augment: bool = True) -> Compose:
+    """Random patches for unlabelled images: never touches a label."""
+    return Compose([
+        SpatialPadd(keys=["image"], spatial_size=list(patch_size), mode="edge"),
+        RandSpatialCropSamplesd(keys=["image"], roi_size=list(patch_size), num_samples=samples_per_volume,
+                                random_size=False),
+        *(augmentations(["image"], ["image"], []) if augment else []),
+    ])

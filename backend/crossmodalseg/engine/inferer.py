@@ -1,0 +1,198 @@
+"""Whole-volume prediction: MONAI sliding windows (gaussian blending, batched windows, optional mirror TTA, AMP on
+GPU); the result is mapped back onto the target input's own grid and written with its exact geometry."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.inferers import sliding_window_inference
+
+from ..data.geometry import resample_to_grid
+from ..data.io import Geometry, ImageError, from_array, read_image, write_image
+from ..data.plan import Plan
+from ..data.transforms import load_case_arrays
+from ..methods import Method, Task, get_method
+from .checkpoint import load_weights, read_model_meta
+from .distributed import resolve_device
+
+
+def build_method(meta: dict[str, Any]) -> Method:
+    """The method object described by a model.json (or a run.json), networks initialised."""
+    task = Task(**meta["task"])
+    plan = Plan.from_json(meta["plan"])
+    return get_method(meta["method"]["name"])(task, plan, meta["method"]["hparams"])
+
+
+def mirror_axes(tta: bool) -> list[tuple[int, ...]]:
+    if not tta:
+        return [()]
+    return [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]
+
+
+@torch.no_grad()
+def predict_probabilities(method: Method, image: np.ndarray | torch.Tensor, available: Sequence[str],
+                          device: torch.device, tta: bool = False, overlap: float = 0.5,
+                          sw_batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Softmax probabilities (K, Z, Y, X) of every member for a preprocessed image (C, Z, Y, X)."""
+    method.train_mode(False)
+    x = torch.as_tensor(image, dtype=torch.float32)[None].to(device)
+    names: list[str] = []
+    num_classes = method.task.num_classes
+
+    def window(patch: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else _null():
+            logits = method.member_logits(patch, available)
+        names[:] = list(logits)
+        return torch.cat([logits[n].float() for n in logits], dim=1)
+
+    sw_batch_size = sw_batch_size or (4 if device.type == "cuda" else 1)
+    total = None
+    for axes in mirror_axes(tta):
+        flipped = torch.flip(x, axes) if axes else x
+        logits = sliding_window_inference(flipped, roi_size=method.plan.patch_size, sw_batch_size=sw_batch_size,
+                                          predictor=window, overlap=overlap, mode="gaussian", padding_mode="edge")
+        if axes:
+            logits = torch.flip(logits, axes)
+        probs = torch.cat([torch.softmax(chunk, dim=1) for chunk in torch.split(logits, num_classes, dim=1)], dim=1)
+        total = probs if total is None else total + probs
+    total = (total / len(mirror_axes(tta)))[0].cpu()
+    return {name: total[i * num_classes:(i + 1) * num_classes] for i, name in enumerate(names)}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def mutual_information(member_probs: Sequence[torch.Tensor], eps: float = 1e-8) -> torch.Tensor:
+    """Member disagreement per voxel: H(mean p) - mean H(p_m) (0 when members agree)."""
+    stacked = torch.stack(list(member_probs))  # (M, K, ...)
+    mean = stacked.mean(0)
+    entropy_of_mean = -(mean * torch.log(mean + eps)).sum(0)
+    mean_entropy = -(stacked * torch.log(stacked + eps)).sum(1).mean(0)
+    return (entropy_of_mean - mean_entropy).clamp_min(0)
+
+
+def dice_between(a: np.ndarray, b: np.ndarray, structures: Sequence[str]) -> dict[str, float | None]:
+    """Per-structure Dice of two class-index maps (None where both are empty)."""
+    out = {}
+    for k, name in enumerate(structures, start=1):
+        sa, sb = a == k, b == k
+        denom = int(sa.sum()) + int(sb.sum())
+        out[name] = None if denom == 0 else float(2 * np.logical_and(sa, sb).sum() / denom)
+    return out
+
+
+@dataclass
+class PredictionResult:
+    label: sitk.Image  # on-disk label values, on the target input's grid
+    members: dict[str, sitk.Image] = field(default_factory=dict)
+    disagreement: sitk.Image | None = None
+    member_agreement: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, out_dir: Path, stem: str = "segmentation") -> dict[str, Path]:
+        out_dir = Path(out_dir)
+        paths = {"label": write_image(self.label, out_dir / f"{stem}.nii.gz")}
+        for name, image in self.members.items():
+            paths[f"member:{name}"] = write_image(image, out_dir / f"{stem}_member_{name}.nii.gz")
+        if self.disagreement is not None:
+            paths["disagreement"] = write_image(self.disagreement, out_dir / f"{stem}_disagreement.nii.gz")
+        if self.member_agreement or self.info:
+            from ..data.spec import write_json_atomic
+
+            paths["report"] = out_dir / f"{stem}.json"
+            write_json_atomic(paths["report"], {"info": self.info, "member_agreement": self.member_agreement})
+        return paths
+
+
+class Predictor:
+    """Loads a model folder once and segments cases."""
+
+    def __init__(self, model_dir: str | Path, device: str = "auto", tta: bool = False, overlap: float = 0.5,
+                 sw_batch_size: int | None = None):
+        self.model_dir = Path(model_dir)
+        self.meta = read_model_meta(self.model_dir)
+        self.device = resolve_device(device)
+        self.method = build_method(self.meta)
+        load_weights(self.model_dir, self.method.nets)
+        self.method.to(self.device)
+        self.method.train_mode(False)
+        self.tta, self.overlap, self.sw_batch_size = tta, overlap, sw_batch_size
+
+    @property
+    def task(self) -> Task:
+        return self.method.task
+
+    def predict(self, images: Mapping[str, str | Path | sitk.Image], members: bool = False,
+                uncertainty: bool = False) -> PredictionResult:
+        started = time.perf_counter()
+        loaded = {m: (img if isinstance(img, sitk.Image) else read_image(img)) for m, img in images.items()}
+        unknown = [m for m in loaded if m not in self.task.modalities]
+        if unknown:
+            raise ImageError(f"this model does not use modality {', '.join(unknown)} (it uses "
+                             f"{', '.join(self.task.modalities)})")
+        available = [m for m in self.method.input_modalities() if m in loaded]
+        if not available:
+            raise ImageError(f"no input image for this model; give {' and '.join(self.method.input_modalities())}")
+        arrays = load_case_arrays(loaded, available, self.method.plan)
+        probs = predict_probabilities(self.method, arrays["image"], available, self.device, self.tta, self.overlap,
+                                      self.sw_batch_size)
+        ensemble = self.method.ensemble(probs)
+        # The output lives on the grid of the first available input (the target when it is given).
+        output_grid = Geometry.of(loaded[available[0]])
+        label_values = np.asarray(self.task.label_values)
+        dtype = np.uint8 if label_values.max() < 256 else np.uint16
+
+        def to_output(p: torch.Tensor) -> np.ndarray:
+            return back_to_grid(p, arrays["grid"], output_grid)
+
+        ensemble_index = to_output(ensemble)
+        result = PredictionResult(label=from_array(label_values[ensemble_index].astype(dtype), output_grid))
+        if members or uncertainty:
+            member_index = {name: to_output(p) for name, p in probs.items()}
+            if members:
+                result.members = {n: from_array(label_values[i].astype(dtype), output_grid)
+                                  for n, i in member_index.items()}
+            if uncertainty:
+                mi = mutual_information(list(probs.values())).numpy().astype(np.float32)
+                mi_image = from_array(mi, arrays["grid"])
+                result.disagreement = resample_to_grid(mi_image, output_grid, "linear", default=0.0)
+                names = list(member_index)
+                result.member_agreement = {
+                    f"{a}~{b}": dice_between(member_index[a], member_index[b], self.task.structures)
+                    for a, b in itertools.combinations(names, 2)}
+        result.info = {"inputs": available, "members": list(probs), "seconds": round(time.perf_counter() - started, 3),
+                       "device": str(self.device), "tta": self.tta}
+        return result
+
+
+def back_to_grid(probabilities: torch.Tensor, grid: Geometry, output: Geometry) -> np.ndarray:
+    """Class-index map on `output` from probabilities (K, Z, Y, X) on `grid`: each class's probability is
+    resampled by world coordinates (linear), then argmax, so boundaries stay smooth at any resolution change."""
+    probs = probabilities.numpy().astype(np.float32)
+    if grid.matches(output, tolerance=1e-6):
+        return probs.argmax(0).astype(np.int64)
+    resampled = [sitk.GetArrayFromImage(resample_to_grid(from_array(p, grid), output, "linear", default=0.0))
+                 for p in probs]
+    # Voxels outside the processed box get background.
+    stack = np.stack(resampled)
+    stack[0] += (stack.sum(0) < 1e-3)
+    return stack.argmax(0).astype(np.int64)
+
+
+def model_summary(model_dir: Path) -> str:
+    meta = read_model_meta(model_dir)
+    return json.dumps({k: meta[k] for k in ("method", "task") if k in meta}, indent=2)

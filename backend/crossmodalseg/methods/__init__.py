@@ -1,0 +1,17 @@
+"""Training methods, chosen by name."""
+
+from __future__ import annotations
+
+from .base import Method, StepContext, Task
+from .single import Single
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Single,)}
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "Method", "StepContext", "Task", "get_method"]

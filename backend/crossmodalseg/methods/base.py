@@ -1,0 +1,186 @@
+"""The Method protocol: which networks a method trains, one training step, and how members form an ensemble.
+
+A method is a class chosen by name (`--method single|mkd|maml|cmc`), not a set of flags. The trainer owns the loop
+(budget, learning-rate schedule, checkpoints, validation, DDP); the method owns what happens inside one iteration,
+so methods with alternating updates (MKD's discriminator/generator/segmentor order) need no special casing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.plan import Plan
+from ..data.spec import Case, DatasetSpec
+
+
+@dataclass
+class Task:
+    """What a model segments: structures (name -> on-disk value), the modalities it uses and their types."""
+
+    labels: dict[str, int]
+    modalities: dict[str, str]  # used modality -> "CT" | "MR"
+    target: str
+    assistants: list[str] = field(default_factory=list)
+
+    @property
+    def structures(self) -> list[str]:
+        return [n for n, v in self.labels.items() if v != 0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.structures) + 1
+
+    @property
+    def label_values(self) -> list[int]:
+        return [0] + [self.labels[n] for n in self.structures]
+
+    @classmethod
+    def from_spec(cls, spec: DatasetSpec, target: str, assistants: Sequence[str] = ()) -> "Task":
+        for m in [target, *assistants]:
+            if m not in spec.modalities:
+                raise ValueError(f"modality {m!r} is not in dataset {spec.name!r} (it has "
+                                 f"{', '.join(spec.modalities)})")
+        if target in assistants:
+            raise ValueError(f"{target!r} is the target; it cannot also be an assistant")
+        ordered = {n: v for n, v in sorted(spec.labels.items(), key=lambda kv: kv[1])}
+        return cls(ordered, {m: spec.modalities[m] for m in [target, *assistants]}, target, list(assistants))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class StepContext:
+    """What a training step needs from the engine: device, mixed precision, and the progress fraction in [0, 1]."""
+
+    def __init__(self, device: torch.device, amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler):
+        self.device, self.amp_dtype, self.scaler = device, amp_dtype, scaler
+        self.progress = 0.0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """zero_grad, backward and step of one optimizer (several per iteration are fine)."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss.item()}; lower the learning rate or check the "
+                                     f"images for extreme values")
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+
+
+Batch = dict[str, Any]
+
+
+@dataclass
+class Stream:
+    """One kind of training data a method draws from: these cases, loaded with these modalities (the first is the
+    grid), with or without their labels (unlabelled streams never read a label)."""
+
+    cases: list[Case]
+    modalities: list[str]
+    labelled: bool = True
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+    default_hparams: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, task: Task, plan: Plan, hparams: Mapping[str, Any] | None = None):
+        unknown = set(hparams or {}) - set(self.default_hparams)
+        if unknown:
+            raise ValueError(f"method {self.name!r} has no option {', '.join(sorted(unknown))} "
+                             f"(it has: {', '.join(self.default_hparams) or 'none'})")
+        self.task, self.plan = task, plan
+        self.hparams = {**self.default_hparams, **(hparams or {})}
+        self.nets: dict[str, nn.Module] = self.build_networks()
+        # What training steps call: the networks themselves, or their DDP wrappers under torchrun.
+        self.train_nets: dict[str, nn.Module] = dict(self.nets)
+
+    # ---- networks -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def build_networks(self) -> dict[str, nn.Module]: ...
+
+    def network_configs(self) -> dict[str, Any]:
+        return {name: net.config.to_json() for name, net in self.nets.items() if hasattr(net, "config")}
+
+    @abstractmethod
+    def members(self) -> dict[str, list[str]]:
+        """Ensemble member name -> the modalities it needs at inference."""
+
+    def input_modalities(self) -> list[str]:
+        """Modalities stacked as input channels at inference, in order (the first is the output grid)."""
+        return [self.task.target, *self.task.assistants]
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        if not hasattr(self, "_optimizers"):
+            self._optimizers = self.configure_optimizers()
+        return self._optimizers
+
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        params = [p for net in self.nets.values() for p in net.parameters()]
+        return {"main": torch.optim.AdamW(params, lr=self.plan.learning_rate, weight_decay=3e-5)}
+
+    def to(self, device: torch.device) -> "Method":
+        for net in self.nets.values():
+            net.to(device)
+        return self
+
+    def wrap(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
+        """Wraps every trained network (DDP); inference and saving keep using the bare networks."""
+        self.train_nets = {name: wrapper(net) for name, net in self.nets.items()}
+
+    def train_mode(self, training: bool = True) -> None:
+        for net in self.nets.values():
+            net.train(training)
+
+    # ---- data ---------------------------------------------------------------------------------------------
+    @abstractmethod
+    def streams(self, spec: DatasetSpec) -> dict[str, Stream]:
+        """The data streams this method trains on (e.g. {"labelled": Stream(...)}); the trainer preprocesses their
+        cases once, removes validation cases from labelled streams and hands the items to batches()."""
+
+    def validation_cases(self, spec: DatasetSpec) -> list[Case]:
+        """Cases that can be scored: the target modality with its label and every input modality present."""
+        needed = self.input_modalities()
+        return [c for c in spec.cases
+                if all(m in c.images for m in needed) and c.label_for(self.task.target) is not None]
+
+    @abstractmethod
+    def batches(self, items: dict[str, list[dict]], seed: int, device: torch.device) -> Iterator[Batch]:
+        """An endless stream of training batches built from preprocessed case items (see data.transforms)."""
+
+    # ---- training -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, float]:
+        """One iteration: forward, losses, backward and optimizer steps; returns the logged loss terms."""
+
+    # ---- inference ----------------------------------------------------------------------------------------
+    @abstractmethod
+    def member_logits(self, x: torch.Tensor, available: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Full-resolution logits of each member for a patch x (B, C, Z, Y, X), the channels being
+        `available` modalities in the order of input_modalities()."""
+
+    def ensemble(self, probabilities: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Default rule: the mean of the members' softmax outputs."""
+        return torch.stack(list(probabilities.values())).mean(0)
+
+    # ---- persistence --------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "hparams": self.hparams, "members": self.members(),
+                "input_modalities": self.input_modalities(), "networks": self.network_configs()}
+
+
+def seeded_generator(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)

@@ -1,0 +1,165 @@
+"""Every bad input gets one clear, actionable message from the CLI (exit code 2, no traceback) and loses nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from crossmodalseg.errors import user_message
+
+from .conftest import write_image
+
+CLI = [sys.executable, "-m", "crossmodalseg.cli"]
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean_error(run: subprocess.CompletedProcess, *fragments: str, code: int = 2) -> None:
+    assert run.returncode == code, (run.returncode, run.stdout, run.stderr)
+    assert "Traceback" not in run.stderr, run.stderr
+    text = run.stdout + run.stderr
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+def small_dataset(root: Path, *, label_values=(0, 1), image: np.ndarray | None = None, suffix=".nii.gz") -> Path:
+    """Two CT cases of 16x16x8 with a cube labelled 1."""
+    root.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for i in range(2):
+        array = image if image is not None else np.random.default_rng(i).normal(0, 50, (8, 16, 16)).astype(np.float32)
+        label = np.zeros((8, 16, 16), np.uint8)
+        label[2:6, 4:12, 4:12] = label_values[1]
+        write_image(root / f"c{i}_ct{suffix}", array, spacing=(2.0, 2.0, 3.0))
+        write_image(root / f"c{i}_seg.nii.gz", label, spacing=(2.0, 2.0, 3.0))
+        cases.append({"id": f"c{i}", "images": {"ct": f"c{i}_ct{suffix}"}, "labels": {"ct": f"c{i}_seg.nii.gz"}})
+    (root / "dataset.json").write_text(json.dumps({"name": "tiny", "labels": {"background": 0, "liver": 1},
+                                                   "modalities": {"ct": "CT"}, "cases": cases}))
+    return root
+
+
+def train_args(dataset: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", str(dataset), "--target", "ct", "--out", str(out), "--epochs", "1", "--iterations-per-epoch",
+            "1", "--device", "cpu", *extra]
+
+
+def test_dataset_check_lists_problems_and_fails(tmp_path: Path):
+    root = small_dataset(tmp_path / "d")
+    write_image(root / "c0_seg.nii.gz", np.full((8, 16, 16), 7, np.uint8), spacing=(2.0, 2.0, 3.0))
+    (root / "c1_ct.nii.gz").unlink()
+    run = cli("dataset", "check", str(root))
+    assert_clean_error(run, "label values", "7", "file not found", code=1)
+    assert cli("dataset", "check", str(small_dataset(tmp_path / "ok"))).returncode == 0
+
+
+def test_train_refuses_label_values_not_in_the_spec(tmp_path: Path):
+    root = small_dataset(tmp_path / "d", label_values=(0, 7))
+    run = cli(*train_args(root, tmp_path / "m"))
+    assert_clean_error(run, "label values", "{7}", "dataset check")
+    assert not (tmp_path / "m" / "model.json").exists()
+
+
+def test_train_refuses_nan_voxels(tmp_path: Path):
+    array = np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32)
+    array[3, 3, 3] = np.nan
+    root = small_dataset(tmp_path / "d", image=array, suffix=".mha")  # NIfTI readers zero NaNs; MHA keeps them
+    assert_clean_error(cli(*train_args(root, tmp_path / "m")), "NaN")
+
+
+def test_train_refuses_geometry_mismatch(tmp_path: Path):
+    root = small_dataset(tmp_path / "d")
+    write_image(root / "c1_seg.nii.gz", np.zeros((8, 16, 16), np.uint8), spacing=(2.0, 2.0, 3.0),
+                origin=(40.0, 0.0, 0.0))
+    assert_clean_error(cli(*train_args(root, tmp_path / "m")), "c1", "origin")
+
+
+def test_train_refuses_2d_and_4d_images(tmp_path: Path):
+    root = small_dataset(tmp_path / "d")
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((16, 16), np.float32)), str(root / "c0_ct.nii.gz"))
+    four = sitk.JoinSeries([sitk.GetImageFromArray(np.zeros((8, 16, 16), np.float32))] * 2)
+    sitk.WriteImage(four, str(root / "c1_ct.nii.gz"))
+    assert_clean_error(cli(*train_args(root, tmp_path / "m")), "2D", "4D")
+
+
+def test_train_refuses_corrupt_files(tmp_path: Path):
+    root = small_dataset(tmp_path / "d")
+    (root / "c0_ct.nii.gz").write_bytes(b"\x1f\x8b not really a gzip stream")
+    assert_clean_error(cli(*train_args(root, tmp_path / "m")), "c0_ct.nii.gz", "not a readable image")
+
+
+def test_train_refuses_empty_and_malformed_datasets(tmp_path: Path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "dataset.json").write_text(json.dumps({"name": "e", "labels": {"background": 0},
+                                                    "modalities": {"ct": "CT"}, "cases": []}))
+    assert_clean_error(cli(*train_args(empty, tmp_path / "m")), "no cases")
+    assert_clean_error(cli(*train_args(tmp_path / "nowhere", tmp_path / "m")), "no dataset.json")
+    (empty / "dataset.json").write_text("{not json")
+    assert_clean_error(cli(*train_args(empty, tmp_path / "m")), "not valid JSON")
+
+
+def test_train_argument_errors(tmp_path: Path):
+    root = small_dataset(tmp_path / "d")
+    assert_clean_error(cli("train", str(root), "--out", str(tmp_path / "m"), "--device", "cpu"), "--target")
+    assert_clean_error(cli(*train_args(root, tmp_path / "m", "--method", "nope")), "unknown method")
+    assert_clean_error(cli("train", str(root), "--target", "mr", "--out", str(tmp_path / "m"), "--device", "cpu"),
+                       "'mr' is not in dataset")
+    assert_clean_error(cli(*train_args(root, tmp_path / "m", "--resume")), "no run to resume")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    root = small_dataset(tmp_path_factory.mktemp("tiny") / "d")
+    out = tmp_path_factory.mktemp("tiny_model") / "m"
+    run = cli(*train_args(root, out))
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+def test_train_refuses_to_overwrite_a_model(tiny_model: Path, tmp_path: Path):
+    root = small_dataset(tmp_path / "d")
+    before = (tiny_model / "unet.safetensors").read_bytes()
+    assert_clean_error(cli(*train_args(root, tiny_model)), "already holds a model", "--resume")
+    assert (tiny_model / "unet.safetensors").read_bytes() == before
+
+
+def test_predict_input_errors(tiny_model: Path, tmp_path: Path):
+    image = write_image(tmp_path / "x.nii.gz", np.zeros((8, 16, 16), np.float32))
+    assert_clean_error(cli("predict", str(tiny_model), "--image", f"mr={image}", "--out", str(tmp_path / "o")),
+                       "does not use modality mr")
+    assert_clean_error(cli("predict", str(tiny_model), "--image", f"ct={tmp_path / 'missing.nii.gz'}", "--out",
+                           str(tmp_path / "o")), "file not found")
+    assert_clean_error(cli("predict", str(tmp_path), "--image", f"ct={image}", "--out", str(tmp_path / "o")),
+                       "not a model folder")
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_folder_damage_is_reported(tiny_model: Path, tmp_path: Path):
+    image = write_image(tmp_path / "x.nii.gz", np.zeros((8, 16, 16), np.float32), spacing=(2.0, 2.0, 3.0))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "unet.safetensors").write_bytes(b"garbage")
+    assert_clean_error(cli("predict", str(broken), "--image", f"ct={image}", "--out", str(tmp_path / "o")),
+                       "not a valid safetensors file")
+    (broken / "unet.safetensors").unlink()
+    assert_clean_error(cli("predict", str(broken), "--image", f"ct={image}", "--out", str(tmp_path / "o")),
+                       "weights file missing")
+
+
+def test_gpu_out_of_memory_becomes_advice():
+    message = user_message(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert message is not None and "--preset fast" in message
+
+
+def test_bugs_are_not_disguised_as_user_errors():
+    assert user_message(KeyError("x")) is None
