@@ -10,10 +10,20 @@ want="$(cat "$root/backend/requirements.txt" "$root/backend/pyproject.toml" "$ro
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-echo "[bootstrap] setting up $venv (first run takes a few minutes)" >&2
-[ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-"$venv/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-"$venv/bin/python" -m pip install -q torch==2.13.0
-"$venv/bin/python" -m pip install -q -r "$root/backend/requirements.txt"
-"$venv/bin/python" -m pip install -q --no-deps -e "$root/backend"
+echo "[bootstrap] setting up $venv (the first run takes a few minutes)" >&2
+log="$(mktemp)"
+install() {
+  [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+  "$venv/bin/python" -m pip install --upgrade pip || true
+  "$venv/bin/python" -m pip install torch==2.13.0
+  "$venv/bin/python" -m pip install -r "$root/backend/requirements.txt"
+  "$venv/bin/python" -m pip install --no-deps -e "$root/backend"
+}
+if ! install >"$log" 2>&1; then
+  tail -n 40 "$log" >&2
+  echo "[bootstrap] installation failed (full log: $log)" >&2
+  exit 1
+fi
+rm -f "$log"
 echo "$want" > "$stamp"
+echo "[bootstrap] ready" >&2

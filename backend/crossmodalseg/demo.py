@@ -25,6 +25,7 @@ from .report import save_overlay
 
 DEMO_CASES = 10
 DEMO_TEST_CASES = 2
+CT_SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # level 40 HU, width 400 HU
 
 
 def run_demo(out: str | Path, minutes: float = 2.5, device: str = "auto", seed: int = 0,
@@ -62,6 +63,7 @@ def run_demo(out: str | Path, minutes: float = 2.5, device: str = "auto", seed: 
         predicted = values_to_indices(to_array(result.label, np.float64), predictor.task.label_values)
         overlays.append(save_overlay(out / f"overlay_{case.id}.png", image,
                                      [("reference", reference), ("prediction", predicted)], structures,
+                                     window=CT_SOFT_TISSUE_WINDOW,
                                      title=f"{case.id}: CT, mean Dice "
                                            f"{np.mean([v['dice'] for v in metrics['cases'][case.id].values() if v['dice'] is not None]):.3f}"))
     summary = {"seconds": round(time.time() - started, 1), "model": str(model_dir), "metrics": str(out / "metrics.json"),

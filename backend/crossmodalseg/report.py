@@ -22,13 +22,15 @@ def busiest_slice(label: np.ndarray) -> int:
 
 
 def save_overlay(path: Path, image: np.ndarray, panels: Sequence[tuple[str, np.ndarray]], structures: Sequence[str],
-                 title: str = "", heatmap: tuple[str, np.ndarray] | None = None, z: int | None = None) -> Path:
+                 title: str = "", heatmap: tuple[str, np.ndarray] | None = None, z: int | None = None,
+                 window: tuple[float, float] | None = None) -> Path:
     """One row of panels on slice z: the image alone, then each (name, class-index map) over it, then an optional
-    heat map (e.g. member disagreement). Arrays are (z, y, x); rows are drawn with y downwards."""
+    heat map (e.g. member disagreement). Arrays are (z, y, x); rows are drawn with y downwards. `window` is the
+    grey-level range (e.g. a CT soft-tissue window); by default the slice's 1-99 percentiles."""
     z = busiest_slice(panels[0][1]) if z is None else z
     columns = 1 + len(panels) + (heatmap is not None)
     fig, axes = plt.subplots(1, columns, figsize=(3.2 * columns, 3.6), squeeze=False)
-    lo, hi = np.percentile(image[z], [1, 99])
+    lo, hi = window if window else np.percentile(image[z], [1, 99])
     cmap = ListedColormap(PALETTE[: max(1, len(structures))])
     axes[0, 0].imshow(image[z], cmap="gray", vmin=lo, vmax=hi)
     axes[0, 0].set_title("image")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,8 +41,10 @@ def score(prediction: np.ndarray, reference: np.ndarray, structures: Sequence[st
         dice = float(compute_dice(hot_p, hot_r, include_background=False, ignore_empty=False)[0, 0])
         hd95 = None
         if p.sum() > 0 and r.sum() > 0:
-            hd95 = float(compute_hausdorff_distance(hot_p, hot_r, include_background=False, percentile=95,
-                                                    spacing=list(spacing_zyx))[0, 0])
+            with warnings.catch_warnings():  # MONAI 1.6 warns about its own internal use of a deprecated argument
+                warnings.simplefilter("ignore", FutureWarning)
+                hd95 = float(compute_hausdorff_distance(hot_p, hot_r, include_background=False, percentile=95,
+                                                        spacing=list(spacing_zyx))[0, 0])
         out[name] = {"dice": round(dice, 4), "hd95": None if hd95 is None else round(hd95, 2)}
     return out
 

@@ -34,10 +34,11 @@ class EventLog:
         return record
 
     def _render(self, record: dict[str, Any]) -> None:
-        if record["event"] == "epoch":
-            if self.bar is None:
-                self.bar = tqdm(total=record["of"], desc="training", unit="epoch", file=sys.stderr,
-                                dynamic_ncols=True, initial=record["epoch"] - 1)
+        if record["event"] == "start":
+            done = record.get("resumed_from") or 0
+            self.bar = tqdm(total=record.get("epochs"), desc="training", unit="epoch", file=sys.stderr,
+                            dynamic_ncols=True, initial=done)
+        elif record["event"] == "epoch" and self.bar is not None:
             self.bar.total = record["of"]
             self.bar.update(record["epoch"] - self.bar.n)
             post = {"loss": f"{record.get('loss', float('nan')):.3f}"}

@@ -229,7 +229,7 @@ class Trainer:
         epochs = cfg.epochs or (10**6 if budget_s else DEFAULT_EPOCHS.get(method.plan.preset, 40))
         base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in optimizers.items()}
         stream = method.batches(items, seed=cfg.seed * 1000 + self.dist.rank * 97 + start_epoch, device=device)
-        self.events.emit("start", method=method.name, epochs=None if budget_s and not cfg.epochs else epochs,
+        self.events.emit("start", method=method.name, epochs=None if budget_s else epochs,
                          minutes=cfg.minutes, iterations_per_epoch=iterations, device=str(device),
                          world_size=self.dist.world_size, train_cases={k: len(v) for k, v in items.items()},
                          val_cases=val_ids, val_on=val_on, resumed_from=start_epoch or None)
@@ -270,7 +270,8 @@ class Trainer:
                                 {"elapsed_s": elapsed, "history": history[-200:]})
             self.dist.barrier()
             per_epoch = (time.time() - started) / max(epoch - start_epoch, 1)
-            total_epochs = epochs if not budget_s or cfg.epochs else max(epoch, int(budget_s // max(per_epoch, 1e-6)))
+            # With a time budget, the number of epochs is what the remaining time allows at the measured pace.
+            total_epochs = epochs if not budget_s else max(epoch, int(budget_s // max(per_epoch, 1e-6)))
             eta = (budget_s - elapsed) if budget_s and not cfg.epochs else per_epoch * (epochs - epoch)
             self.events.emit("epoch", of=min(total_epochs, epochs), eta_s=round(max(eta, 0.0), 1),
                              elapsed_s=round(elapsed, 1), val_on=val_on,

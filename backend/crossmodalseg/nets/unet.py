@@ -53,3 +53,64 @@ class UNet(nn.Module):
         if self.training and self.config.deep_supervision:
             return list(torch.unbind(out, dim=1))  # DynUNet stacks heads on dim 1
         return out
+
+
+class BranchUNet(nn.Module):
+    """A U-Net whose halves are reachable: `encode` returns every level's features (the bottleneck last) and
+    `decode` returns the last decoder features with the logits, so methods can fuse features (MAML after the
+    decoder, CMC at the bottleneck). Built from MONAI's DynUNet blocks with the same topology as `UNet`."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, UnetUpBlock
+
+        self.config = config
+        f, k, s = config.filters, config.kernels, config.strides
+        norm, act = ("INSTANCE", {"affine": True}), ("leakyrelu", {"negative_slope": 0.01})
+        self.encoder = nn.ModuleList(
+            UnetBasicBlock(3, config.in_channels if i == 0 else f[i - 1], f[i], k[i], s[i], norm, act)
+            for i in range(len(f)))
+        # decoder[j] brings level j+1 up to level j
+        self.decoder = nn.ModuleList(
+            UnetUpBlock(3, f[j + 1], f[j], k[j], s[j + 1], s[j + 1], norm, act) for j in range(len(f) - 1))
+        self.head = UnetOutBlock(3, f[0], config.out_channels)
+        heads = config.deep_supr_num if config.deep_supervision else 0
+        self.ds_heads = nn.ModuleList(UnetOutBlock(3, f[j], config.out_channels) for j in range(1, 1 + heads))
+
+    @property
+    def feature_channels(self) -> int:
+        return self.config.filters[0]
+
+    @property
+    def bottleneck_channels(self) -> int:
+        return self.config.filters[-1]
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for block in self.encoder:
+            x = block(x)
+            features.append(x)
+        return features
+
+    def decode(self, features: list[torch.Tensor], bottleneck: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(last decoder features, [full-resolution logits, deep-supervision logits upsampled to full size...]).
+        `bottleneck` replaces the encoder's deepest features (e.g. after fusion)."""
+        x = features[-1] if bottleneck is None else bottleneck
+        per_level: dict[int, torch.Tensor] = {}
+        for j in reversed(range(len(self.decoder))):
+            x = self.decoder[j](x, features[j])
+            per_level[j] = x
+        logits = [self.head(x)]
+        for i, head in enumerate(self.ds_heads, start=1):
+            low = head(per_level[i])
+            logits.append(torch.nn.functional.interpolate(low, size=x.shape[2:], mode="trilinear", align_corners=False))
+        return x, logits
+
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        """Logits (a list with deep supervision in training mode); with_features: (last features, logits list).
+        Going through forward (not encode/decode) keeps DDP's gradient synchronisation working."""
+        features, logits = self.decode(self.encode(x))
+        if with_features:
+            return features, logits
+        return logits if self.training and self.ds_heads else logits[0]

@@ -1,0 +1,183 @@
+"""Engine benchmark: training throughput (patches/s), prediction time per volume and peak memory (RAM, and GPU
+memory on a GPU), for one image and label (default: the CHAOS CT, 512x512x78). Writes JSON.
+
+    python backend/benchmarks/bench_engine.py --preset fast --device cpu --out bench_cpu_fast.json
+
+Each phase runs in its own process, so each peak-memory figure is that phase's alone. Prediction uses a model with
+the real architecture and plan but untrained weights: its speed does not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "chaos_ct_liver"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _gpu_peak_mb(device) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def make_dataset(image: Path, label: Path, root: Path) -> Path:
+    from crossmodalseg.data.spec import Case, DatasetSpec
+
+    spec = DatasetSpec("bench", {"background": 0, "liver": 1}, {"ct": "CT"},
+                       [Case("case0", {"ct": image.resolve()}, {"ct": label.resolve()})], root)
+    spec.save()
+    return root
+
+
+def phase_train(dataset: Path, preset: str, device_name: str, iterations: int, warmup: int, queue) -> None:
+    import torch
+
+    from crossmodalseg.data.plan import make_plan
+    from crossmodalseg.data.spec import load_spec
+    from crossmodalseg.data.transforms import LoadCased
+    from crossmodalseg.engine.distributed import resolve_device
+    from crossmodalseg.methods import StepContext, Task, get_method
+
+    device = resolve_device(device_name)
+    spec = load_spec(dataset)
+    task = Task.from_spec(spec, "ct")
+    t0 = time.perf_counter()
+    plan = make_plan(spec, ["ct"], preset)
+    method = get_method("single")(task, plan).to(device)
+    item = LoadCased(["ct"], plan, task.label_values)({"case": spec.cases[0]})
+    preprocess_s = time.perf_counter() - t0
+    stream = method.batches({"labelled": [item]}, seed=0, device=device)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    ctx = StepContext(device, amp, torch.amp.GradScaler(device.type, enabled=False))
+    method.train_mode(True)
+    for _ in range(warmup):
+        method.training_step(next(stream), ctx)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    data_s, step_s = 0.0, 0.0
+    for _ in range(iterations):
+        t = time.perf_counter()
+        batch = next(stream)
+        data_s += time.perf_counter() - t
+        t = time.perf_counter()
+        method.training_step(batch, ctx)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_s += time.perf_counter() - t
+    patches = iterations * plan.batch_size
+    queue.put({"plan": {k: plan.to_json()[k] for k in ("spacing", "patch_size", "filters", "batch_size", "strides")},
+               "preprocessed_shape": list(item["image"].shape), "preprocess_s": round(preprocess_s, 3),
+               "iterations": iterations, "warmup_iterations": warmup,
+               "patches_per_s": round(patches / (data_s + step_s), 3),
+               "s_per_iteration": round((data_s + step_s) / iterations, 4),
+               "data_s_per_iteration": round(data_s / iterations, 4), "peak_rss_mb": round(_peak_rss_mb(), 1),
+               "peak_gpu_mb": _gpu_peak_mb(device)})
+
+
+def phase_predict(dataset: Path, preset: str, device_name: str, repeats: int, tta: bool, queue) -> None:
+    import torch
+
+    from crossmodalseg.data.plan import make_plan
+    from crossmodalseg.data.spec import load_spec
+    from crossmodalseg.engine.checkpoint import write_model_folder
+    from crossmodalseg.engine.inferer import Predictor
+    from crossmodalseg.methods import Task, get_method
+
+    spec = load_spec(dataset)
+    task = Task.from_spec(spec, "ct")
+    plan = make_plan(spec, ["ct"], preset)
+    method = get_method("single")(task, plan)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_model_folder(Path(tmp) / "model", {"method": method.to_json(), "task": task.to_json(),
+                                                         "plan": plan.to_json()}, method.nets)
+        predictor = Predictor(model, device=device_name, tta=tta)
+        image = spec.cases[0].images["ct"]
+        predictor.predict({"ct": image})  # warm-up (kernel selection, allocator)
+        if predictor.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(predictor.device)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            result = predictor.predict({"ct": image})
+            times.append(time.perf_counter() - t)
+        queue.put({"repeats": repeats, "tta": tta, "seconds_median": round(statistics.median(times), 3),
+                   "seconds_all": [round(t, 3) for t in times], "output_size_xyz": list(result.label.GetSize()),
+                   "peak_rss_mb": round(_peak_rss_mb(), 1), "peak_gpu_mb": _gpu_peak_mb(predictor.device)})
+
+
+def _run_phase(target, *args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def environment(device_name: str) -> dict:
+    import monai
+    import SimpleITK
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
+            "simpleitk": SimpleITK.Version_VersionString(), "cpu": platform.processor() or platform.machine(),
+            "cpu_threads": torch.get_num_threads(), "device": device_name}
+    if torch.cuda.is_available() and device_name != "cpu":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image", type=Path, default=DEFAULT_DATA / "chaos_ct_case_liver_image.nii.gz")
+    parser.add_argument("--label", type=Path, default=DEFAULT_DATA / "chaos_ct_case_liver_label.nii.gz")
+    parser.add_argument("--preset", default="fast", choices=["fast", "full"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tta", action="store_true")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    import SimpleITK as sitk
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = make_dataset(args.image, args.label, Path(tmp) / "data")
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(args.image))
+        reader.ReadImageInformation()
+        report = {
+            "benchmark": "engine", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": environment(device),
+            "data": {"image": str(args.image), "label": str(args.label), "size_xyz": list(reader.GetSize()),
+                     "spacing_xyz": [round(s, 4) for s in reader.GetSpacing()]},
+            "preset": args.preset,
+            "training": _run_phase(phase_train, dataset, args.preset, device, args.iterations, args.warmup),
+            "prediction": _run_phase(phase_predict, dataset, args.preset, device, args.repeats, args.tta),
+        }
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
