@@ -43,15 +43,11 @@ class Case:
         return next(iter(self.labels.values()), None)
 
 
-@dataclass
-class DatasetSpec:
-    name: str
-    labels: dict[str, int]
-    modalities: dict[str, str]
-    cases: list[Case]
-    root: Path
+class LabelSet:
+    """Views of a `labels` mapping (structure name -> on-disk value): class k is the k-th structure, 0 background."""
 
-    # ---- derived views -------------------------------------------------------------------------------------
+    labels: dict[str, int]
+
     @property
     def structures(self) -> list[str]:
         """Foreground structure names, in class-index order (index 1 first)."""
@@ -65,6 +61,15 @@ class DatasetSpec:
     def label_values(self) -> list[int]:
         """On-disk values in class-index order: label_values[k] is written for class k."""
         return [0] + [self.labels[name] for name in self.structures]
+
+
+@dataclass
+class DatasetSpec(LabelSet):
+    name: str
+    labels: dict[str, int]
+    modalities: dict[str, str]
+    cases: list[Case]
+    root: Path
 
     def case(self, case_id: str) -> Case:
         for case in self.cases:

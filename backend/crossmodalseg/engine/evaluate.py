@@ -56,7 +56,7 @@ def evaluate_model(model_dir: str | Path, dataset: str | Path | DatasetSpec, cas
     spec = dataset if isinstance(dataset, DatasetSpec) else load_spec(dataset)
     predictor = Predictor(model_dir, device=device)
     task = predictor.task
-    if spec.label_values != [0] + [spec.labels[s] for s in spec.structures] or set(spec.labels) != set(task.labels):
+    if sorted(spec.labels.items()) != sorted(task.labels.items()):
         raise DatasetError(f"dataset labels {spec.labels} differ from the model's {task.labels}")
     chosen = [spec.case(c) for c in cases] if cases else spec.cases
     results: dict[str, Any] = {"model": str(model_dir), "dataset": spec.name, "cases": {}}

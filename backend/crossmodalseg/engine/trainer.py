@@ -124,9 +124,7 @@ class Trainer:
             self._check_compatible(init_meta, task)
             plan = Plan.from_json(init_meta["plan"])
         else:
-            probe = method_cls.__new__(method_cls)
-            probe.task = task
-            plan = make_plan(self.spec, probe.input_modalities(), self.config.preset)
+            plan = make_plan(self.spec, [task.target, *task.assistants], self.config.preset)
         if self.config.iterations_per_epoch:
             plan.iterations_per_epoch = self.config.iterations_per_epoch
         method = method_cls(task, plan, self.config.hparams)
@@ -154,14 +152,21 @@ class Trainer:
         for name, stream in method.streams(self.spec).items():
             loader = LoadCased(stream.modalities, method.plan, label_values, use_label=stream.labelled)
             cases = [c for c in stream.cases if not (stream.labelled and c.id in val_ids)]
-            if not cases:
+            if not cases and stream.required:
                 raise TrainingError(f"method {method.name!r} has no training cases for its {name!r} data (needs "
                                     f"{', '.join(stream.modalities)}{' with labels' if stream.labelled else ''})")
             items[name] = [loader({"case": c}) for c in cases]
-        scorer = LoadCased(method.input_modalities(), method.plan, label_values)
         by_id = {c.id: c for c in method.validation_cases(self.spec)}
-        val_items = [scorer({"case": by_id[c]}) for c in val_ids]
+        val_items = [self._scoring_item(method, by_id[c]) for c in val_ids]
         return items, val_items
+
+    @staticmethod
+    def _scoring_item(method: Method, case) -> dict:
+        """A case as the validation scores it: the input modalities it has (target first) and the target label."""
+        available = [m for m in method.input_modalities() if m in case.images]
+        item = LoadCased(available, method.plan, method.task.label_values)({"case": case})
+        item["available"] = available
+        return item
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -184,14 +189,14 @@ class Trainer:
                                f"`crossmodalseg dataset check {self.spec.root}`):\n{shown}{more}")
 
     def _run(self, device: torch.device) -> Path:
-        cfg = self.config
         self._check_data()
+        torch.manual_seed(self.config.seed)  # before the networks exist: their initial weights are part of the run
         method, run = self._prepare_method()
+        cfg = self.config  # (a resumed run's own configuration)
         self.out.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main and not self.resume:
             write_json_atomic(self.out / RUN_FILE, run)
         self.events.path = self.out / "events.jsonl" if self.dist.is_main else None
-        torch.manual_seed(cfg.seed)
         method.to(device)
 
         scorable = [c.id for c in method.validation_cases(self.spec)]
@@ -199,8 +204,10 @@ class Trainer:
         self.events.emit("log", message=f"preprocessing {self.spec.name}: method {method.name}, plan spacing "
                                         f"{[round(s, 3) for s in method.plan.spacing]} mm, patch {method.plan.patch_size}")
         items, val_items = self._load_items(method, val_ids)
-        if not val_items:  # few labels: report Dice on the training cases, and say so
-            val_items = [it for it in items.get("labelled", [])[:4] if "label" in it]
+        if not val_items:  # few labels: report Dice on (up to four of) the training cases, and say so
+            by_id = {c.id: c for c in method.validation_cases(self.spec)}
+            val_items = [self._scoring_item(method, by_id[i]) for i in sorted(by_id)[:4]]
+        method.prepare(items, fresh=not (self.resume or cfg.init_from))
         val_on = "held-out" if val_ids else "training"
 
         if self.dist.enabled:
@@ -298,7 +305,7 @@ class Trainer:
         """Per-structure Dice of the ensemble on the validation items (plan grid), averaged over cases."""
         per_structure: dict[str, list[float]] = {s: [] for s in method.task.structures}
         for item in val_items:
-            probs = predict_probabilities(method, item["image"], method.input_modalities(), device)
+            probs = predict_probabilities(method, item["image"], item["available"], device)
             predicted = method.ensemble(probs).argmax(0).numpy()
             for name, value in dice_between(predicted, item["label"][0], method.task.structures).items():
                 if value is not None:

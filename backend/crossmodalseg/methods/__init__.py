@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from .base import Method, StepContext, Task
+from .cmc import CMC
+from .maml import MAML
+from .mkd import MKD
 from .single import Single
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Single,)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Single, MKD, MAML, CMC)}
 
 
 def get_method(name: str) -> type[Method]:

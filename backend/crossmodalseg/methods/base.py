@@ -18,29 +18,18 @@ import torch
 from torch import nn
 
 from ..data.plan import Plan
-from ..data.spec import Case, DatasetSpec
+from ..data.spec import Case, DatasetSpec, LabelSet
 
 
 @dataclass
-class Task:
-    """What a model segments: structures (name -> on-disk value), the modalities it uses and their types."""
+class Task(LabelSet):
+    """What a model segments: structures (name -> on-disk value, ordered by value), the modalities it uses and
+    their types."""
 
     labels: dict[str, int]
     modalities: dict[str, str]  # used modality -> "CT" | "MR"
     target: str
     assistants: list[str] = field(default_factory=list)
-
-    @property
-    def structures(self) -> list[str]:
-        return [n for n, v in self.labels.items() if v != 0]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.structures) + 1
-
-    @property
-    def label_values(self) -> list[int]:
-        return [0] + [self.labels[n] for n in self.structures]
 
     @classmethod
     def from_spec(cls, spec: DatasetSpec, target: str, assistants: Sequence[str] = ()) -> "Task":
@@ -90,6 +79,7 @@ class Stream:
     cases: list[Case]
     modalities: list[str]
     labelled: bool = True
+    required: bool = True  # an optional stream (e.g. unlabelled pairs) may be empty
 
 
 class Method(ABC):
@@ -156,6 +146,10 @@ class Method(ABC):
         needed = self.input_modalities()
         return [c for c in spec.cases
                 if all(m in c.images for m in needed) and c.label_for(self.task.target) is not None]
+
+    def prepare(self, items: dict[str, list[dict]], fresh: bool) -> None:
+        """Called once the training items are loaded, before the first step; `fresh` is False when resuming or
+        fine-tuning (then trained weights are in place and must not be re-initialised)."""
 
     @abstractmethod
     def batches(self, items: dict[str, list[dict]], seed: int, device: torch.device) -> Iterator[Batch]:

@@ -1,0 +1,189 @@
+"""`cmc`: semi-supervised, misalignment-tolerant cross-modality collaboration (Zhou et al., MICCAI 2024).
+
+Two encoder/decoder pairs (modality a = target, b = assistant), channel attention (MIA) on each bottleneck, and a
+unified fusion layer whose output U is added to both bottlenecks (Z_m = F_m + U) before each decoder. Loss:
+L_sup (each decoder on its own labelled images) + lambda(e) * (w_csc * L_CSC + w_cac * L_CAC), with
+L_CSC the channel-wise semantic consistency of the two bottlenecks (labelled and unlabelled pairs; O(C^2) memory)
+and L_CAC = 1 - softDice of the two predictions on unlabelled pairs. Unlabelled pairs are put on one physical grid
+when loaded (b resampled onto a's grid by world coordinates), so one crop gives both predictions on the same grid;
+their patches are cropped without reading any label. Both consistency terms start after a supervised warm-up
+(default 30 % of training) and ramp as exp(-5 (1 - e/E)^2).
+
+Differences from the official code, on purpose (METHODS.md): the consistency terms carry gradient, L_CAC is
+1 - similarity, CSC is computed over channels (never an N^2 matrix), and unlabelled crops never look at labels.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.loaders import patch_stream
+from ..data.spec import DatasetSpec
+from ..data.transforms import labelled_patch_transform, unlabelled_patch_transform
+from ..losses.consistency import channel_semantic_consistency, soft_dice_consistency
+from ..losses.supervision import DeepSupervisionLoss
+from ..nets.fusion import ChannelAttention, UnifiedFusion
+from ..nets.unet import BranchUNet, UNetConfig
+from .base import Batch, Method, StepContext, Stream
+
+
+class CrossModalityNet(nn.Module):
+    """E_a, D_a, E_b, D_b (two BranchUNets), MIA on each bottleneck and the unified fusion layer.
+
+    forward(x_a, x_b) -> (logits_a, logits_b, bottleneck_a, bottleneck_b); either input may be None (a missing
+    modality): the available bottleneck is then fused with itself and only its decoder predicts."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        self.branch_a, self.branch_b = BranchUNet(config), BranchUNet(config)
+        channels = self.branch_a.bottleneck_channels
+        self.mia_a, self.mia_b = ChannelAttention(channels), ChannelAttention(channels)
+        self.fusion = UnifiedFusion(channels)
+
+    def forward(self, x_a: torch.Tensor | None, x_b: torch.Tensor | None):
+        enc_a = self.branch_a.encode(x_a) if x_a is not None else None
+        enc_b = self.branch_b.encode(x_b) if x_b is not None else None
+        f_a = self.mia_a(enc_a[-1]) if enc_a is not None else None
+        f_b = self.mia_b(enc_b[-1]) if enc_b is not None else None
+        u = self.fusion(f_a if f_a is not None else f_b, f_b if f_b is not None else f_a)
+        logits_a = self.branch_a.decode(enc_a, f_a + u)[1] if enc_a is not None else None
+        logits_b = self.branch_b.decode(enc_b, f_b + u)[1] if enc_b is not None else None
+        return logits_a, logits_b, f_a, f_b
+
+
+class CMC(Method):
+    name = "cmc"
+    description = ("semi-supervised, misalignment-tolerant: two encoder/decoders with channel attention and unified "
+                   "fusion, channel-wise semantic consistency and consistency on unlabelled pairs")
+    default_hparams = {
+        "warmup": 0.3,  # supervised-only fraction of training
+        "csc_weight": 0.1,  # NT-Xent over 2C channels is ~log(2C) at start: scaled to the Seg loss's range
+        "cac_weight": 1.0,
+        "temperature": 0.5,
+        "width": 1.0,
+        "encoder_weights": "",  # a local safetensors file with BranchUNet encoder weights (keys "encoder.*")
+    }
+
+    def __init__(self, task, plan, hparams=None):
+        if len(task.assistants) != 1:
+            raise ValueError("cmc pairs two modalities: give exactly one --assistant")
+        super().__init__(task, plan, hparams)
+
+    @property
+    def a(self) -> str:
+        return self.task.target
+
+    @property
+    def b(self) -> str:
+        return self.task.assistants[0]
+
+    def build_networks(self) -> dict[str, nn.Module]:
+        config = UNetConfig.from_plan(self.plan, 1, self.task.num_classes, width=float(self.hparams["width"]))
+        self.loss = DeepSupervisionLoss()
+        return {"cmc": CrossModalityNet(config)}
+
+    def members(self) -> dict[str, list[str]]:
+        return {"decoder_a": [self.a], "decoder_b": [self.b]}
+
+    def streams(self, spec: DatasetSpec) -> dict[str, Stream]:
+        a, b = self.a, self.b
+        return {
+            "labelled_a": Stream([c for c in spec.cases if a in c.images and c.label_for(a)], [a]),
+            "labelled_b": Stream([c for c in spec.cases if b in c.images and c.label_for(b)], [b], required=False),
+            # Both images on a's grid: predictions of a crop are on one physical grid.
+            "unlabelled": Stream([c for c in spec.cases if a in c.images and b in c.images and not c.labels],
+                                 [a, b], labelled=False, required=False),
+        }
+
+    def prepare(self, items: dict[str, list[dict]], fresh: bool) -> None:
+        if not items.get("labelled_b") and not items.get("unlabelled"):
+            raise ValueError(f"cmc needs {self.b!r} images: labelled ones, or unlabelled {self.a}+{self.b} pairs")
+        path = str(self.hparams["encoder_weights"] or "")
+        if path and fresh:
+            load_encoder_weights(self.nets["cmc"], Path(path))
+
+    def batches(self, items: dict[str, list[dict]], seed: int, device: torch.device) -> Iterator[Batch]:
+        n, patch = self.task.num_classes, self.plan.patch_size
+        labelled_a = patch_stream(items["labelled_a"], labelled_patch_transform(patch, n, self.plan.batch_size),
+                                  seed, device)
+        labelled_b = (patch_stream(items["labelled_b"], labelled_patch_transform(patch, n, self.plan.batch_size),
+                                   seed + 1, device) if items.get("labelled_b") else itertools.repeat(None))
+        unlabelled = (patch_stream(items["unlabelled"], unlabelled_patch_transform(patch, self.plan.batch_size),
+                                   seed + 2, device, keys=("image",)) if items.get("unlabelled")
+                      else itertools.repeat(None))
+        for la, lb, u in zip(labelled_a, labelled_b, unlabelled):
+            batch = {"x_a": la["image"], "y_a": la["label"]}
+            if lb is not None:
+                batch.update(x_b=lb["image"], y_b=lb["label"])
+            if u is not None:
+                batch["u"] = u["image"]
+            yield batch
+
+    def consistency_weight(self, progress: float) -> float:
+        warmup = float(self.hparams["warmup"])
+        return 0.0 if progress < warmup else math.exp(-5 * (1 - progress) ** 2)
+
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, float]:
+        net = self.train_nets["cmc"]
+        lam = self.consistency_weight(ctx.progress)
+        temperature = float(self.hparams["temperature"])
+        logs: dict[str, float] = {}
+        with ctx.autocast():
+            # Labelled pair: images of different cases (and spaces) may meet here; CSC compares channels, not voxels.
+            x_b = batch.get("x_b", batch["u"][:, 1:2] if "u" in batch else None)
+            logits_a, logits_b, f_a, f_b = net(batch["x_a"], x_b)
+            loss = self.loss(logits_a, batch["y_a"])
+            if "y_b" in batch:
+                loss = loss + self.loss(logits_b, batch["y_b"])
+            logs["sup"] = float(loss.detach())
+            if lam > 0:
+                csc = channel_semantic_consistency(f_a.float(), f_b.float(), temperature)
+                cac = torch.zeros((), device=csc.device)
+                if "u" in batch:
+                    ul_a, ul_b, uf_a, uf_b = net(batch["u"][:, 0:1], batch["u"][:, 1:2])
+                    csc = csc + channel_semantic_consistency(uf_a.float(), uf_b.float(), temperature)
+                    cac = soft_dice_consistency(torch.softmax(ul_a[0].float(), 1), torch.softmax(ul_b[0].float(), 1))
+                loss = loss + lam * (float(self.hparams["csc_weight"]) * csc + float(self.hparams["cac_weight"]) * cac)
+                logs.update(csc=float(csc.detach()), cac=float(cac.detach()), consistency_weight=lam)
+        ctx.backward(loss, self.optimizers()["main"])
+        logs["loss"] = float(loss.detach())
+        return logs
+
+    def input_modalities(self) -> list[str]:
+        return [self.a, self.b]
+
+    def validation_cases(self, spec: DatasetSpec) -> list:
+        # Scored on the target modality; the assistant image is used when the case has it.
+        return [c for c in spec.cases if self.a in c.images and c.label_for(self.a) is not None]
+
+    def member_logits(self, x: torch.Tensor, available: Sequence[str]) -> dict[str, torch.Tensor]:
+        channels = {m: x[:, i:i + 1] for i, m in enumerate(available)}
+        logits_a, logits_b, _, _ = self.nets["cmc"](channels.get(self.a), channels.get(self.b))
+        out = {}
+        if logits_a is not None:
+            out["decoder_a"] = logits_a[0]
+        if logits_b is not None:
+            out["decoder_b"] = logits_b[0]
+        return out
+
+
+def load_encoder_weights(net: CrossModalityNet, path: Path) -> None:
+    """Initialises both encoders from one local safetensors file (e.g. a pretrained 3D encoder)."""
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise FileNotFoundError(f"encoder weights {path} not found (cmc option encoder_weights)")
+    state = load_file(str(path))
+    state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")} or state
+    for branch in (net.branch_a, net.branch_b):
+        try:
+            branch.encoder.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{path} does not fit the cmc encoder: {str(e).splitlines()[0][:300]}") from None

@@ -1,0 +1,111 @@
+"""`maml`: paired, co-registered modalities with modality-aware mutual learning (Zhang et al., MICCAI 2021).
+
+One U-Net per modality (one input channel, half the baseline's width, no shared weights) returns its last decoder
+features and deep-supervision logits; the modality-aware module gates and sums the features into fused logits.
+"Mutual learning" is the joint loss: Seg(fused) + sum over branches of deep-supervised Seg, so the fused head's
+gradient couples the branches. With every modality present the fused head predicts; with some missing, the
+available branches' mean softmax does (never zeros fed into the fusion of a model not trained for it).
+Options beyond the paper, off by default: `modality_dropout` (train the fusion on random modality subsets, which
+then allows fused prediction with missing modalities) and `kd_weight` (KD from the fused head into each branch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..data.loaders import patch_stream
+from ..data.spec import DatasetSpec
+from ..data.transforms import labelled_patch_transform
+from ..losses.distillation import kd_loss
+from ..losses.supervision import DeepSupervisionLoss, SegLoss
+from ..nets.fusion import ModalityAwareFusion
+from ..nets.unet import BranchUNet, UNetConfig
+from .base import Batch, Method, StepContext, Stream
+
+FUSED = "fused"
+
+
+class MAML(Method):
+    name = "maml"
+    description = ("paired co-registered modalities: one U-Net per modality, modality-aware fusion, joint mutual "
+                   "training; predicts with any subset of modalities")
+    default_hparams = {"width": 0.5, "modality_dropout": 0.0, "kd_weight": 0.0, "temperature": 2.0}
+
+    def __init__(self, task, plan, hparams=None):
+        if not task.assistants:
+            raise ValueError("maml fuses several co-registered modalities: give at least one --assistant")
+        super().__init__(task, plan, hparams)
+
+    def build_networks(self) -> dict[str, nn.Module]:
+        config = UNetConfig.from_plan(self.plan, 1, self.task.num_classes, width=float(self.hparams["width"]))
+        self.seg, self.deep = SegLoss(), DeepSupervisionLoss()
+        nets: dict[str, nn.Module] = {branch(m): BranchUNet(config) for m in self.input_modalities()}
+        channels = nets[branch(self.task.target)].feature_channels
+        nets["fusion"] = ModalityAwareFusion(len(self.input_modalities()), channels, self.task.num_classes)
+        return nets
+
+    def members(self) -> dict[str, list[str]]:
+        return {FUSED: self.input_modalities(), **{branch(m): [m] for m in self.input_modalities()}}
+
+    def streams(self, spec: DatasetSpec) -> dict[str, Stream]:
+        return {"labelled": Stream(self.validation_cases(spec), self.input_modalities())}
+
+    def batches(self, items: dict[str, list[dict]], seed: int, device: torch.device) -> Iterator[Batch]:
+        transform = labelled_patch_transform(self.plan.patch_size, self.task.num_classes, self.plan.batch_size)
+        return patch_stream(items["labelled"], transform, seed, device)
+
+    def _branches(self, x: torch.Tensor, modalities: Sequence[str], nets: Mapping[str, nn.Module]
+                  ) -> dict[str, tuple[torch.Tensor, list[torch.Tensor]]]:
+        out = {}
+        for channel, m in enumerate(modalities):
+            out[m] = nets[branch(m)](x[:, channel:channel + 1], with_features=True)
+        return out
+
+    def _fuse(self, features: Mapping[str, torch.Tensor], nets: Mapping[str, nn.Module]) -> torch.Tensor:
+        """Fused logits; a missing modality contributes zero features (only for models trained with dropout)."""
+        ref = next(iter(features.values()))
+        stacked = [features.get(m, torch.zeros_like(ref)) for m in self.input_modalities()]
+        logits, _ = nets["fusion"](stacked)
+        return logits
+
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, float]:
+        modalities = self.input_modalities()
+        keep = list(modalities)
+        p = float(self.hparams["modality_dropout"])
+        if p > 0 and torch.rand(()) < p:
+            k = int(torch.randint(1, len(modalities), ()))
+            keep = [modalities[i] for i in sorted(torch.randperm(len(modalities))[:k].tolist())]
+        with ctx.autocast():
+            outs = self._branches(batch["image"], modalities, self.train_nets)
+            fused = self._fuse({m: outs[m][0] for m in keep}, self.train_nets)
+            fused_loss = self.seg(fused, batch["label"])
+            branch_loss = sum(self.deep(outs[m][1], batch["label"]) for m in keep)
+            loss = fused_loss + branch_loss
+            logs = {"fused": float(fused_loss.detach()), "branches": float(branch_loss.detach())}
+            if float(self.hparams["kd_weight"]) > 0:
+                kd = sum(kd_loss(outs[m][1][0], fused, float(self.hparams["temperature"])) for m in keep)
+                loss = loss + float(self.hparams["kd_weight"]) * kd
+                logs["kd"] = float(kd.detach())
+        ctx.backward(loss, self.optimizers()["main"])
+        logs["loss"] = float(loss.detach())
+        return logs
+
+    def member_logits(self, x: torch.Tensor, available: Sequence[str]) -> dict[str, torch.Tensor]:
+        outs = self._branches(x, available, self.nets)
+        logits = {branch(m): outs[m][1][0] for m in available}
+        if set(available) == set(self.input_modalities()) or float(self.hparams["modality_dropout"]) > 0:
+            logits[FUSED] = self._fuse({m: outs[m][0] for m in available}, self.nets)
+        return logits
+
+    def ensemble(self, probabilities: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The fused head when it predicted; else the mean softmax of the available branches."""
+        if FUSED in probabilities:
+            return probabilities[FUSED]
+        return torch.stack(list(probabilities.values())).mean(0)
+
+
+def branch(modality: str) -> str:
+    return f"branch_{modality}"

@@ -1,0 +1,222 @@
+"""`mkd`: unpaired target + assistant modality by online mutual knowledge distillation (Li et al., AAAI 2020).
+
+An image alignment module (IAM) makes assistant images look like target images: a 3D CycleGAN-style translator
+(`iam=cyclegan`), non-learned histogram matching (`iam=histogram`: per structure, using the assistant's own label,
+since the IAM only runs in training where that label exists) or nothing (`iam=none`, an ablation). Two
+segmentors of the same architecture teach each other: `seg_target` learns from real target images, `seg_assistant`
+from aligned assistant images; each distils into the other (KD with temperature T, sigmoid ramp-up). One iteration
+updates discriminators, then generators (adversarial + cycle + the assistant's segmentation loss, so the label stays
+valid on the translated image), then segmentors. Ensemble on a target image: mean softmax of both segmentors.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.loaders import patch_stream
+from ..data.spec import DatasetSpec
+from ..data.transforms import labelled_patch_transform
+from ..losses.consistency import cycle_loss, lsgan_loss
+from ..losses.distillation import kd_loss, sigmoid_rampup
+from ..losses.supervision import DeepSupervisionLoss
+from ..nets.translator import Discriminator, Generator, TranslatorConfig
+from ..nets.unet import UNet, UNetConfig
+from .base import Batch, Method, StepContext, Stream
+
+IAM_CHOICES = ("cyclegan", "histogram", "none")
+QUANTILE_LEVELS = 101
+
+
+class MKD(Method):
+    name = "mkd"
+    description = ("unpaired target + assistant: image alignment module and two segmentors with mutual knowledge "
+                   "distillation; ensemble on the target modality")
+    default_hparams = {
+        "iam": "cyclegan",  # cyclegan | histogram | none
+        "temperature": 2.0,
+        "kd_a2t": 1.0,  # lambda1: KD from seg_assistant into seg_target (0 = ablation "no KD a->t")
+        "kd_t2a": 1.0,  # lambda2: KD from seg_target into seg_assistant (0 = ablation "no KD t->a")
+        "rampup": 0.2,  # fraction of training over which the KD weights ramp up
+        "cycle_weight": 10.0,
+        "translator_filters": 16,
+        "translator_blocks": 3,
+        "gan_learning_rate": 2e-4,
+        "width": 1.0,
+    }
+
+    def __init__(self, task, plan, hparams=None):
+        if len(task.assistants) != 1:
+            raise ValueError("mkd needs exactly one --assistant modality (the unpaired modality that helps)")
+        super().__init__(task, plan, hparams)
+        if self.hparams["iam"] not in IAM_CHOICES:
+            raise ValueError(f"mkd option iam={self.hparams['iam']!r}; choose one of {', '.join(IAM_CHOICES)}")
+
+    @property
+    def assistant(self) -> str:
+        return self.task.assistants[0]
+
+    def build_networks(self) -> dict[str, nn.Module]:
+        config = UNetConfig.from_plan(self.plan, 1, self.task.num_classes, width=float(self.hparams["width"]))
+        self.loss = DeepSupervisionLoss()
+        nets: dict[str, nn.Module] = {"seg_target": UNet(config), "seg_assistant": UNet(config)}
+        if self.hparams["iam"] == "cyclegan":
+            tc = TranslatorConfig(filters=int(self.hparams["translator_filters"]),
+                                  residual_blocks=int(self.hparams["translator_blocks"]))
+            nets.update(g_a2t=Generator(tc), g_t2a=Generator(tc), d_target=Discriminator(tc),
+                        d_assistant=Discriminator(tc))
+        # Per-class target intensity quantiles for iam=histogram (training only: inference sees target images).
+        self.target_quantiles = torch.linspace(-2, 2, QUANTILE_LEVELS).repeat(self.task.num_classes, 1)
+        return nets
+
+    def members(self) -> dict[str, list[str]]:
+        return {"seg_target": [self.task.target], "seg_assistant": [self.task.target]}
+
+    def input_modalities(self) -> list[str]:
+        return [self.task.target]  # at test time only the target modality is given
+
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        seg = [p for n in ("seg_target", "seg_assistant") for p in self.nets[n].parameters()]
+        opts = {"seg": torch.optim.AdamW(seg, lr=self.plan.learning_rate, weight_decay=3e-5)}
+        if self.hparams["iam"] == "cyclegan":
+            lr, betas = float(self.hparams["gan_learning_rate"]), (0.5, 0.999)
+            gen = itertools.chain(self.nets["g_a2t"].parameters(), self.nets["g_t2a"].parameters())
+            disc = itertools.chain(self.nets["d_target"].parameters(), self.nets["d_assistant"].parameters())
+            opts["gen"] = torch.optim.Adam(gen, lr=lr, betas=betas)
+            opts["disc"] = torch.optim.Adam(disc, lr=lr, betas=betas)
+        return opts
+
+    # ---- data ---------------------------------------------------------------------------------------------
+    def streams(self, spec: DatasetSpec) -> dict[str, Stream]:
+        t, a = self.task.target, self.assistant
+        return {"target": Stream([c for c in spec.cases if t in c.images and c.label_for(t)], [t]),
+                "assistant": Stream([c for c in spec.cases if a in c.images and c.label_for(a)], [a])}
+
+    def prepare(self, items: dict[str, list[dict]], fresh: bool) -> None:
+        if self.hparams["iam"] == "histogram":
+            rng = np.random.default_rng(0)
+            images = np.concatenate([it["image"].ravel() for it in items["target"]])
+            labels = np.concatenate([it["label"].ravel() for it in items["target"]])
+            rows = []
+            for k in range(self.task.num_classes):
+                values = images[labels == k]
+                if values.size == 0:  # a structure no target case shows: fall back to all target voxels
+                    values = images
+                values = rng.choice(values, min(values.size, 200_000), replace=False)
+                rows.append(np.quantile(values, np.linspace(0, 1, QUANTILE_LEVELS)))
+            self.target_quantiles = torch.as_tensor(np.stack(rows), dtype=torch.float32)
+
+    def batches(self, items: dict[str, list[dict]], seed: int, device: torch.device) -> Iterator[Batch]:
+        transform = lambda: labelled_patch_transform(self.plan.patch_size, self.task.num_classes,  # noqa: E731
+                                                     self.plan.batch_size)
+        target = patch_stream(items["target"], transform(), seed, device)
+        assistant = patch_stream(items["assistant"], transform(), seed + 1, device)
+        for t, a in zip(target, assistant):
+            yield {"x_t": t["image"], "y_t": t["label"], "x_a": a["image"], "y_a": a["label"]}
+
+    # ---- training -----------------------------------------------------------------------------------------
+    def align(self, x_a: torch.Tensor, y_a: torch.Tensor) -> torch.Tensor:
+        """Assistant images made to look like target images, by the configured IAM."""
+        iam = self.hparams["iam"]
+        if iam == "cyclegan":
+            return translate(self.train_nets["g_a2t"], x_a)
+        if iam == "histogram":
+            return match_histogram(x_a, y_a, self.target_quantiles)
+        return x_a
+
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, float]:
+        x_t, y_t, x_a, y_a = batch["x_t"], batch["y_t"], batch["x_a"], batch["y_a"]
+        nets, opts, logs = self.train_nets, self.optimizers(), {}
+        ramp = sigmoid_rampup(ctx.progress, float(self.hparams["rampup"]))
+        lam1, lam2 = float(self.hparams["kd_a2t"]) * ramp, float(self.hparams["kd_t2a"]) * ramp
+        temperature = float(self.hparams["temperature"])
+
+        if self.hparams["iam"] == "cyclegan":
+            # 1) discriminators: real vs translated (translators frozen for this step)
+            with torch.no_grad(), ctx.autocast():
+                fake_t, fake_a = translate(nets["g_a2t"], x_a), translate(nets["g_t2a"], x_t)
+            with ctx.autocast():
+                loss_d = 0.5 * (lsgan_loss(nets["d_target"](x_t), True) + lsgan_loss(nets["d_target"](fake_t), False)
+                                + lsgan_loss(nets["d_assistant"](x_a), True)
+                                + lsgan_loss(nets["d_assistant"](fake_a), False))
+            ctx.backward(loss_d, opts["disc"])
+            # 2) generators: fool the discriminators, keep cycles, keep the assistant label valid
+            with ctx.autocast():
+                fake_t, fake_a = translate(nets["g_a2t"], x_a), translate(nets["g_t2a"], x_t)
+                adversarial = lsgan_loss(nets["d_target"](fake_t), True) + lsgan_loss(nets["d_assistant"](fake_a), True)
+                cycle = (cycle_loss(translate(nets["g_t2a"], fake_t), x_a)
+                         + cycle_loss(translate(nets["g_a2t"], fake_a), x_t))
+                seg_on_fake = self.loss(nets["seg_assistant"](fake_t), y_a)
+                loss_g = adversarial + float(self.hparams["cycle_weight"]) * cycle + seg_on_fake
+            ctx.backward(loss_g, opts["gen"])
+            x_tilde = fake_t.detach()
+            logs.update(loss_d=float(loss_d.detach()), loss_g=float(loss_g.detach()), cycle=float(cycle.detach()))
+        else:
+            x_tilde = self.align(x_a, y_a)
+
+        # 3) segmentors: supervised on their own images, plus distillation from each other
+        with ctx.autocast():
+            out_t = nets["seg_target"](x_t)
+            out_a = nets["seg_assistant"](x_tilde)
+            loss = self.loss(out_t, y_t) + self.loss(out_a, y_a)
+            full_t, full_a = _full_resolution(out_t), _full_resolution(out_a)
+            if lam1 > 0:  # seg_assistant teaches seg_target on target images
+                with torch.no_grad():
+                    teacher = _full_resolution(nets["seg_assistant"](x_t))
+                kd1 = kd_loss(full_t, teacher, temperature)
+                loss = loss + lam1 * kd1
+                logs["kd_a2t"] = float(kd1.detach())
+            if lam2 > 0:  # seg_target teaches seg_assistant on aligned assistant images
+                with torch.no_grad():
+                    teacher = _full_resolution(nets["seg_target"](x_tilde))
+                kd2 = kd_loss(full_a, teacher, temperature)
+                loss = loss + lam2 * kd2
+                logs["kd_t2a"] = float(kd2.detach())
+        ctx.backward(loss, opts["seg"])
+        logs["loss"] = float(loss.detach())
+        return logs
+
+    # ---- inference ----------------------------------------------------------------------------------------
+    def member_logits(self, x: torch.Tensor, available: Sequence[str]) -> dict[str, torch.Tensor]:
+        if list(available) != [self.task.target]:
+            raise ValueError(f"mkd segments the target modality {self.task.target!r}; give that image")
+        return {"seg_target": self.nets["seg_target"](x), "seg_assistant": self.nets["seg_assistant"](x)}
+
+
+def translate(generator: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The generator on x, padded (edge values) to the multiple of 4 its two downsamplings need, cropped back."""
+    pad = [(-n) % 4 for n in x.shape[2:]]
+    if not any(pad):
+        return generator(x)
+    padded = torch.nn.functional.pad(x, [p for n in reversed(pad) for p in (0, n)], mode="replicate")
+    return generator(padded)[..., : x.shape[2], : x.shape[3], : x.shape[4]]
+
+
+def _full_resolution(outputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    return outputs[0] if isinstance(outputs, list) else outputs
+
+
+def match_histogram(x: torch.Tensor, label: torch.Tensor, target_quantiles: torch.Tensor) -> torch.Tensor:
+    """Per-structure histogram matching: in each sample, the voxels of class k (from the assistant's own label) get
+    the intensity quantiles of class k in target images (`target_quantiles[k]`), piecewise linearly. A global match
+    cannot align CT and MR (fat is dark on one, bright on the other); within one structure the order holds."""
+    levels = torch.linspace(0, 1, target_quantiles.shape[1], device=x.device)
+    out = x.clone()
+    for i in range(x.shape[0]):
+        for k in range(target_quantiles.shape[0]):
+            mask = label[i, 0] == k
+            if int(mask.sum()) < 2:
+                continue
+            values = x[i, :, mask].reshape(-1).float()
+            source = torch.quantile(values[: 1 << 20], levels)
+            source = source + torch.arange(source.numel(), device=x.device) * 1e-6  # strictly increasing
+            idx = torch.searchsorted(source, values.contiguous()).clamp(1, source.numel() - 1)
+            lo, hi = source[idx - 1], source[idx]
+            w = ((values - lo) / (hi - lo)).clamp(0, 1)
+            target = target_quantiles[k].to(x.device)
+            out[i, :, mask] = (target[idx - 1] + w * (target[idx] - target[idx - 1])).to(x.dtype).reshape(1, -1)
+    return out

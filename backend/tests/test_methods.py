@@ -1,0 +1,263 @@
+"""MKD, MAML and CMC: each learns on the phantom, predicts with the ensemble rule of METHODS.md, writes member
+outputs and uncertainty, and trains every network it should."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crossmodalseg.data.io import Geometry, read_image, to_array
+from crossmodalseg.data.phantom import make_phantom_dataset
+from crossmodalseg.data.plan import make_plan
+from crossmodalseg.data.spec import DatasetSpec
+from crossmodalseg.data.transforms import LoadCased
+from crossmodalseg.engine.checkpoint import read_model_meta
+from crossmodalseg.engine.evaluate import evaluate_model, format_table
+from crossmodalseg.engine.inferer import Predictor, predict_probabilities
+from crossmodalseg.engine.trainer import TrainConfig, train
+from crossmodalseg.methods import StepContext, Task, get_method
+
+SIZE, SPACING = (40, 40, 24), (4.5, 4.5, 6.0)  # the tiny phantom: 180 x 180 x 144 mm at coarse spacing
+EPOCHS = 8
+ITERATIONS = 25
+
+
+def split(spec: DatasetSpec, root: Path, test_ids: list[str], drop_labels: list[str] = ()) -> tuple[Path, DatasetSpec]:
+    train_cases = []
+    for case in spec.cases:
+        if case.id in test_ids:
+            continue
+        if case.id in drop_labels:
+            case = type(case)(case.id, case.images, {})
+        train_cases.append(case)
+    train_spec = DatasetSpec(spec.name + "-train", spec.labels, spec.modalities, train_cases, root / "train")
+    test_spec = DatasetSpec(spec.name + "-test", spec.labels, spec.modalities,
+                            [c for c in spec.cases if c.id in test_ids], root / "test")
+    train_spec.save()
+    test_spec.save()
+    return train_spec.root, test_spec
+
+
+@pytest.fixture(scope="module")
+def paired(tmp_path_factory):
+    root = tmp_path_factory.mktemp("paired")
+    spec = make_phantom_dataset(root / "all", n_cases=10, seed=3, size=SIZE, spacing=SPACING)
+    return split(spec, root, ["case008", "case009"])
+
+
+@pytest.fixture(scope="module")
+def unpaired(tmp_path_factory):
+    """Alternating CT and MR cases (different synthetic patients, 6 of each) to train on, and held-out CT and MR
+    cases from other synthetic patients to score each direction."""
+    root = tmp_path_factory.mktemp("unpaired")
+    spec = make_phantom_dataset(root / "all", n_cases=12, seed=4, size=SIZE, spacing=SPACING, paired=False)
+    dataset, _ = split(spec, root, [])
+    held_out = make_phantom_dataset(root / "held_out", n_cases=2, seed=40, size=SIZE, spacing=SPACING)
+    return dataset, held_out
+
+
+def fit(dataset: Path, out: Path, method: str, target: str, assistants: list[str], epochs: int = EPOCHS,
+        **hparams) -> Path:
+    config = TrainConfig(method=method, target=target, assistants=assistants, epochs=epochs,
+                         iterations_per_epoch=ITERATIONS, device="cpu", val_every=epochs, hparams=hparams)
+    return train(dataset, out, config)
+
+
+def mean_dice(results: dict) -> float:
+    return float(np.mean([v["dice"] for v in results["mean"].values()]))
+
+
+# ---- learning ----------------------------------------------------------------------------------------------
+# CT target carries the learning claim (Dice >= 0.75). MR target is harder on this phantom (bias field, Rician
+# noise): with the same 200 iterations a measured run gave mean Dice 0.54, so that direction must clearly work
+# (>= 0.4), not match CT.
+@pytest.mark.parametrize("target,assistant,epochs,threshold", [("ct", "mr", EPOCHS, 0.75), ("mr", "ct", EPOCHS, 0.4)])
+def test_mkd_learns_in_both_directions(unpaired, tmp_path: Path, target: str, assistant: str, epochs: int,
+                                       threshold: float):
+    dataset, held_out = unpaired
+    model = fit(dataset, tmp_path / "mkd", "mkd", target, [assistant], epochs=epochs, iam="histogram")
+    test = DatasetSpec("held-out", held_out.labels, {target: held_out.modalities[target]},
+                       [type(c)(c.id, {target: c.images[target]}, {target: c.labels[target]}) for c in held_out.cases],
+                       held_out.root)
+    results = evaluate_model(model, test, device="cpu")
+    assert mean_dice(results) >= threshold, format_table(results)
+    meta = read_model_meta(model)
+    assert meta["method"]["members"] == {"seg_target": [target], "seg_assistant": [target]}
+    assert meta["method"]["hparams"]["iam"] == "histogram" and meta["method"]["hparams"]["temperature"] == 2.0
+
+
+def test_maml_learns_and_predicts_with_every_modality_subset(paired, tmp_path: Path):
+    dataset, test = paired
+    # Full-width branches: with the paper's half width (the default) the 220-voxel phantom kidney stayed below 0.5
+    # probability after 300 iterations (soft Dice fine, argmax missing it); the CPU test budget is 200 iterations.
+    model = fit(dataset, tmp_path / "maml", "maml", "ct", ["mr"], width=1.0)
+    results = evaluate_model(model, test, device="cpu")
+    assert mean_dice(results) >= 0.75, format_table(results)
+    predictor = Predictor(model, device="cpu")
+    case = test.cases[0]
+    reference = to_array(read_image(case.labels["ct"]), np.int64)
+    for subset in (["ct", "mr"], ["ct"], ["mr"]):
+        result = predictor.predict({m: case.images[m] for m in subset}, members=True)
+        assert Geometry.of(result.label) == Geometry.of(read_image(case.images[subset[0]]))
+        assert set(result.members) == ({"fused", "branch_ct", "branch_mr"} if len(subset) == 2
+                                       else {f"branch_{subset[0]}"})
+        predicted = to_array(result.label, np.int64)
+        liver = 2 * ((predicted == 1) & (reference == 1)).sum() / ((predicted == 1).sum() + (reference == 1).sum())
+        assert liver > 0.6, (subset, liver)
+
+
+def test_cmc_learns_from_few_labelled_cases_plus_unlabelled_pairs(paired, tmp_path: Path):
+    dataset, test = paired
+    spec = json.loads((dataset / "dataset.json").read_text())
+    for case in spec["cases"][3:]:  # three labelled cases, five unlabelled pairs
+        case.pop("labels", None)
+    (dataset.parent / "semi").mkdir()
+    for case in spec["cases"]:
+        case["images"] = {m: str((dataset / p).resolve()) for m, p in case["images"].items()}
+        if "labels" in case:
+            case["labels"] = {m: str((dataset / p).resolve()) for m, p in case["labels"].items()}
+    (dataset.parent / "semi" / "dataset.json").write_text(json.dumps(spec))
+    model = fit(dataset.parent / "semi", tmp_path / "cmc", "cmc", "ct", ["mr"])
+    results = evaluate_model(model, test, device="cpu")
+    assert mean_dice(results) >= 0.75, format_table(results)
+    events = [json.loads(line) for line in (tmp_path / "cmc" / "events.jsonl").read_text().splitlines()]
+    start = next(e for e in events if e["event"] == "start")
+    assert start["train_cases"] == {"labelled_a": 3, "labelled_b": 3, "unlabelled": 5}
+
+
+# ---- ensemble rules and QA outputs -------------------------------------------------------------------------
+def tiny_method(name: str, spec: DatasetSpec, target: str, assistants: list[str], **hparams):
+    task = Task.from_spec(spec, target, assistants)
+    plan = make_plan(spec, [target, *assistants], "fast")
+    plan.filters = [8, 16, 32, 64][: len(plan.strides)]
+    method = get_method(name)(task, plan, hparams)
+    method.train_mode(False)
+    return method
+
+
+@pytest.fixture(scope="module")
+def paired_spec(paired) -> DatasetSpec:
+    from crossmodalseg.data.spec import load_spec
+
+    return load_spec(paired[0])
+
+
+def test_mkd_ensemble_is_the_mean_of_member_softmax(paired_spec: DatasetSpec):
+    torch.manual_seed(0)
+    method = tiny_method("mkd", paired_spec, "ct", ["mr"], iam="none")
+    item = LoadCased(["ct"], method.plan, method.task.label_values)({"case": paired_spec.cases[0]})
+    probs = predict_probabilities(method, item["image"], ["ct"], torch.device("cpu"))
+    assert set(probs) == {"seg_target", "seg_assistant"}
+    np.testing.assert_allclose(method.ensemble(probs).numpy(),
+                               ((probs["seg_target"] + probs["seg_assistant"]) / 2).numpy(), atol=1e-6)
+    assert not torch.allclose(probs["seg_target"], probs["seg_assistant"])  # two different members
+
+
+def test_maml_uses_the_fused_head_when_all_modalities_are_there(paired_spec: DatasetSpec):
+    torch.manual_seed(0)
+    method = tiny_method("maml", paired_spec, "ct", ["mr"])
+    item = LoadCased(["ct", "mr"], method.plan, method.task.label_values)({"case": paired_spec.cases[0]})
+    probs = predict_probabilities(method, item["image"], ["ct", "mr"], torch.device("cpu"))
+    assert set(probs) == {"fused", "branch_ct", "branch_mr"}
+    assert torch.equal(method.ensemble(probs), probs["fused"])
+    branch_mean = (probs["branch_ct"] + probs["branch_mr"]) / 2
+    assert not torch.allclose(probs["fused"], branch_mean, atol=1e-3)
+    # With a modality missing, a model trained without dropout never feeds the fusion: mean of what is there.
+    one = predict_probabilities(method, item["image"][:1], ["ct"], torch.device("cpu"))
+    assert set(one) == {"branch_ct"}
+    assert torch.equal(method.ensemble(one), one["branch_ct"])
+
+
+def test_cmc_predicts_with_either_modality(paired_spec: DatasetSpec):
+    torch.manual_seed(0)
+    method = tiny_method("cmc", paired_spec, "ct", ["mr"])
+    item = LoadCased(["ct", "mr"], method.plan, method.task.label_values)({"case": paired_spec.cases[0]})
+    both = predict_probabilities(method, item["image"], ["ct", "mr"], torch.device("cpu"))
+    assert set(both) == {"decoder_a", "decoder_b"}
+    np.testing.assert_allclose(method.ensemble(both).numpy(), ((both["decoder_a"] + both["decoder_b"]) / 2).numpy(),
+                               atol=1e-6)
+    assert set(predict_probabilities(method, item["image"][1:], ["mr"], torch.device("cpu"))) == {"decoder_b"}
+
+
+# ---- every network is trained --------------------------------------------------------------------------------
+def one_step(method, items: dict[str, list[dict]], progress: float) -> dict[str, float]:
+    method.train_mode(True)
+    ctx = StepContext(torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False))
+    ctx.progress = progress
+    batch = next(method.batches(items, seed=0, device=torch.device("cpu")))
+    return method.training_step(batch, ctx)
+
+
+def snapshot(method) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": v.detach().clone() for n, net in method.nets.items() for k, v in net.state_dict().items()
+            if v.dtype.is_floating_point}
+
+
+def changed_networks(before: dict, method) -> set[str]:
+    after = snapshot(method)
+    return {key.split(".")[0] for key in before if not torch.equal(before[key], after[key])}
+
+
+def load_items(method, spec: DatasetSpec) -> dict[str, list[dict]]:
+    items = {}
+    for name, stream in method.streams(spec).items():
+        loader = LoadCased(stream.modalities, method.plan, method.task.label_values, use_label=stream.labelled)
+        items[name] = [loader({"case": c}) for c in stream.cases[:2]]
+    return items
+
+
+@pytest.mark.parametrize("name,hparams,expected", [
+    ("mkd", {"iam": "cyclegan"}, {"seg_target", "seg_assistant", "g_a2t", "g_t2a", "d_target", "d_assistant"}),
+    ("maml", {"kd_weight": 1.0, "modality_dropout": 0.5}, {"branch_ct", "branch_mr", "fusion"}),
+    ("cmc", {}, {"cmc"}),
+])
+def test_one_step_trains_every_network(paired_spec: DatasetSpec, name: str, hparams: dict, expected: set):
+    torch.manual_seed(0)
+    method = tiny_method(name, paired_spec, "ct", ["mr"], **hparams)
+    items = load_items(method, paired_spec)
+    before = snapshot(method)
+    logs = one_step(method, items, progress=0.9)
+    assert changed_networks(before, method) == expected
+    assert all(np.isfinite(v) for v in logs.values())
+
+
+def test_cmc_consistency_terms_switch_on_after_warm_up(paired_spec: DatasetSpec):
+    torch.manual_seed(0)
+    method = tiny_method("cmc", paired_spec, "ct", ["mr"])
+    assert method.consistency_weight(0.1) == 0.0
+    assert 0 < method.consistency_weight(0.5) < method.consistency_weight(0.9) < method.consistency_weight(1.0) == 1.0
+    items = load_items(method, paired_spec)
+    items["unlabelled"] = [LoadCased(["ct", "mr"], method.plan, method.task.label_values, use_label=False)(
+        {"case": paired_spec.cases[3]})]
+    assert "csc" not in one_step(method, items, progress=0.1)
+    logs = one_step(method, items, progress=0.9)
+    assert logs["csc"] > 0 and 0 <= logs["cac"] <= 1
+    # The channel attention's gamma starts at 0 and only moves when gradient reaches it through the bottleneck.
+    gammas = [p for n, p in method.nets["cmc"].named_parameters() if "gamma" in n]
+    assert gammas and all(g.grad is not None and float(g.grad.abs().sum()) > 0 for g in gammas)
+
+
+def test_cli_predict_members_and_uncertainty_for_an_ensemble(paired, tmp_path: Path):
+    dataset, test = paired
+    config = TrainConfig(method="mkd", target="ct", assistants=["mr"], epochs=1, iterations_per_epoch=2,
+                         device="cpu", hparams={"iam": "none"})
+    model = train(dataset, tmp_path / "m", config)
+    case = test.cases[0]
+    run = subprocess.run([sys.executable, "-m", "crossmodalseg.cli", "predict", str(model), "--image",
+                          f"ct={case.images['ct']}", "--out", str(tmp_path / "p"), "--members", "--uncertainty",
+                          "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    names = sorted(p.name for p in (tmp_path / "p").iterdir())
+    assert names == ["segmentation.json", "segmentation.nii.gz", "segmentation_disagreement.nii.gz",
+                     "segmentation_member_seg_assistant.nii.gz", "segmentation_member_seg_target.nii.gz"]
+    report = json.loads((tmp_path / "p" / "segmentation.json").read_text())
+    pair = report["member_agreement"]["seg_target~seg_assistant"]
+    assert set(pair) == {"liver", "kidney", "spleen"}
+    disagreement = to_array(read_image(tmp_path / "p" / "segmentation_disagreement.nii.gz"))
+    assert disagreement.min() >= 0 and disagreement.max() > 0  # two barely trained members do disagree
