@@ -58,10 +58,6 @@ class Geometry:
         return image
 
 
-def is_image_path(path: Path) -> bool:
-    return str(path).lower().endswith(IMAGE_SUFFIXES)
-
-
 def read_image(path: str | Path, require_3d: bool = True) -> sitk.Image:
     """Reads a 3D image; raises ImageError for missing, unreadable, non-3D or multi-component files."""
     path = Path(path)

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 
@@ -103,7 +102,3 @@ def format_table(results: dict[str, Any]) -> str:
         cells = [f"{fmt(metrics[n]['dice'], 3)} | {fmt(metrics[n]['hd95'], 1)}" for n in names]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def label_image_indices(image: sitk.Image, label_values: Sequence[int]) -> np.ndarray:
-    return values_to_indices(to_array(image, np.float64), label_values)

@@ -4,8 +4,8 @@ GPU); the result is mapped back onto the target input's own grid and written wit
 from __future__ import annotations
 
 import itertools
-import json
 import time
+from contextlib import nullcontext
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +49,7 @@ def predict_probabilities(method: Method, image: np.ndarray | torch.Tensor, avai
     num_classes = method.task.num_classes
 
     def window(patch: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else _null():
+        with torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
             logits = method.member_logits(patch, available)
         names[:] = list(logits)
         return torch.cat([logits[n].float() for n in logits], dim=1)
@@ -66,14 +66,6 @@ def predict_probabilities(method: Method, image: np.ndarray | torch.Tensor, avai
         total = probs if total is None else total + probs
     total = (total / len(mirror_axes(tta)))[0].cpu()
     return {name: total[i * num_classes:(i + 1) * num_classes] for i, name in enumerate(names)}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def mutual_information(member_probs: Sequence[torch.Tensor], eps: float = 1e-8) -> torch.Tensor:
@@ -191,8 +183,3 @@ def back_to_grid(probabilities: torch.Tensor, grid: Geometry, output: Geometry) 
     stack = np.stack(resampled)
     stack[0] += (stack.sum(0) < 1e-3)
     return stack.argmax(0).astype(np.int64)
-
-
-def model_summary(model_dir: Path) -> str:
-    meta = read_model_meta(model_dir)
-    return json.dumps({k: meta[k] for k in ("method", "task") if k in meta}, indent=2)

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -174,7 +173,3 @@ class Method(ABC):
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "hparams": self.hparams, "members": self.members(),
                 "input_modalities": self.input_modalities(), "networks": self.network_configs()}
-
-
-def seeded_generator(seed: int) -> np.random.Generator:
-    return np.random.default_rng(seed)
