@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--members", action="store_true", help="also write each member's label map")
     p.add_argument("--uncertainty", action="store_true", help="also write the member disagreement map")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
+    p.add_argument("--format", choices=["nii.gz", "nrrd"], default="nii.gz", help="output image format")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     p = sub.add_parser("evaluate", help="Dice and HD95 per structure on a labelled dataset")
@@ -85,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo_output"))
     p.add_argument("--minutes", type=float, default=2.5, help="training budget")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    p = sub.add_parser("serve", help="run the HTTP service (FastAPI on uvicorn)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback needs a token")
+    p.add_argument("--port", type=int, default=8765, help="0 picks a free port (printed on stdout)")
+    p.add_argument("--home", type=Path, default=Path.home() / ".crossmodalseg",
+                   help="the service's folder: database, images, models")
+    p.add_argument("--token-file", type=Path,
+                   help="file holding the access token (default: $CROSSMODALSEG_TOKEN; none = no token)")
+    p.add_argument("--max-upload-mb", type=float, default=2048)
 
     sub.add_parser("info", help="version, devices and methods")
     return parser
@@ -128,7 +138,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         predictor = Predictor(args.model, device=args.device, tta=args.tta)
         result = predictor.predict(dict(args.image), members=args.members, uncertainty=args.uncertainty)
-        for kind, path in result.save(args.out).items():
+        for kind, path in result.save(args.out, suffix="." + args.format).items():
             print(f"{kind}: {path}")
         return 0
     if args.command == "evaluate":
@@ -141,6 +151,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .demo import run_demo
 
         run_demo(args.out, minutes=args.minutes, device=args.device)
+        return 0
+    if args.command == "serve":
+        import os
+
+        from .service.app import serve
+
+        token = args.token_file.read_text().strip() if args.token_file else os.environ.get("CROSSMODALSEG_TOKEN")
+        serve(args.home, args.host, args.port, token or None, int(args.max_upload_mb * 2**20))
         return 0
     if args.command == "info":
         import torch

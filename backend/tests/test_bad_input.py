@@ -97,6 +97,16 @@ def test_train_refuses_corrupt_files(tmp_path: Path):
     assert_clean_error(cli(*train_args(root, tmp_path / "m")), "c0_ct.nii.gz", "not a readable image")
 
 
+def test_a_truncated_compressed_image_is_refused_not_zero_filled(tmp_path: Path):
+    from crossmodalseg.data.io import ImageError, read_image
+
+    path = write_image(tmp_path / "ct.nii.gz", np.random.default_rng(0).normal(size=(20, 30, 40)).astype(np.float32))
+    read_image(path)  # the whole file reads
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])  # a copy cut short
+    with pytest.raises(ImageError, match="truncated"):
+        read_image(path)
+
+
 def test_train_refuses_empty_and_malformed_datasets(tmp_path: Path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -63,6 +63,8 @@ def read_image(path: str | Path, require_3d: bool = True) -> sitk.Image:
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: file not found")
+    if path.name.lower().endswith(".gz"):
+        check_gzip_complete(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as e:
@@ -72,6 +74,21 @@ def read_image(path: str | Path, require_3d: bool = True) -> sitk.Image:
     if require_3d:
         check_3d(image, path)
     return image
+
+
+def check_gzip_complete(path: Path) -> None:
+    """ITK reads a truncated .nii.gz without complaint (the missing voxels come back as zeros): decompress the whole
+    stream once so that a cut-off download or copy is refused."""
+    import gzip
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 22):
+                pass
+    except (EOFError, OSError, zlib.error) as e:
+        raise ImageError(f"{path}: not a readable image: corrupt or truncated gzip file ({e}); copy or "
+                         f"download it again") from None
 
 
 def check_3d(image: sitk.Image, name: str | Path = "image") -> None:

@@ -95,13 +95,15 @@ class PredictionResult:
     member_agreement: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
-    def save(self, out_dir: Path, stem: str = "segmentation") -> dict[str, Path]:
+    def save(self, out_dir: Path, stem: str = "segmentation", suffix: str = ".nii.gz") -> dict[str, Path]:
+        """Writes the label map, members and disagreement map (`suffix` ".nrrd" keeps the geometry in double
+        precision; NIfTI stores it in single precision)."""
         out_dir = Path(out_dir)
-        paths = {"label": write_image(self.label, out_dir / f"{stem}.nii.gz")}
+        paths = {"label": write_image(self.label, out_dir / f"{stem}{suffix}")}
         for name, image in self.members.items():
-            paths[f"member:{name}"] = write_image(image, out_dir / f"{stem}_member_{name}.nii.gz")
+            paths[f"member:{name}"] = write_image(image, out_dir / f"{stem}_member_{name}{suffix}")
         if self.disagreement is not None:
-            paths["disagreement"] = write_image(self.disagreement, out_dir / f"{stem}_disagreement.nii.gz")
+            paths["disagreement"] = write_image(self.disagreement, out_dir / f"{stem}_disagreement{suffix}")
         if self.member_agreement or self.info:
             from ..data.spec import write_json_atomic
 

@@ -8,6 +8,7 @@ Everything the run decided is written to `run.json` before the first step, so --
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -241,6 +242,9 @@ class Trainer:
                          world_size=self.dist.world_size, train_cases={k: len(v) for k, v in items.items()},
                          val_cases=val_ids, val_on=val_on, resumed_from=start_epoch or None)
 
+        if os.environ.get("CROSSMODALSEG_FAKE_OOM_DATASET") == self.spec.name:
+            # Test hook: stands in for a real GPU out-of-memory error where no GPU is (CI), to test the error path.
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated by CROSSMODALSEG_FAKE_OOM_DATASET)")
         started = time.time()
         epoch = start_epoch
         last_dice: dict[str, Any] = {}

@@ -1,0 +1,103 @@
+"""Uploaded files are checked before anything is stored: size, format (by content, not by name), a readable 3D
+image, finite voxels; labels also integer values that the dataset names and the geometry of their image."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..data.io import Geometry, ImageError, read_image, write_image
+
+STORED_SUFFIX = ".nrrd"  # NRRD keeps spacing, origin and direction in double precision (NIfTI's sform is float32)
+
+
+class UploadError(ValueError):
+    """An upload that is refused; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+def sniff_suffix(head: bytes) -> str:
+    """The image format from the first bytes of a file."""
+    if head[:2] == b"\x1f\x8b":
+        return ".nii.gz"
+    if head[:4] == b"NRRD":
+        return ".nrrd"
+    if head[:10] == b"ObjectType" or head[:5] == b"NDims":
+        return ".mha"
+    if len(head) >= 4 and {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")} & {348, 540}:
+        return ".nii"
+    raise UploadError("not an image file this server reads: upload NIfTI (.nii, .nii.gz), NRRD (.nrrd, with the "
+                      "data in the same file) or MetaImage (.mha)", status=415)
+
+
+async def receive(chunks: AsyncIterator[bytes], tmp_dir: Path, limit_bytes: int) -> Path:
+    """Streams a request body into a temporary file (named by its sniffed format), refusing it past `limit_bytes`."""
+    fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload.", suffix=".part")
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > limit_bytes:
+                    raise UploadError(f"upload larger than the server's limit of {limit_bytes / 2**20:.0f} MiB "
+                                      f"(start the server with a larger --max-upload-mb)", status=413)
+                f.write(chunk)
+        if size == 0:
+            raise UploadError("empty upload: send the image file as the request body", status=400)
+        with open(name, "rb") as f:
+            suffix = sniff_suffix(f.read(16))
+        path = Path(name).with_suffix(suffix)
+        os.replace(name, path)
+        return path
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+
+
+def load_checked(path: Path, kind: str, label_values: list[int] | None = None) -> sitk.Image:
+    """The uploaded file as a 3D image; ImageError/UploadError with the reason when it is not acceptable."""
+    try:
+        image = read_image(path)
+    except ImageError as e:
+        raise UploadError(str(e).replace(str(path), "uploaded file")) from None
+    array = sitk.GetArrayViewFromImage(image)
+    if kind == "image":
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise UploadError("the image holds NaN or infinite voxels; fix or mask them before uploading")
+        return image
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or not np.array_equal(array, np.round(array)):
+            raise UploadError("a label map must hold integer values (this one has fractions, NaN or Inf)")
+    values = set(np.unique(array).astype(np.int64).tolist())
+    unknown = sorted(values - set(label_values or []))
+    if unknown:
+        raise UploadError(f"label values {unknown[:10]} are not in the dataset's labels {label_values}; map them to "
+                          f"the dataset's structures first")
+    return image
+
+
+def check_same_grid(label: sitk.Image | Geometry, image: sitk.Image | Geometry, what: str) -> None:
+    a = label if isinstance(label, Geometry) else Geometry.of(label)
+    b = image if isinstance(image, Geometry) else Geometry.of(image)
+    if not a.matches(b):
+        raise UploadError(f"{what}: the label's grid ({a.describe()}) differs from its image's ({b.describe()}); "
+                          f"a label must lie on the grid of the image it was drawn on")
+
+
+def store_image(image: sitk.Image, destination: Path) -> tuple[Path, str]:
+    """Writes the image (atomically) in the stored format; returns the path and its sha256."""
+    path = write_image(image, destination.with_name(destination.name + STORED_SUFFIX))
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return path, digest.hexdigest()

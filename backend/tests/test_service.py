@@ -1,0 +1,383 @@
+"""The HTTP service, against a real `crossmodalseg serve` (uvicorn) on 127.0.0.1 in a subprocess: the full
+correct-and-retrain loop, concurrency, cancel and queueing, kill -9 at any moment, security and bad requests."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from crossmodalseg.data.phantom import make_phantom_dataset
+from crossmodalseg.engine.inferer import Predictor
+
+from .service_harness import Server, group_processes, read_zip_images, same_geometry, voxels
+
+SIZE, SPACING = (40, 40, 24), (4.5, 4.5, 6.0)
+# An oblique, flipped grid: the service must keep it exactly.
+_c, _s = np.cos(np.pi / 7), np.sin(np.pi / 7)
+DIRECTION = tuple(float(v) for v in np.array([[_c, -_s, 0], [_s, _c, 0], [0, 0, -1]]).ravel())
+TINY_TRAINING = {"epochs": 3, "iterations_per_epoch": 10, "val_every": 3}
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """6 paired CT+MR phantom cases (5 to train, 1 to segment) on an oblique grid."""
+    spec = make_phantom_dataset(tmp_path_factory.mktemp("svc-data"), n_cases=6, seed=11, size=SIZE, spacing=SPACING,
+                                direction=DIRECTION)
+    return spec.cases
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("svc") / "home", max_upload_mb=24).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def trained(server: Server, cases) -> dict:
+    """Dataset `loop` with 5 labelled CT+MR cases and the 6th unlabelled, and a tiny model trained on it."""
+    server.create_dataset("loop")
+    for case in cases[:5]:
+        server.upload_case("loop", case)
+    server.upload_case("loop", cases[5], labels=False)
+    job = server.submit(kind="train", dataset="loop", method="single", target="ct", assistants=["mr"],
+                        name="first", **TINY_TRAINING)
+    done = server.wait(job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    return {"job": done, "model": done["model"]}
+
+
+def in_process_prediction(server: Server, model_id: str, images: dict[str, Path]) -> sitk.Image:
+    return Predictor(server.home / "models" / model_id, device="cpu").predict(images).label
+
+
+def test_full_loop_upload_train_predict_correct_finetune(server: Server, cases, trained, tmp_path: Path):
+    client, model_id, new_case = server.client, trained["model"], cases[5]
+    job = trained["job"]
+    # Progress was reported epoch by epoch, and the model is described.
+    events = server.events(job["id"])
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2, 3]
+    assert job["progress"]["fraction"] == 1.0 and job["progress"]["metrics"]["val_dice"]
+    model = client.get(f"/models/{model_id}").json()
+    assert model["state"] == "ready" and model["method"] == "single" and set(model["modalities"]) == {"ct", "mr"}
+
+    # Synchronous prediction: exactly what the engine predicts in-process, on the input's own (oblique) grid.
+    images = {m: new_case.images[m] for m in ("ct", "mr")}
+    answer = server.predict(model_id, images, members=True, uncertainty=True)
+    label = answer["segmentation.nrrd"]
+    reference = in_process_prediction(server, model_id, images)
+    assert np.array_equal(voxels(label), voxels(reference))
+    assert same_geometry(label, sitk.ReadImage(str(new_case.images["ct"])))
+    assert {"segmentation_disagreement.nrrd"} <= set(answer) and any("member" in n for n in answer)
+    assert set(np.unique(voxels(label))) <= {0, 1, 2, 3}
+
+    # A predict job on the stored case keeps the model's output as the case's `original` label.
+    pj = server.wait(server.submit(kind="predict", model=model_id, dataset="loop", case=new_case.id)["id"])
+    assert pj["state"] == "succeeded", pj["error"]
+    r = client.get(f"/datasets/loop/cases/{new_case.id}/labels/ct", params={"tag": "original"})
+    stored = tmp_path / "original.nrrd"
+    stored.write_bytes(r.content)
+    assert np.array_equal(voxels(sitk.ReadImage(str(stored))), voxels(reference))
+
+    # The clinician's correction goes back as `final`, and fine-tuning starts from the first model.
+    r = client.put(f"/datasets/loop/cases/{new_case.id}/labels/ct", params={"tag": "final"},
+                   content=new_case.labels["ct"].read_bytes())
+    assert r.status_code == 201, r.text
+    tags = client.get("/datasets/loop").json()["cases"][5]["labels"]["ct"]
+    assert set(tags) == {"original", "final"}
+    fj = server.wait(server.submit(kind="finetune", dataset="loop", model=model_id, epochs=2,
+                                   iterations_per_epoch=5)["id"])
+    assert fj["state"] == "succeeded", fj["error"]
+    snapshot = json.loads((server.home / "jobs" / fj["id"] / "dataset" / "dataset.json").read_text())
+    corrected = next(c for c in snapshot["cases"] if c["id"] == new_case.id)
+    assert corrected["labels"]["ct"].endswith("label_ct_final.nrrd")  # the correction trains; `original` never
+    tuned = client.get(f"/models/{fj['model']}").json()
+    assert tuned["state"] == "ready" and tuned["training"]["init_from"].endswith(model_id)
+    second = server.predict(fj["model"], images)["segmentation.nrrd"]
+    assert same_geometry(second, label)
+    assert np.array_equal(voxels(second), voxels(in_process_prediction(server, fj["model"], images)))
+
+    # Export and import: the imported copy predicts the same.
+    archive = client.get(f"/models/{fj['model']}/archive")
+    assert archive.status_code == 200
+    names = zipfile.ZipFile(io.BytesIO(archive.content)).namelist()
+    assert "model.json" in names and all(n == "model.json" or n.endswith(".safetensors") for n in names)
+    r = client.post("/models", content=archive.content, params={"name": "copy"})
+    assert r.status_code == 201, r.text
+    copy = server.predict(r.json()["id"], images)["segmentation.nrrd"]
+    assert np.array_equal(voxels(copy), voxels(second))
+
+
+def test_twenty_concurrent_predictions_are_all_answered_correctly(server: Server, cases, trained):
+    inputs = [{m: cases[i].images[m] for m in ("ct", "mr")} for i in (3, 4, 5)]
+    expected = [voxels(in_process_prediction(server, trained["model"], images)) for images in inputs]
+    results: dict[int, np.ndarray | Exception] = {}
+
+    def ask(k: int) -> None:
+        try:
+            results[k] = voxels(server.predict(trained["model"], inputs[k % 3])["segmentation.nrrd"])
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            results[k] = e
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert len(results) == 20
+    for k, got in results.items():
+        assert not isinstance(got, Exception), got
+        assert np.array_equal(got, expected[k % 3]), f"request {k} got another case's answer"
+
+
+def test_one_job_per_device_the_rest_queue_and_cancel_ends_the_whole_process_tree(server: Server, trained):
+    long = {**TINY_TRAINING, "epochs": 500}
+    first = server.submit(kind="train", dataset="loop", method="single", target="ct", **long)
+    second = server.submit(kind="train", dataset="loop", method="single", target="ct", **long)
+    running = server.wait(first["id"], until=lambda j: j["progress"]["epoch"])
+    assert running["state"] == "running"
+    pgid = _pgid(server, first["id"])
+    assert group_processes(pgid), "the worker should be running"
+    assert server.client.get(f"/jobs/{second['id']}").json()["state"] == "queued"  # one CPU: it waits
+
+    r = server.client.delete(f"/jobs/{first['id']}")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    assert group_processes(pgid) == []
+    assert server.client.get(f"/models/{first['model']}").json()["state"] == "cancelled"
+    started = server.wait(second["id"], states=("running", "failed", "succeeded"))
+    assert started["state"] == "running", started["error"]
+    assert server.client.delete(f"/jobs/{second['id']}").json()["state"] == "cancelled"
+    assert server.client.delete(f"/jobs/{second['id']}").status_code == 409  # already finished
+
+
+def _pgid(server: Server, job_id: str) -> int:
+    import sqlite3
+
+    with sqlite3.connect(server.home / "store.db") as db:
+        return db.execute("SELECT pgid FROM jobs WHERE id=?", (job_id,)).fetchone()[0]
+
+
+def test_kill9_during_training_loses_nothing_and_the_job_resumes(tmp_path: Path, cases):
+    home = tmp_path / "home"
+    srv = Server(home).start()
+    try:
+        srv.create_dataset("d")
+        for case in cases[:4]:
+            srv.upload_case("d", case)
+        acknowledged = srv.client.get("/datasets/d").json()
+        job = srv.submit(kind="train", dataset="d", method="single", target="ct", epochs=6, iterations_per_epoch=8,
+                         val_every=6)
+        srv.wait(job["id"], until=lambda j: (j["progress"]["epoch"] or 0) >= 2)
+        pgid = _pgid(srv, job["id"])
+        srv.kill9()
+        deadline = time.time() + 10
+        while group_processes(pgid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert group_processes(pgid) == [], "the worker must not train on without its server"
+
+        srv = Server(home).start()
+        assert srv.client.get("/datasets/d").json() == acknowledged
+        interrupted = srv.client.get(f"/jobs/{job['id']}").json()
+        assert interrupted["state"] == "interrupted" and "resume" in interrupted["error"]
+        r = srv.client.post(f"/jobs/{job['id']}/resume")
+        assert r.status_code == 200, r.text
+        done = srv.wait(job["id"])
+        assert done["state"] == "succeeded", done["error"]
+        events = srv.events(job["id"])
+        resumed_from = next(e["epoch"] for e in events if e["event"] == "resumed")
+        assert resumed_from >= 2  # continued from its checkpoint, not from scratch
+        epochs_after = [e["epoch"] for e in events[events.index(next(e for e in events if e["event"] == "resumed")):]
+                        if e["event"] == "epoch"]
+        assert epochs_after == list(range(resumed_from + 1, 7))
+        assert srv.client.get(f"/models/{done['model']}").json()["state"] == "ready"
+    finally:
+        srv.stop()
+
+
+def test_kill9_during_uploads_keeps_every_acknowledged_file(tmp_path: Path, cases):
+    home = tmp_path / "home"
+    srv = Server(home).start()
+    acknowledged: dict[tuple[str, str], str] = {}
+    stop = threading.Event()
+
+    def upload_forever() -> None:
+        k = 0
+        while not stop.is_set():
+            case = cases[k % len(cases)]
+            case_id = f"c{k:03d}"
+            try:
+                r = srv.client.put(f"/datasets/d/cases/{case_id}/images/ct", content=case.images["ct"].read_bytes())
+            except Exception:  # noqa: BLE001 - the server is being killed
+                return
+            if r.status_code == 201:
+                acknowledged[(case_id, "ct")] = r.json()["sha256"]
+            k += 1
+
+    try:
+        srv.create_dataset("d")
+        uploader = threading.Thread(target=upload_forever)
+        uploader.start()
+        while len(acknowledged) < 8:
+            time.sleep(0.05)
+        srv.kill9()
+        stop.set()
+        uploader.join(30)
+        srv = Server(home).start()
+        stored = srv.client.get("/datasets/d").json()["cases"]
+        found = {(c["id"], "ct"): c["images"]["ct"]["sha256"] for c in stored}
+        for key, sha in acknowledged.items():
+            assert found.get(key) == sha, f"acknowledged upload {key} lost or altered"
+        for key in found:  # and what is stored reads back as an image with the recorded checksum
+            r = srv.client.get(f"/datasets/d/cases/{key[0]}/images/ct")
+            assert r.status_code == 200
+    finally:
+        stop.set()
+        srv.stop()
+
+
+def _state(server: Server) -> tuple:
+    client = server.client
+    files = sorted(str(p.relative_to(server.home)) for p in (server.home / "datasets").rglob("*"))
+    models = sorted(p.name for p in (server.home / "models").iterdir())
+    return (client.get("/datasets").json(), [client.get(f"/datasets/{d['id']}").json() for d in
+                                             client.get("/datasets").json()],
+            client.get("/models").json(), len(client.get("/jobs").json()), files, models)
+
+
+def test_bad_requests_get_a_clear_4xx_and_change_nothing(server: Server, trained, cases, tmp_path: Path):
+    client = server.client
+    ct = cases[0].images["ct"].read_bytes()
+    two_d = tmp_path / "slice.nrrd"
+    sitk.WriteImage(sitk.Image(16, 16, sitk.sitkInt16), str(two_d))
+    nan_image = sitk.GetImageFromArray(np.full((4, 5, 6), np.nan, np.float32))
+    sitk.WriteImage(nan_image, str(tmp_path / "nan.nrrd"))
+    odd_label = sitk.ReadImage(str(cases[1].labels["ct"]))
+    odd_label = sitk.Cast(odd_label, sitk.sitkUInt8) * 0 + 7
+    sitk.WriteImage(odd_label, str(tmp_path / "odd.nrrd"))
+    shifted = sitk.ReadImage(str(cases[1].labels["ct"]))
+    shifted.SetOrigin([o + 10 for o in shifted.GetOrigin()])
+    sitk.WriteImage(shifted, str(tmp_path / "shifted.nrrd"))
+    evil_zip = io.BytesIO()
+    with zipfile.ZipFile(evil_zip, "w") as z:
+        z.writestr("model.json", "{}")
+        z.writestr("../../evil.py", "print('x')")
+    pickle_zip = io.BytesIO()
+    with zipfile.ZipFile(pickle_zip, "w") as z:
+        z.writestr("model.json", "{}")
+        z.writestr("weights.pt", b"\x80\x04")
+
+    before = _state(server)
+    m = trained["model"]
+    requests = [
+        ("GET", "/datasets/nope", {}, 404, "no dataset"),
+        ("GET", "/jobs/nope", {}, 404, "no job"),
+        ("GET", "/models/nope", {}, 404, "no model"),
+        ("PUT", "/datasets/nope/cases/c/images/ct", {"content": ct}, 404, "no dataset"),
+        ("PUT", "/datasets/loop/cases/c/images/pet", {"content": ct}, 404, "no modality"),
+        ("PUT", "/datasets/loop/cases/%2E%2E/images/ct", {"content": ct}, 400, "invalid case id"),
+        ("PUT", "/datasets/loop/cases/..%2F..%2Fetc/images/ct", {"content": ct}, 404, ""),
+        ("GET", "/datasets/loop/cases/%2E%2E/images/ct", {}, 400, "invalid case id"),
+        ("GET", f"/jobs/{trained['job']['id']}/files/%2E%2E", {}, 400, "invalid file name"),
+        ("PUT", "/datasets/loop/cases/c/images/ct", {"content": b"not an image at all" * 10}, 415, "not an image"),
+        ("PUT", "/datasets/loop/cases/c/images/ct", {"content": ct[: len(ct) // 2]}, 422, "truncated"),
+        ("PUT", "/datasets/loop/cases/c/images/ct", {"content": b""}, 400, "empty upload"),
+        ("PUT", "/datasets/loop/cases/c/images/ct", {"content": two_d.read_bytes()}, 422, "2D image"),
+        ("PUT", "/datasets/loop/cases/c/images/ct", {"content": (tmp_path / "nan.nrrd").read_bytes()}, 422, "NaN"),
+        ("PUT", "/datasets/loop/cases/c/images/ct", {"content": b"\x1f\x8b" + bytes(25 * 2**20)}, 413, "limit"),
+        ("PUT", "/datasets/loop/cases/c/labels/ct", {"content": cases[1].labels["ct"].read_bytes()}, 422,
+         "upload the image before"),
+        ("PUT", f"/datasets/loop/cases/{cases[1].id}/labels/ct", {"content": (tmp_path / "odd.nrrd").read_bytes()},
+         422, "label values [7]"),
+        ("PUT", f"/datasets/loop/cases/{cases[1].id}/labels/ct",
+         {"content": (tmp_path / "shifted.nrrd").read_bytes()}, 422, "differs from its image"),
+        ("PUT", f"/datasets/loop/cases/{cases[1].id}/labels/ct", {"content": b"x", "params": {"tag": "mine"}}, 422,
+         ""),
+        ("POST", "/datasets", {"json": {"name": "x", "labels": {"liver": 1}, "modalities": {"ct": "PET"}}}, 422,
+         "background"),
+        ("POST", "/datasets", {"json": {"id": "loop", "name": "x", "labels": {"background": 0},
+                                        "modalities": {"ct": "CT"}}}, 409, "already exists"),
+        ("POST", "/jobs", {"json": {"kind": "train", "dataset": "loop", "method": "magic", "target": "ct"}}, 400,
+         "unknown method"),
+        ("POST", "/jobs", {"json": {"kind": "train", "dataset": "loop", "method": "single", "target": "pet"}}, 400,
+         "modality 'pet'"),
+        ("POST", "/jobs", {"json": {"kind": "predict", "model": m, "dataset": "loop", "case": "nope"}}, 400,
+         "none of the model's modalities"),
+        ("POST", "/jobs/nope/resume", {}, 404, "no job"),
+        ("POST", "/models", {"content": b"PK not really"}, 422, "not a zip"),
+        ("POST", "/models", {"content": evil_zip.getvalue()}, 422, "only model.json"),
+        ("POST", "/models", {"content": pickle_zip.getvalue()}, 422, "only model.json"),
+        ("POST", "/predict", {"data": {"model": m}, "files": {"pet": ("x.nrrd", ct)}}, 400, "not one of them"),
+        ("POST", "/predict", {"data": {"model": m}, "files": {"ct": ("x.nrrd", b"garbage" * 9)}}, 415,
+         "not an image"),
+        ("POST", "/predict", {"data": {"model": "nope"}, "files": {"ct": ("x.nrrd", ct)}}, 404, "no model"),
+    ]
+    for method, path, kwargs, status, message in requests:
+        r = client.request(method, path, **kwargs)
+        assert r.status_code == status, f"{method} {path}: {r.status_code} {r.text[:300]}"
+        detail = json.dumps(r.json()["detail"])
+        assert message.lower() in detail.lower(), f"{method} {path}: {detail}"
+    assert _state(server) == before
+    assert not list((server.home / "tmp").glob("upload.*")), "refused uploads must not leave files behind"
+
+
+def test_token_is_required_on_every_request_when_set(tmp_path: Path):
+    srv = Server(tmp_path / "home", token="s3cret-token").start()
+    try:
+        import httpx
+
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
+            for method, path in (("GET", "/health"), ("GET", "/datasets"), ("POST", "/datasets")):
+                r = httpx.request(method, srv.url + path, headers=headers, json={})
+                assert r.status_code == 401 and "token" in r.json()["detail"]
+        assert srv.client.get("/datasets").status_code == 200
+        assert srv.client.get("/datasets").json() == []
+    finally:
+        srv.stop()
+
+
+def test_refuses_a_public_address_without_a_token(tmp_path: Path):
+    run = subprocess.run([sys.executable, "-m", "crossmodalseg.cli", "serve", "--host", "0.0.0.0", "--port", "0",
+                          "--home", str(tmp_path / "home")], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "CROSSMODALSEG_TOKEN": ""})
+    assert run.returncode == 2
+    assert "without a token" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_gpu_out_of_memory_is_a_clear_job_error_and_the_server_goes_on(tmp_path: Path, cases):
+    # No GPU here: the trainer's test hook raises torch.cuda.OutOfMemoryError for the dataset named below, where a
+    # real GPU would run out of memory. Everything around it (worker, error path, server) is the real one.
+    srv = Server(tmp_path / "home", env={"CROSSMODALSEG_FAKE_OOM_DATASET": "oom"}).start()
+    try:
+        for name in ("oom", "fine"):
+            srv.create_dataset(name)
+            for case in cases[:2]:
+                srv.upload_case(name, case)
+        failed = srv.wait(srv.submit(kind="train", dataset="oom", method="single", target="ct", epochs=1,
+                                     iterations_per_epoch=2)["id"])
+        assert failed["state"] == "failed"
+        assert "out of memory" in failed["error"] and "--preset fast" in failed["error"]
+        ok = srv.wait(srv.submit(kind="train", dataset="fine", method="single", target="ct", epochs=1,
+                                 iterations_per_epoch=2)["id"])
+        assert ok["state"] == "succeeded", ok["error"]
+    finally:
+        srv.stop()
+
+
+def test_a_training_job_runs_under_torchrun_with_two_processes(server: Server, trained):
+    job = server.wait(server.submit(kind="train", dataset="loop", method="single", target="ct", epochs=2,
+                                    iterations_per_epoch=4, processes=2)["id"])
+    assert job["state"] == "succeeded", job["error"]
+    start = next(e for e in server.events(job["id"]) if e["event"] == "start")
+    assert start["world_size"] == 2
+    model = server.client.get(f"/models/{job['model']}").json()
+    assert model["state"] == "ready"
