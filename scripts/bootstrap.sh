@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the project's virtual environment in .venv and installs the pinned dependencies.
 # torch goes first and pinned, so that pip takes the CPU wheel instead of pulling the CUDA stack.
+# `--testing` also installs what the Slicer module's tests need (Testing/requirements.txt).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 py="${PYTHON:-python3}"
+files=("$root/backend/requirements.txt" "$root/backend/pyproject.toml" "$root/scripts/bootstrap.sh")
 stamp="$venv/.crossmodalseg-installed"
-want="$(cat "$root/backend/requirements.txt" "$root/backend/pyproject.toml" "$root/scripts/bootstrap.sh" | sha256sum | cut -d' ' -f1)"
+if [ "${1:-}" = "--testing" ]; then
+  files+=("$root/Testing/requirements.txt")
+  stamp="$stamp-testing"
+fi
+want="$(cat "${files[@]}" | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -18,8 +24,11 @@ install() {
   "$venv/bin/python" -m pip install torch==2.13.0
   "$venv/bin/python" -m pip install -r "$root/backend/requirements.txt"
   "$venv/bin/python" -m pip install --no-deps -e "$root/backend"
+  if [ "${1:-}" = "--testing" ]; then
+    "$venv/bin/python" -m pip install -r "$root/Testing/requirements.txt"
+  fi
 }
-if ! install >"$log" 2>&1; then
+if ! install "${1:-}" >"$log" 2>&1; then
   tail -n 40 "$log" >&2
   echo "[bootstrap] installation failed (full log: $log)" >&2
   exit 1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite (CPU only): installs what it needs, then runs pytest.
+# The whole test suite (CPU only): the backend's tests and the Slicer module's tests. Installs what they need first.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-"$root/scripts/bootstrap.sh"
+"$root/scripts/bootstrap.sh" --testing
 cd "$root"
-exec "$root/.venv/bin/python" -m pytest backend/tests "$@"
+exec "$root/.venv/bin/python" -m pytest backend/tests Testing/Python "$@"

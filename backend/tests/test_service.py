@@ -160,6 +160,26 @@ def test_one_job_per_device_the_rest_queue_and_cancel_ends_the_whole_process_tre
     assert server.client.delete(f"/jobs/{second['id']}").status_code == 409  # already finished
 
 
+def child_processes(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def _pgid(server: Server, job_id: str) -> int:
     import sqlite3
 
@@ -177,13 +197,21 @@ def test_kill9_during_training_loses_nothing_and_the_job_resumes(tmp_path: Path,
         acknowledged = srv.client.get("/datasets/d").json()
         job = srv.submit(kind="train", dataset="d", method="single", target="ct", epochs=6, iterations_per_epoch=8,
                          val_every=6)
+        # Checking a model archive starts the predictor process; it must die with the server too.
+        archive = io.BytesIO()
+        with zipfile.ZipFile(archive, "w") as z:
+            z.writestr("model.json", "{}")
+        assert srv.client.post("/models", content=archive.getvalue()).status_code == 422
         srv.wait(job["id"], until=lambda j: (j["progress"]["epoch"] or 0) >= 2)
         pgid = _pgid(srv, job["id"])
+        children = child_processes(srv.proc.pid)
+        assert len(children) >= 2, "the server should have a training worker and a predictor process"
         srv.kill9()
         deadline = time.time() + 10
-        while group_processes(pgid) and time.time() < deadline:
+        while any(alive(p) for p in children) and time.time() < deadline:
             time.sleep(0.1)
         assert group_processes(pgid) == [], "the worker must not train on without its server"
+        assert not [p for p in children if alive(p)], "no child of the killed server may outlive it"
 
         srv = Server(home).start()
         assert srv.client.get("/datasets/d").json() == acknowledged

@@ -455,6 +455,7 @@ def serve(home: Path, host: str = "127.0.0.1", port: int = 8765, token: str | No
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)  # clients that connect before uvicorn is up wait in the backlog instead of being refused
     bound = sock.getsockname()[1]
     app = create_app(home, token, max_upload_bytes)
     url = f"http://{host if family == socket.AF_INET else f'[{host}]'}:{bound}"

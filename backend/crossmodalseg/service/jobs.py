@@ -92,7 +92,7 @@ def processes_in_group(pgid: int) -> list[int]:
                 continue
             # Fields after the command name (which may hold spaces): state ppid pgrp ...
             fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid:
+            if int(fields[2]) == pgid and fields[0] != "Z":  # a zombie has ended; only its exit status remains
                 pids.append(int(entry.name))
     return pids
 

@@ -51,10 +51,10 @@ def validate_model_in_worker(model_dir: str) -> dict[str, Any]:
     return meta
 
 
-def _quiet_worker() -> None:
-    import torch
+def _init_worker(server_pid: int) -> None:
+    from .worker import die_with_parent
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    die_with_parent(server_pid)  # a server killed with kill -9 must not leave its predictor process behind
 
 
 class PredictorPool:
@@ -67,7 +67,7 @@ class PredictorPool:
             if self._pool is None:
                 # spawn: a clean interpreter, not a fork of the threaded web process
                 self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_quiet_worker)
+                                                 initializer=_init_worker, initargs=(os.getpid(),))
             return self._pool
 
     async def run(self, fn, *args) -> Any:

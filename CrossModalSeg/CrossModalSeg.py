@@ -1,0 +1,365 @@
+"""CrossModalSeg: cross-modality segmentation with few labels (MKD, MAML, CMC) from 3D Slicer.
+
+Module, Widget, Logic and Test, as Slicer's scripted modules have them. The Widget is thin: it reads the panel and
+calls the Qt-free logic in CrossModalSegLib, which talks to a CrossModalSeg backend over HTTP (a local one that it
+starts, or a remote GPU server). Long work runs in the backend; the panel polls it with a timer, so the application
+never blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import qt
+import slicer
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from CrossModalSegLib.client import BackendError
+from CrossModalSegLib.logic import CrossModalSegLogic as WorkflowLogic
+from CrossModalSegLib.scene import SceneError
+
+POLL_MS = 1000
+METHOD_CHOICES = ["auto", "single", "mkd", "maml", "cmc"]  # order of the method combo box
+# Slicer's own packages stay as they are: the backend must not replace them.
+SLICER_OWNED = ["SimpleITK", "requests", "numpy"]
+
+
+class CrossModalSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "CrossModalSeg"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["CrossModalSeg developers"]
+        self.parent.helpText = (
+            "Train and apply cross-modality segmentation models with few labels (MKD for unpaired CT and MR, MAML for "
+            "paired modalities, CMC for semi-supervised data) on a local or remote GPU backend; check where the "
+            "ensemble members disagree, correct with the Segment Editor and re-train. See the README of the project.")
+        self.parent.acknowledgementText = "Uses PyTorch, MONAI and SimpleITK in the backend."
+
+
+class CrossModalSegLogic(ScriptedLoadableModuleLogic, WorkflowLogic):
+    """The module's logic on the application's scene (all of it lives in CrossModalSegLib, Qt-free)."""
+
+    def __init__(self, scene=None):
+        ScriptedLoadableModuleLogic.__init__(self)
+        WorkflowLogic.__init__(self, scene or slicer.mrmlScene)
+
+
+class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic: CrossModalSegLogic | None = None
+        self.result = None
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_MS)
+        self.timer.timeout.connect(self.onPoll)
+        self.fineTuneAfterCorrection = False
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        panel = slicer.util.loadUI(self.resourcePath("UI/CrossModalSeg.ui"))
+        self.layout.addWidget(panel)
+        self.ui = slicer.util.childWidgetVariables(panel)
+        panel.setMRMLScene(slicer.mrmlScene)
+        self.logic = CrossModalSegLogic()
+
+        self.ui.localRadioButton.toggled.connect(self.updateButtons)
+        self.ui.connectButton.clicked.connect(self.onConnect)
+        self.ui.installBackendButton.clicked.connect(self.onInstallBackend)
+        self.ui.addCaseButton.clicked.connect(self.onAddCase)
+        self.ui.trainButton.clicked.connect(self.onTrain)
+        self.ui.finetuneButton.clicked.connect(self.onFinetune)
+        self.ui.cancelButton.clicked.connect(self.onCancel)
+        self.ui.segmentButton.clicked.connect(self.onSegment)
+        self.ui.submitCorrectionButton.clicked.connect(self.onSubmitCorrection)
+        self.ui.showMembersCheckBox.toggled.connect(self.onShowMembers)
+        self.ui.showDisagreementCheckBox.toggled.connect(self.onShowDisagreement)
+        for selector in (self.ui.targetVolumeSelector, self.ui.assistantVolumeSelector,
+                         self.ui.targetSegmentationSelector):
+            selector.currentNodeChanged.connect(self.updateButtons)
+        self.ui.methodComboBox.currentIndexChanged.connect(self.updateMethodHint)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneClosed)
+        self.updateButtons()
+
+    def cleanup(self):
+        self.timer.stop()
+        self.removeObservers()
+        if self.logic is not None:
+            self.logic.cleanup()
+
+    # ---- helpers ---------------------------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        self.ui.logTextEdit.appendPlainText(message)
+        logging.info(f"CrossModalSeg: {message}")
+
+    def run(self, action, *args):
+        """Runs a short action (requests, uploads) with a wait cursor; errors become one clear message box."""
+        try:
+            with slicer.util.tryWithErrorDisplay("CrossModalSeg", waitCursor=True):
+                return action(*args)
+        except (BackendError, SceneError, ValueError):
+            return None
+
+    def modalities(self) -> dict[str, str]:
+        target = self.ui.targetModalityLineEdit.text.strip()
+        out = {target: self.ui.targetTypeComboBox.currentText}
+        if self.ui.assistantVolumeSelector.currentNode() is not None:
+            out[self.ui.assistantModalityLineEdit.text.strip()] = self.ui.assistantTypeComboBox.currentText
+        return out
+
+    def volumes(self) -> dict[str, object]:
+        target = self.ui.targetModalityLineEdit.text.strip()
+        out = {target: self.ui.targetVolumeSelector.currentNode()}
+        assistant = self.ui.assistantVolumeSelector.currentNode()
+        if assistant is not None:
+            out[self.ui.assistantModalityLineEdit.text.strip()] = assistant
+        return out
+
+    def updateButtons(self, *_):
+        local = self.ui.localRadioButton.checked
+        self.ui.pythonLineEdit.enabled = local
+        self.ui.installBackendButton.enabled = local
+        self.ui.urlLineEdit.enabled = not local
+        self.ui.tokenLineEdit.enabled = not local
+        connected = self.logic is not None and self.logic.client is not None
+        busy = self.timer.isActive()
+        has_target = self.ui.targetVolumeSelector.currentNode() is not None
+        has_model = connected and self.logic.model_id is not None
+        self.ui.addCaseButton.enabled = connected and has_target
+        self.ui.trainButton.enabled = connected and not busy and self.logic.dataset_id is not None
+        self.ui.finetuneButton.enabled = has_model and not busy
+        self.ui.cancelButton.enabled = busy
+        self.ui.segmentButton.enabled = has_model and has_target and not busy
+        self.ui.submitCorrectionButton.enabled = has_model and not busy
+
+    def updateMethodHint(self, *_):
+        if self.logic is None or self.logic.dataset_id is None:
+            return
+        target, *assistants = list(self.modalities())
+        method, reason = self.logic.suggest_method(target, assistants)
+        chosen = method_choice(self.ui.methodComboBox.currentIndex)
+        self.ui.methodHintLabel.text = (f"suggested: {method} ({reason})" if chosen == "auto"
+                                        else f"chosen: {chosen}; suggested: {method}")
+
+    # ---- backend -----------------------------------------------------------------------------------------------
+    def onConnect(self):
+        def connect():
+            if self.ui.localRadioButton.checked:
+                python = self.ui.pythonLineEdit.text.strip() or sys.executable.replace("SlicerApp-real", "PythonSlicer")
+                info = self.logic.start_local_backend(python=python)
+            else:
+                info = self.logic.connect(self.ui.urlLineEdit.text.strip(), self.ui.tokenLineEdit.text.strip())
+            devices = ", ".join(info["devices"])
+            self.ui.backendStatusLabel.text = f"connected: crossmodalseg {info['version']} on {devices}"
+            self.log(f"backend ready ({devices}); methods: {', '.join(info['methods'])}")
+
+        self.run(connect)
+        self.updateButtons()
+
+    def onInstallBackend(self):
+        """Installs the backend's packages into Slicer's Python; PyTorch itself comes from the PyTorch extension."""
+        requirements = Path(self.resourcePath("requirements.txt"))
+        try:
+            import PyTorchUtils  # the PyTorch extension (EXTENSION_DEPENDS)
+
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
+                return
+        except ImportError:
+            slicer.util.errorDisplay("Install the PyTorch extension from the Extension Manager first.")
+            return
+        slicer.packaging.pip_ensure(slicer.packaging.load_requirements(requirements), requester="CrossModalSeg",
+                                    skip_packages=SLICER_OWNED)
+        backend = Path(__file__).parent / "backend"  # the crossmodalseg package, shipped beside the module
+        if backend.exists():
+            slicer.util.pip_install(["--no-deps", str(backend)])
+        self.log("backend installed")
+
+    # ---- cases and training ------------------------------------------------------------------------------------
+    def onAddCase(self):
+        def add():
+            target_seg = self.ui.targetSegmentationSelector.currentNode()
+            assistant_seg = self.ui.assistantSegmentationSelector.currentNode()
+            labelled = target_seg or assistant_seg
+            labels = self.logic.labels_from_segmentation(labelled) if labelled else self.logic.labels
+            if not labels:
+                raise ValueError("the first case needs a segmentation: its segment names define the structures")
+            dataset = self.ui.datasetLineEdit.text.strip()
+            self.logic.use_dataset(dataset, labels, self.modalities())
+            volumes = self.volumes()
+            target, *assistant = list(volumes)
+            segmentations = {target: target_seg, **({assistant[0]: assistant_seg} if assistant else {})}
+            if self.ui.pairedCheckBox.checked or not assistant:
+                cases = [self.logic.add_case(volumes, segmentations)]
+            else:  # unpaired: each volume is a different patient
+                cases = [self.logic.add_case({m: v}, {m: segmentations[m]}) for m, v in volumes.items()]
+            described = self.logic.client.dataset(dataset)
+            self.ui.casesLabel.text = f"{len(described['cases'])} in {dataset!r}"
+            self.log(f"added case(s) {', '.join(cases)} to {dataset!r}")
+            self.updateMethodHint()
+
+        self.run(add)
+        self.updateButtons()
+
+    def onTrain(self):
+        def train():
+            target, *assistants = list(self.modalities())
+            method = method_choice(self.ui.methodComboBox.currentIndex)
+            job = self.logic.train(target, assistants, method=None if method == "auto" else method,
+                                   preset=self.ui.presetComboBox.currentText, epochs=self.ui.epochsSpinBox.value)
+            self.log(f"training job {job} submitted")
+            self.startPolling()
+
+        self.run(train)
+
+    def onFinetune(self):
+        if self.run(self.logic.finetune, max(1, self.ui.epochsSpinBox.value // 4)) is not None:
+            self.log(f"fine-tuning job {self.logic.job_id} submitted")
+            self.startPolling()
+
+    def onCancel(self):
+        self.run(self.logic.cancel)
+
+    def startPolling(self):
+        self.ui.progressBar.value = 0
+        self.timer.start()
+        self.updateButtons()
+
+    def onPoll(self):
+        try:
+            progress = self.logic.poll()
+        except BackendError as e:
+            self.log(f"lost the backend: {e}")
+            self.timer.stop()
+            self.updateButtons()
+            return
+        self.ui.progressBar.value = int(round(100 * progress.fraction))
+        self.ui.etaLabel.text = "" if progress.eta_s is None else f"ETA {format_seconds(progress.eta_s)}"
+        for message in progress.messages:
+            self.log(message)
+        if progress.finished:
+            self.timer.stop()
+            self.updateButtons()
+            if progress.state != "succeeded":
+                slicer.util.errorDisplay(f"The job ended {progress.state}: {progress.error or ''}")
+
+    # ---- segmentation, QA, correction ---------------------------------------------------------------------------
+    def onSegment(self):
+        def segment():
+            self.result = self.logic.segment(self.volumes(), members=self.ui.membersCheckBox.checked,
+                                             uncertainty=self.ui.uncertaintyCheckBox.checked)
+            self.ui.correctionSelector.setCurrentNode(self.result.segmentation)
+            self.onShowMembers(self.ui.showMembersCheckBox.checked)
+            self.onShowDisagreement(self.ui.showDisagreementCheckBox.checked)
+            self.ui.agreementLabel.text = agreement_summary(self.result)
+            self.log(f"segmented {self.result.segmentation.GetName()!r}")
+
+        self.run(segment)
+
+    def onShowMembers(self, show):
+        if self.result is not None:
+            for node in self.result.members.values():
+                node.GetDisplayNode().SetVisibility(bool(show))
+
+    def onShowDisagreement(self, show):
+        if self.result is None or self.result.disagreement is None:
+            return
+        reference = self.volumes()[self.result.modality]
+        slicer.util.setSliceViewerLayers(background=reference, foreground=self.result.disagreement if show else None,
+                                         foregroundOpacity=0.5)
+
+    def onSubmitCorrection(self):
+        def submit():
+            segmentation = self.ui.correctionSelector.currentNode()
+            modality = self.result.modality if self.result else list(self.volumes())[0]
+            case = self.logic.submit_correction(segmentation, self.volumes(), modality)
+            self.log(f"correction of case {case} stored as its final label")
+            self.logic.finetune(max(1, self.ui.epochsSpinBox.value // 4))
+            self.log(f"fine-tuning job {self.logic.job_id} submitted")
+            self.startPolling()
+
+        self.run(submit)
+
+    def onSceneClosed(self, *_):
+        self.result = None
+
+
+def method_choice(index: int) -> str:
+    """The method name of the method combo box's entry `index` ("auto" lets the logic suggest one)."""
+    return METHOD_CHOICES[index] if 0 <= index < len(METHOD_CHOICES) else "auto"
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def agreement_summary(result) -> str:
+    table = result.agreement_table
+    if table is None:
+        return ""
+    rows = []
+    for r in range(table.GetNumberOfRows()):
+        values = [table.GetCellText(r, c) for c in range(1, table.GetNumberOfColumns())]
+        rows.append(f"{table.GetCellText(r, 0)}: " + ", ".join(f"{float(v):.2f}" if v not in ("", "nan") else "-"
+                                                              for v in values))
+    return "Dice between members — " + "; ".join(rows)
+
+
+class CrossModalSegTest(ScriptedLoadableModuleTest):
+    """Runs inside the Slicer application (Developer mode > Reload and Test, or
+    `Slicer --testing --python-code "import CrossModalSeg; CrossModalSeg.CrossModalSegTest().runTest()"`).
+    Downloads the CTChest sample, draws a threshold segmentation of the lungs as its label, starts the local backend
+    with Slicer's Python, trains a tiny model, segments, and checks the result's segments and grid."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_train_and_segment_sample_ct()
+
+    def test_train_and_segment_sample_ct(self):
+        import numpy as np
+        import SampleData
+
+        self.delayDisplay("Loading CTChest")
+        ct = SampleData.SampleDataLogic().downloadSample("CTChest")
+        voxels = slicer.util.arrayFromVolume(ct)
+        lungs = ((voxels < -400) & (voxels > -1000)).astype(np.uint8)
+        labels = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "CTChest labels")
+        labels.SetReferenceImageGeometryParameterFromVolumeNode(ct)
+        segment_id = labels.GetSegmentation().AddEmptySegment("lungs", "lungs")
+        slicer.util.updateSegmentBinaryLabelmapFromArray(lungs, labels, segment_id, ct)
+
+        logic = CrossModalSegLogic()
+        python = sys.executable.replace("SlicerApp-real", "PythonSlicer")
+        logic.start_local_backend(python=python, home=Path(slicer.app.temporaryPath) / "CrossModalSegTest")
+        try:
+            logic.use_dataset("selftest", logic.labels_from_segmentation(labels), {"ct": "CT"})
+            logic.add_case({"ct": ct}, {"ct": labels})
+            self.delayDisplay("Training a tiny model")
+            logic.train("ct", epochs=2, iterations_per_epoch=5)
+            progress = logic.wait(timeout_s=1800)
+            self.assertEqual(progress.state, "succeeded", progress.error)
+            result = logic.segment({"ct": ct}, uncertainty=True)
+            segmentation = result.segmentation
+            self.assertEqual(segmentation.GetName(), "CTChest segmentation")
+            self.assertEqual(segmentation.GetSegmentation().GetNthSegment(0).GetName(), "lungs")
+            exported = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+            slicer.modules.segmentations.logic().ExportVisibleSegmentsToLabelmapNode(segmentation, exported, ct)
+            self.assertEqual(exported.GetImageData().GetDimensions(), ct.GetImageData().GetDimensions())
+        finally:
+            logic.cleanup()
+        self.delayDisplay("CrossModalSeg self-test passed")
+

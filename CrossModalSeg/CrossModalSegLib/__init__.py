@@ -1,0 +1,1 @@
+"""Qt-free logic of the CrossModalSeg Slicer module: backend client and launcher, MRML conversions, workflow."""

@@ -1,0 +1,85 @@
+"""Where the backend runs: a local one that this module starts (127.0.0.1, a free port, a random token) with a
+Python that has `crossmodalseg` installed, or a remote GPU server given by URL and token. One code path after that:
+both are a BackendClient."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from .client import BackendClient, BackendError
+
+START_TIMEOUT_S = 120
+
+
+class LocalBackend:
+    """`crossmodalseg serve` in a child process; stopped with `stop()` (or when Slicer exits)."""
+
+    def __init__(self, python: str, home: str | Path, extra_env: dict[str, str] | None = None):
+        self.python = python
+        self.home = Path(home)
+        self.extra_env = extra_env or {}
+        self.process: subprocess.Popen | None = None
+        self.client: BackendClient | None = None
+        self.log_path = self.home / "server.log"
+
+    def start(self) -> BackendClient:
+        self.home.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(32)
+        env = {**os.environ, **self.extra_env, "CROSSMODALSEG_TOKEN": token}
+        log = open(self.log_path, "ab")
+        try:
+            self.process = subprocess.Popen([self.python, "-m", "crossmodalseg.cli", "serve", "--host", "127.0.0.1",
+                                             "--port", "0", "--home", str(self.home)], stdout=subprocess.PIPE,
+                                            stderr=log, stdin=subprocess.DEVNULL, env=env)
+        except OSError as e:
+            raise BackendError(f"cannot start the local backend with {self.python}: {e}") from None
+        finally:
+            log.close()
+        url = self._read_url()
+        self.client = BackendClient(url, token)
+        deadline = time.time() + START_TIMEOUT_S
+        while not self.client.health():
+            if not self.running() or time.time() > deadline:
+                raise BackendError(f"the local backend at {url} does not answer; see {self.log_path}")
+            time.sleep(0.2)
+        return self.client
+
+    def _read_url(self) -> str:
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: lines.put(self.process.stdout.readline()), daemon=True).start()
+        try:
+            line = lines.get(timeout=START_TIMEOUT_S)
+        except queue.Empty:
+            self.stop()
+            raise BackendError(f"the local backend did not start within {START_TIMEOUT_S} s; see {self.log_path}")
+        if not line:
+            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise BackendError("the local backend exited at start: " + " | ".join(tail) +
+                               f" (is crossmodalseg installed for {self.python}? Use 'Install backend')")
+        return json.loads(line)["url"]
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def connect_remote(url: str, token: str | None = None) -> BackendClient:
+    client = BackendClient(url, token or None)
+    client.info()  # fails now, with the reason, rather than at the first real request
+    return client

@@ -1,0 +1,317 @@
+"""The module's logic, free of Qt: talks to a backend over HTTP and moves volumes and segmentations between the
+MRML scene and the backend. The Widget calls it; tests drive it with slicer-core's real MRML scene.
+
+Workflow: connect (local or remote) -> add cases (volumes + optional segmentations) -> train (method suggested from
+the data) and poll progress -> segment -> QA (members, disagreement, agreement table) -> correct in the Segment
+Editor -> submit the correction (`final` label) -> fine-tune -> segment again.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import scene as mrml
+from .backend import LocalBackend, connect_remote
+from .client import BackendClient, BackendError
+
+MODALITY_TYPES = ("CT", "MR")
+
+
+@dataclass
+class JobProgress:
+    state: str
+    fraction: float = 0.0
+    eta_s: float | None = None
+    messages: list[str] = field(default_factory=list)
+    error: str | None = None
+    model: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("succeeded", "failed", "cancelled", "interrupted")
+
+
+@dataclass
+class SegmentationResult:
+    segmentation: Any  # vtkMRMLSegmentationNode
+    members: dict[str, Any] = field(default_factory=dict)  # member name -> vtkMRMLSegmentationNode
+    disagreement: Any = None  # vtkMRMLScalarVolumeNode
+    agreement_table: Any = None  # vtkMRMLTableNode
+    files: dict[str, Path] = field(default_factory=dict)
+    case_id: str | None = None
+    modality: str = ""
+
+
+def safe_id(text: str, fallback: str = "case") -> str:
+    """A backend id from a node name: letters, digits, '_', '-', '.'; starts with a letter or digit."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._-")[:100]
+    return cleaned if cleaned else fallback
+
+
+class CrossModalSegLogic:
+    def __init__(self, scene, work_dir: str | Path | None = None):
+        self.scene = scene
+        self.work = Path(work_dir or tempfile.mkdtemp(prefix="crossmodalseg-"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.client: BackendClient | None = None
+        self.local: LocalBackend | None = None
+        self.dataset_id: str | None = None
+        self.labels: dict[str, int] = {}
+        self.modalities: dict[str, str] = {}
+        self.model_id: str | None = None
+        self.job_id: str | None = None
+        self._events_seen = 0
+        self._case_of_volumes: dict[tuple[str, ...], str] = {}
+
+    # ---- backend -------------------------------------------------------------------------------------------
+    def start_local_backend(self, python: str | None = None, home: str | Path | None = None,
+                            env: dict[str, str] | None = None) -> dict[str, Any]:
+        """Starts `crossmodalseg serve` on 127.0.0.1 (free port, random token) with `python` (default: this one)."""
+        self.stop_backend()
+        self.local = LocalBackend(python or sys.executable, home or Path.home() / ".crossmodalseg", env)
+        self.client = self.local.start()
+        return self.client.info()
+
+    def connect(self, url: str, token: str | None = None) -> dict[str, Any]:
+        self.stop_backend()
+        self.client = connect_remote(url, token)
+        return self.client.info()
+
+    def stop_backend(self) -> None:
+        if self.local is not None:
+            self.local.stop()
+        self.local, self.client = None, None
+
+    def _backend(self) -> BackendClient:
+        if self.client is None:
+            raise BackendError("no backend: start the local one or connect to a server first")
+        return self.client
+
+    # ---- dataset and cases -----------------------------------------------------------------------------------
+    @staticmethod
+    def labels_from_segmentation(segmentation_node) -> dict[str, int]:
+        """Structure names and values from a segmentation: its segments in order, values 1, 2, ..."""
+        names = list(mrml.segment_names(segmentation_node).values())
+        if not names:
+            raise mrml.SceneError(f"{segmentation_node.GetName()!r} has no segments to learn from")
+        if len({n.lower() for n in names}) != len(names):
+            raise mrml.SceneError(f"{segmentation_node.GetName()!r} has two segments with one name")
+        return {"background": 0, **{name: i for i, name in enumerate(names, start=1)}}
+
+    def use_dataset(self, dataset_id: str, labels: dict[str, int], modalities: dict[str, str],
+                    name: str | None = None) -> dict[str, Any]:
+        """Creates the dataset on the backend, or reuses it when it exists with the same structures."""
+        client = self._backend()
+        for modality, kind in modalities.items():
+            if kind not in MODALITY_TYPES:
+                raise ValueError(f"modality {modality!r}: type {kind!r}, expected CT or MR")
+        try:
+            existing = client.dataset(dataset_id)
+        except BackendError as e:
+            if e.status != 404:
+                raise
+            existing = client.create_dataset(dataset_id, name or dataset_id, labels, modalities)
+        if existing["labels"] != labels:
+            raise ValueError(f"dataset {dataset_id!r} has structures {existing['labels']}, this segmentation "
+                             f"{labels}; rename the segments to match or use another dataset")
+        missing = {m: t for m, t in modalities.items() if m not in existing["modalities"]}
+        if missing:
+            raise ValueError(f"dataset {dataset_id!r} has modalities {list(existing['modalities'])}, not "
+                             f"{list(missing)}; use another dataset for new modalities")
+        self.dataset_id, self.labels, self.modalities = dataset_id, dict(existing["labels"]), dict(existing["modalities"])
+        return existing
+
+    def add_case(self, volumes: dict[str, Any], segmentations: dict[str, Any] | None = None,
+                 case_id: str | None = None) -> str:
+        """Uploads one case: modality -> volume node (co-registered when more than one: a paired case), and
+        optional modality -> segmentation node (exported on that volume's grid, sent as the `final` label)."""
+        client = self._backend()
+        if self.dataset_id is None:
+            raise ValueError("choose the dataset first (its structures and modalities)")
+        volumes = {m: v for m, v in volumes.items() if v is not None}
+        if not volumes:
+            raise ValueError("select at least one volume")
+        for modality in volumes:
+            if modality not in self.modalities:
+                raise ValueError(f"modality {modality!r} is not in dataset {self.dataset_id!r} "
+                                 f"({', '.join(self.modalities)})")
+        case_id = case_id or self._new_case_id(volumes)
+        folder = self.work / "upload" / case_id
+        folder.mkdir(parents=True, exist_ok=True)
+        for modality, volume in volumes.items():
+            client.put_image(self.dataset_id, case_id, modality, mrml.write_volume(volume, folder / f"{modality}.nrrd"))
+        for modality, segmentation in (segmentations or {}).items():
+            if segmentation is None:
+                continue
+            if modality not in volumes:
+                raise ValueError(f"a {modality} segmentation needs its {modality} volume in the same case")
+            path = mrml.write_segmentation(segmentation, volumes[modality], self.labels,
+                                           folder / f"{modality}_label.nrrd")
+            client.put_label(self.dataset_id, case_id, modality, path, "final")
+        self._case_of_volumes[self._volume_key(volumes)] = case_id
+        return case_id
+
+    def _new_case_id(self, volumes: dict[str, Any]) -> str:
+        existing = {c["id"] for c in self._backend().dataset(self.dataset_id)["cases"]}
+        base = safe_id(next(iter(volumes.values())).GetName())
+        case_id, k = base, 1
+        while case_id in existing:
+            k += 1
+            case_id = f"{base}_{k}"
+        return case_id
+
+    @staticmethod
+    def _volume_key(volumes: dict[str, Any]) -> tuple[str, ...]:
+        return tuple(sorted(f"{m}={v.GetID()}" for m, v in volumes.items()))
+
+    # ---- training --------------------------------------------------------------------------------------------
+    def suggest_method(self, target: str, assistants: list[str]) -> tuple[str, str]:
+        """(method, reason) from the dataset's cases: unpaired -> mkd, paired -> maml, unlabelled pairs -> cmc."""
+        if not assistants:
+            return "single", "one modality: the single-modality baseline"
+        cases = self._backend().dataset(self.dataset_id)["cases"]
+        wanted = [target, *assistants]
+        paired = [c for c in cases if all(m in c["images"] for m in wanted)]
+        single = [c for c in cases if sum(m in c["images"] for m in wanted) == 1]
+        labelled = lambda c: any("final" in tags for tags in c["labels"].values())  # noqa: E731
+        if paired:
+            if any(not labelled(c) for c in paired) and any(labelled(c) for c in paired):
+                return "cmc", "paired cases, some unlabelled: semi-supervised cross-modality collaboration"
+            return "maml", "paired (co-registered) modalities: modality-aware mutual learning"
+        if single:
+            return "mkd", "unpaired modalities (different patients): mutual knowledge distillation"
+        return "single", "no case holds these modalities yet"
+
+    def train(self, target: str, assistants: list[str] | None = None, method: str | None = None,
+              preset: str = "fast", epochs: int | None = None, minutes: float | None = None,
+              iterations_per_epoch: int | None = None, options: dict[str, Any] | None = None,
+              device: str = "auto") -> str:
+        assistants = list(assistants or [])
+        method = method or self.suggest_method(target, assistants)[0]
+        job = self._backend().submit_job(kind="train", dataset=self.dataset_id, method=method, target=target,
+                                         assistants=assistants, preset=preset, epochs=epochs, minutes=minutes,
+                                         iterations_per_epoch=iterations_per_epoch, options=options or {},
+                                         device=device, val_every=max(1, (epochs or 25) // 5))
+        return self._follow(job)
+
+    def finetune(self, epochs: int | None = None, minutes: float | None = None,
+                 iterations_per_epoch: int | None = None) -> str:
+        """Fine-tunes the current model on the dataset as it is now (with every submitted correction)."""
+        if self.model_id is None:
+            raise ValueError("no model to fine-tune: train one first (or choose one)")
+        job = self._backend().submit_job(kind="finetune", dataset=self.dataset_id, model=self.model_id,
+                                         epochs=epochs, minutes=minutes, iterations_per_epoch=iterations_per_epoch)
+        return self._follow(job)
+
+    def _follow(self, job: dict[str, Any]) -> str:
+        self.job_id, self._events_seen = job["id"], 0
+        return job["id"]
+
+    def poll(self) -> JobProgress:
+        """State, fraction, ETA and the new log lines of the current job (call it from a timer)."""
+        client = self._backend()
+        if self.job_id is None:
+            return JobProgress("idle")
+        job = client.job(self.job_id)
+        page = client.events(self.job_id, after=self._events_seen)
+        self._events_seen = page["next"]
+        progress = job["progress"]
+        result = JobProgress(job["state"], progress["fraction"], progress["eta_s"],
+                             [m for m in (describe_event(e) for e in page["events"]) if m], job["error"], job["model"])
+        if job["state"] == "succeeded" and job["kind"] in ("train", "finetune"):
+            self.model_id = job["model"]
+        return result
+
+    def wait(self, timeout_s: float = 3600, poll_s: float = 0.5) -> JobProgress:
+        """Blocks until the current job ends (scripts and tests; the Widget polls with a timer instead)."""
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            progress = self.poll()
+            if progress.finished:
+                return progress
+            time.sleep(poll_s)
+        raise TimeoutError(f"job {self.job_id} did not finish within {timeout_s} s")
+
+    def cancel(self) -> None:
+        if self.job_id is not None:
+            self._backend().cancel(self.job_id)
+
+    # ---- segmentation and QA ---------------------------------------------------------------------------------
+    def segment(self, volumes: dict[str, Any], members: bool = False, uncertainty: bool = False,
+                model_id: str | None = None) -> SegmentationResult:
+        """Segments the given volumes (modality -> node) with the current model; the result is a segmentation node
+        named after the input volume, on its grid, beside it in the subject hierarchy, plus QA nodes on request."""
+        client = self._backend()
+        model_id = model_id or self.model_id
+        if model_id is None:
+            raise ValueError("no model yet: train one first (or choose one)")
+        model = client.model(model_id)
+        volumes = {m: v for m, v in volumes.items() if v is not None}
+        unknown = [m for m in volumes if m not in model["modalities"]]
+        if unknown or not volumes:
+            raise ValueError(f"this model takes {', '.join(model['modalities'])}; got {', '.join(volumes) or 'nothing'}")
+        modality = model["target"] if model["target"] in volumes else next(iter(volumes))
+        reference = volumes[modality]
+        folder = Path(tempfile.mkdtemp(prefix="segment-", dir=self.work))
+        inputs = {m: mrml.write_volume(v, folder / f"input_{m}.nrrd") for m, v in volumes.items()}
+        files = client.predict(model_id, inputs, folder / "result", members=members, uncertainty=uncertainty)
+        labels = model["labels"]
+        base = reference.GetName()
+        result = SegmentationResult(
+            mrml.add_segmentation(self.scene, files["segmentation.nrrd"], reference, labels, f"{base} segmentation"),
+            files=files, case_id=self._case_of_volumes.get(self._volume_key(volumes)), modality=modality)
+        for name, path in files.items():
+            if name.startswith("segmentation_member_"):
+                member = name[len("segmentation_member_"):].split(".")[0]
+                result.members[member] = mrml.add_segmentation(self.scene, path, reference, labels,
+                                                               f"{base} member {member}")
+        if "segmentation_disagreement.nrrd" in files:
+            result.disagreement = mrml.add_disagreement_volume(self.scene, files["segmentation_disagreement.nrrd"],
+                                                               reference, f"{base} disagreement")
+        if uncertainty and "segmentation.json" in files:
+            structures = [n for n in labels if labels[n] != 0]
+            result.agreement_table = mrml.add_agreement_table(self.scene, files["segmentation.json"], structures,
+                                                              f"{base} member agreement")
+        return result
+
+    def submit_correction(self, segmentation_node, volumes: dict[str, Any], modality: str) -> str:
+        """Sends a corrected segmentation of `volumes[modality]` as that case's `final` label (the case is added
+        first when these volumes were never sent); returns the case id."""
+        volumes = {m: v for m, v in volumes.items() if v is not None}
+        case_id = self._case_of_volumes.get(self._volume_key(volumes))
+        if case_id is None:
+            case_id = self.add_case(volumes)
+        path = mrml.write_segmentation(segmentation_node, volumes[modality], self.labels,
+                                       self.work / "upload" / case_id / f"{modality}_label_corrected.nrrd")
+        self._backend().put_label(self.dataset_id, case_id, modality, path, "final")
+        return case_id
+
+    def cleanup(self) -> None:
+        self.stop_backend()
+
+
+def describe_event(event: dict[str, Any]) -> str | None:
+    """One log line for a progress event (None for the ones not worth a line)."""
+    kind = event.get("event")
+    if kind == "epoch":
+        line = f"epoch {event['epoch']}/{event['of']}  loss {event.get('loss', float('nan')):.4f}"
+        if event.get("val_dice"):
+            line += f"  Dice ({event.get('val_on', 'validation')}) {event['val_dice'].get('mean', float('nan')):.3f}"
+        return line
+    if kind == "log":
+        return event.get("message")
+    if kind == "start":
+        return f"training {event.get('method')} on {event.get('device')}"
+    if kind == "resumed":
+        return f"resumed from epoch {event.get('epoch')}"
+    if kind == "finished":
+        return f"job {event.get('state')}" + (f": {event['error']}" if event.get("error") else "")
+    if kind == "started":
+        return "job started on " + ", ".join(event.get("devices") or [])
+    return None

@@ -1,0 +1,208 @@
+"""MRML scene <-> files, with geometry kept: volumes are written by Slicer's own storage node (RAS in the scene,
+LPS on disk), segmentations become label maps on the grid of their volume, and the backend's label maps come back
+as segmentation nodes with one named, coloured segment per structure.
+
+Uses only MRML classes (no Qt), so it runs in the Slicer application and on `slicer-core` alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+import slicer
+import vtk
+
+# Distinct, colour-blind-friendly segment colours (Okabe-Ito, then Tableau), by structure index.
+PALETTE = [(0.902, 0.624, 0.0), (0.337, 0.706, 0.914), (0.0, 0.620, 0.451), (0.941, 0.894, 0.259),
+           (0.0, 0.447, 0.698), (0.835, 0.369, 0.0), (0.800, 0.475, 0.655), (0.737, 0.741, 0.133),
+           (0.090, 0.745, 0.812), (0.549, 0.337, 0.294)]
+DISAGREEMENT_COLORS = "vtkMRMLColorTableNodeRainbow"
+
+
+class SceneError(ValueError):
+    """A scene input that cannot be used; the message says what to change."""
+
+
+def structure_color(index: int) -> tuple[float, float, float]:
+    return PALETTE[index % len(PALETTE)]
+
+
+def write_volume(node, path: Path) -> Path:
+    """Writes a scalar volume (NRRD keeps its geometry in double precision); refuses a transformed volume, whose
+    voxels would not be where the scene shows them."""
+    if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.GetImageData() is None:
+        raise SceneError("select a loaded volume")
+    if node.GetParentTransformNode() is not None:
+        raise SceneError(f"volume {node.GetName()!r} is under a transform; harden the transform first (Data module, "
+                         f"right-click > Harden transform) so that the backend sees what you see")
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetScene(node.GetScene())
+    storage.SetFileName(str(path))
+    storage.SetUseCompression(1)
+    if not storage.WriteData(node):
+        raise SceneError(f"could not write {node.GetName()!r} to {path}")
+    return Path(path)
+
+
+def segment_names(segmentation_node) -> dict[str, str]:
+    """segment id -> name."""
+    s = segmentation_node.GetSegmentation()
+    return {s.GetNthSegmentID(i): s.GetNthSegment(i).GetName() for i in range(s.GetNumberOfSegments())}
+
+
+def write_segmentation(segmentation_node, reference_volume, labels: dict[str, int], path: Path) -> Path:
+    """The segmentation as a label map on `reference_volume`'s grid, with each segment written as the value of the
+    structure of the same name (case-insensitive). Segments no structure names are refused, not silently dropped."""
+    if segmentation_node is None:
+        raise SceneError("select a segmentation")
+    by_name = {name.lower(): name for name in labels if labels[name] != 0}
+    ids, values, unknown = vtk.vtkStringArray(), [], []
+    for segment_id, name in segment_names(segmentation_node).items():
+        structure = by_name.get(name.strip().lower())
+        if structure is None:
+            unknown.append(name)
+            continue
+        ids.InsertNextValue(segment_id)
+        values.append(labels[structure])
+    if unknown:
+        raise SceneError(f"segment(s) {', '.join(map(repr, unknown))} of {segmentation_node.GetName()!r} are not "
+                         f"structures of this dataset ({', '.join(by_name.values())}); rename or delete them")
+    scene = segmentation_node.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__crossmodalseg_export")
+    try:
+        if ids.GetNumberOfValues() == 0:  # an empty segmentation is a valid "nothing here" label
+            labelmap.SetAndObserveImageData(_blank_like(reference_volume))
+            labelmap.CopyOrientation(reference_volume)
+        elif not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentation_node, ids, labelmap, reference_volume):
+            raise SceneError(f"could not export {segmentation_node.GetName()!r} on {reference_volume.GetName()!r}")
+        array = slicer.util.arrayFromVolume(labelmap)
+        remapped = np.zeros(array.shape, dtype=np.uint16 if max(labels.values()) > 255 else np.uint8)
+        for index, value in enumerate(values, start=1):  # exported in list order as 1, 2, ...
+            remapped[array == index] = value
+        slicer.util.updateVolumeFromArray(labelmap, remapped)
+        return write_volume_labelmap(labelmap, path)
+    finally:
+        scene.RemoveNode(labelmap)
+
+
+def _blank_like(volume):
+    image = vtk.vtkImageData()
+    image.SetDimensions(volume.GetImageData().GetDimensions())
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    image.GetPointData().GetScalars().Fill(0)
+    return image
+
+
+def write_volume_labelmap(labelmap, path: Path) -> Path:
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetScene(labelmap.GetScene())
+    storage.SetFileName(str(path))
+    storage.SetUseCompression(1)
+    if not storage.WriteData(labelmap):
+        raise SceneError(f"could not write a label map to {path}")
+    return Path(path)
+
+
+def read_volume(scene, path: Path, name: str, labelmap: bool = False):
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    storage.SetSingleFile(1)
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        raise SceneError(f"could not read {path}")
+    return node
+
+
+def add_segmentation(scene, label_path: Path, reference_volume, labels: dict[str, int], name: str):
+    """A segmentation node from a label map: one segment per structure (empty ones too, ready to be painted), named
+    and coloured, with `reference_volume` as its reference geometry, beside that volume in the subject hierarchy."""
+    labelmap = read_volume(scene, label_path, "__crossmodalseg_import", labelmap=True)
+    try:
+        segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+        # Voxels are the source representation (what the Segment Editor paints); also lets empty segments exist.
+        segmentation.GetSegmentation().SetSourceRepresentationName(
+            slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation):
+            raise SceneError(f"could not import {label_path}")
+    finally:
+        scene.RemoveNode(labelmap)
+    s = segmentation.GetSegmentation()
+    imported = {s.GetNthSegment(i).GetLabelValue(): s.GetNthSegmentID(i) for i in range(s.GetNumberOfSegments())}
+    structures = [n for n in labels if labels[n] != 0]
+    for index, structure in enumerate(structures):
+        color = structure_color(index)
+        segment_id = imported.pop(labels[structure], None)
+        if segment_id is None:
+            segment_id = s.AddEmptySegment(structure, structure, color)
+        segment = s.GetSegment(segment_id)
+        segment.SetName(structure)
+        segment.SetColor(*color)
+    for stray in imported.values():  # values outside the labels (cannot happen with our backend; be strict)
+        s.RemoveSegment(stray)
+    _order_segments(segmentation, structures)
+    segmentation.CreateDefaultDisplayNodes()
+    place_beside(segmentation, reference_volume)
+    return segmentation
+
+
+def _order_segments(segmentation, structures: list[str]) -> None:
+    s = segmentation.GetSegmentation()
+    by_name = {s.GetNthSegment(i).GetName(): s.GetNthSegmentID(i) for i in range(s.GetNumberOfSegments())}
+    for index, structure in enumerate(structures):
+        s.SetSegmentIndex(by_name[structure], index)
+
+
+def add_disagreement_volume(scene, path: Path, reference_volume, name: str):
+    """The members' disagreement (mutual information, nats) as a scalar volume with a colour map."""
+    node = read_volume(scene, path, name)
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    if scene.GetNodeByID(DISAGREEMENT_COLORS) is not None:
+        display.SetAndObserveColorNodeID(DISAGREEMENT_COLORS)
+    array = slicer.util.arrayFromVolume(node)
+    display.AutoWindowLevelOff()
+    high = float(array.max()) if array.size else 1.0
+    display.SetWindowLevelMinMax(0.0, high if high > 0 else 1.0)
+    place_beside(node, reference_volume)
+    return node
+
+
+def add_agreement_table(scene, report_path: Path, structures: list[str], name: str):
+    """Per-structure Dice between every pair of members (rows: structures; columns: member pairs)."""
+    report = json.loads(Path(report_path).read_text())
+    agreement = report.get("member_agreement", {})
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    column = table.AddColumn()
+    column.SetName("structure")
+    for structure in structures:
+        column.InsertNextValue(structure)
+    for pair, per_structure in agreement.items():
+        values = vtk.vtkDoubleArray()
+        values.SetName(pair.replace("~", " vs "))
+        for structure in structures:
+            value = per_structure.get(structure)
+            values.InsertNextValue(float("nan") if value is None else float(value))
+        table.AddColumn(values)
+    return table
+
+
+def place_beside(node, reference) -> None:
+    """Same parent as `reference` in the subject hierarchy (the patient/study folder it is in)."""
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
+    if sh is None:
+        return
+    reference_item = sh.GetItemByDataNode(reference)
+    if not reference_item:
+        return
+    parent = sh.GetItemParent(reference_item)
+    item = sh.GetItemByDataNode(node)
+    if item:
+        sh.SetItemParent(item, parent)
+    else:  # the application's subject-hierarchy plugins add items for new nodes; without them, add it here
+        sh.CreateItem(parent, node)

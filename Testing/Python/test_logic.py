@@ -1,0 +1,200 @@
+"""The module's logic against slicer-core's real MRML scene and a real backend that the logic starts on 127.0.0.1:
+CT and MR (different patients, different direction matrices) -> add cases -> train -> segment -> QA nodes ->
+correct -> submit as `final` -> fine-tune -> segment with the new model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from conftest import make_scene, shared_data
+from CrossModalSegLib import scene as mrml
+from CrossModalSegLib.client import BackendError
+from CrossModalSegLib.logic import CrossModalSegLogic, safe_id
+
+STRUCTURES = ["liver", "kidney_right", "kidney_left", "spleen"]
+TINY = {"epochs": 2, "iterations_per_epoch": 4}
+
+
+def load_case(scene, folder: Path, stem: str, name: str):
+    """A volume as Slicer loads it (storage node), in a patient folder of the subject hierarchy, and its label map
+    as a segmentation with named segments (what a user brings: a volume and a segmentation of it)."""
+    volume = mrml.read_volume(scene, folder / f"{stem}.nii.gz", name)
+    volume.CreateDefaultDisplayNodes()
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), f"patient {name}")
+    sh.CreateItem(patient, volume)
+    labels = {"background": 0, **{s: i for i, s in enumerate(STRUCTURES, start=1)}}
+    segmentation = mrml.add_segmentation(scene, folder / f"{stem}_label4.nii.gz", volume, labels, f"{name} labels")
+    return volume, segmentation
+
+
+def paint(segmentation, volume, structure: str, mask: np.ndarray) -> None:
+    """What a Segment Editor effect does: replace one segment's voxels on the volume's grid."""
+    image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(volume)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(mask.shape)[:] = mask
+    segment_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName(structure)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        image, segmentation, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+
+
+def exported_on(segmentation, volume) -> np.ndarray:
+    """The segmentation as label values 1..4 on the volume's grid, through Slicer's own export."""
+    ids = vtk.vtkStringArray()
+    s = segmentation.GetSegmentation()
+    for structure in STRUCTURES:
+        ids.InsertNextValue(s.GetSegmentIdBySegmentName(structure))
+    labelmap = segmentation.GetScene().AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, ids, labelmap, volume)
+    array = slicer.util.arrayFromVolume(labelmap).copy()
+    segmentation.GetScene().RemoveNode(labelmap)
+    return array
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    folder = shared_data("totalsegmentator_ct_mr_examples")
+    scene = make_scene()
+    ct, ct_labels = load_case(scene, folder, "example_ct_sm", "CT")
+    mr, mr_labels = load_case(scene, folder, "example_mr_sm", "MR")
+    logic = CrossModalSegLogic(scene, tmp_path_factory.mktemp("work"))
+    info = logic.start_local_backend(home=tmp_path_factory.mktemp("backend"))
+    assert "mkd" in info["methods"]
+    yield {"scene": scene, "logic": logic, "ct": ct, "mr": mr, "ct_labels": ct_labels, "mr_labels": mr_labels,
+           "folder": folder}
+    logic.cleanup()
+
+
+def test_directions_of_the_inputs_differ(session):
+    # The point of these two images: the CT is flipped in x and y relative to the MR (LPS diag(-1,-1,1) vs identity).
+    directions = []
+    for node in (session["ct"], session["mr"]):
+        matrix = vtk.vtkMatrix4x4()
+        node.GetIJKToRASDirectionMatrix(matrix)
+        directions.append([matrix.GetElement(i, i) for i in range(3)])
+    assert directions[0] != directions[1]
+
+
+def test_add_cases_train_segment_correct_and_finetune(session, tmp_path: Path):
+    logic, scene, ct, mr = session["logic"], session["scene"], session["ct"], session["mr"]
+    labels = logic.labels_from_segmentation(session["ct_labels"])
+    assert list(labels) == ["background", *STRUCTURES]
+    logic.use_dataset("abdomen", labels, {"ct": "CT", "mr": "MR"})
+
+    # Unpaired: the CT and the MR are different people, so each is its own case.
+    ct_case = logic.add_case({"ct": ct}, {"ct": session["ct_labels"]})
+    mr_case = logic.add_case({"mr": mr}, {"mr": session["mr_labels"]})
+    assert (ct_case, mr_case) == ("CT", "MR")
+    stored = logic.client.dataset("abdomen")
+    truth = sitk.ReadImage(str(session["folder"] / "example_ct_sm_label4.nii.gz"))
+    sent = tmp_path / "sent.nrrd"
+    sent.write_bytes(logic.client.label("abdomen", ct_case, "ct"))
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(sent))), sitk.GetArrayFromImage(truth))
+    assert {c["id"] for c in stored["cases"]} == {"CT", "MR"}
+
+    method, reason = logic.suggest_method("ct", ["mr"])
+    assert method == "mkd" and "unpaired" in reason
+    logic.train("ct", ["mr"], **TINY)
+    messages = []
+    while True:
+        progress = logic.poll()
+        messages += progress.messages
+        if progress.finished:
+            break
+    assert progress.state == "succeeded", progress.error
+    assert any(m.startswith("epoch 2/2") for m in messages) and progress.fraction == 1.0
+    first_model = logic.model_id
+
+    result = logic.segment({"ct": ct}, members=True, uncertainty=True)
+    seg = result.segmentation
+    assert seg.GetName() == "CT segmentation"
+    s = seg.GetSegmentation()
+    assert [s.GetNthSegment(i).GetName() for i in range(s.GetNumberOfSegments())] == STRUCTURES
+    for i, structure in enumerate(STRUCTURES):
+        assert np.allclose(s.GetNthSegment(i).GetColor(), mrml.structure_color(i))
+    # Voxel-exact: what Slicer exports on the CT's grid is what the backend wrote, and the backend wrote the CT's grid.
+    written = sitk.ReadImage(str(result.files["segmentation.nrrd"]))
+    assert np.array_equal(exported_on(seg, ct), sitk.GetArrayFromImage(written))
+    original = sitk.ReadImage(str(session["folder"] / "example_ct_sm.nii.gz"))
+    assert written.GetSize() == original.GetSize()
+    assert np.allclose(written.GetOrigin(), original.GetOrigin(), atol=1e-4)
+    assert np.allclose(written.GetDirection(), original.GetDirection())
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == sh.GetItemParent(sh.GetItemByDataNode(ct))
+
+    # QA: members, disagreement with a colour map, agreement table.
+    assert set(result.members) == {"seg_target", "seg_assistant"}
+    assert all(m.GetName().startswith("CT member ") for m in result.members.values())
+    assert result.disagreement is not None and result.disagreement.GetDisplayNode().GetColorNodeID() == \
+        mrml.DISAGREEMENT_COLORS
+    assert slicer.util.arrayFromVolume(result.disagreement).shape == slicer.util.arrayFromVolume(ct).shape
+    table = result.agreement_table
+    assert table.GetNumberOfRows() == len(STRUCTURES) and table.GetNumberOfColumns() == 2
+
+    # The clinician corrects the liver (here: replaces it with the reference liver) and submits the correction.
+    reference = sitk.GetArrayFromImage(truth)
+    paint(seg, ct, "liver", (reference == 1).astype(np.uint8))
+    case_id = logic.submit_correction(seg, {"ct": ct}, "ct")
+    assert case_id == ct_case
+    corrected = tmp_path / "corrected.nrrd"
+    corrected.write_bytes(logic.client.label("abdomen", ct_case, "ct"))
+    corrected_array = sitk.GetArrayFromImage(sitk.ReadImage(str(corrected)))
+    assert np.array_equal(corrected_array, exported_on(seg, ct))
+    assert np.array_equal(corrected_array == 1, (reference == 1) & (exported_on(seg, ct) == 1))
+
+    logic.finetune(epochs=1, iterations_per_epoch=3)
+    tuned = logic.wait(timeout_s=900)
+    assert tuned.state == "succeeded", tuned.error
+    assert logic.model_id != first_model
+    assert logic.client.model(logic.model_id)["training"]["init_from"].endswith(first_model)
+    again = logic.segment({"ct": ct})
+    assert again.segmentation.GetName() == "CT segmentation" and again.segmentation is not seg
+    assert exported_on(again.segmentation, ct).shape == exported_on(seg, ct).shape
+
+
+def test_clear_errors_for_wrong_inputs(session, tmp_path: Path):
+    logic, scene, ct = session["logic"], session["scene"], session["ct"]
+    stray = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "stray")
+    stray.SetReferenceImageGeometryParameterFromVolumeNode(ct)
+    stray.GetSegmentation().SetSourceRepresentationName(
+        slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    stray.GetSegmentation().AddEmptySegment("tumour", "tumour")
+    logic.use_dataset("abdomen", logic.labels_from_segmentation(session["ct_labels"]), {"ct": "CT", "mr": "MR"})
+    with pytest.raises(mrml.SceneError, match="'tumour'.*not structures of this dataset"):
+        logic.add_case({"ct": ct}, {"ct": stray})
+    with pytest.raises(ValueError, match="modality 'pet'"):
+        logic.add_case({"pet": ct})
+    with pytest.raises(ValueError, match="other labels|structures"):
+        logic.use_dataset("abdomen", {"background": 0, "tumour": 1}, {"ct": "CT"})
+    transformed = mrml.read_volume(scene, session["folder"] / "example_ct_sm.nii.gz", "moved CT")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transformed.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(mrml.SceneError, match="harden"):
+        mrml.write_volume(transformed, tmp_path / "x.nrrd")
+    with pytest.raises(BackendError, match="cannot reach"):
+        logic.connect("http://127.0.0.1:9", "token")
+
+
+def test_structures_missing_from_a_label_map_still_get_their_segment(session, tmp_path: Path):
+    scene, ct = session["scene"], session["ct"]
+    empty = sitk.Image(sitk.ReadImage(str(session["folder"] / "example_ct_sm_label4.nii.gz")) * 0)
+    sitk.WriteImage(empty, str(tmp_path / "empty.nrrd"))
+    labels = {"background": 0, **{s: i for i, s in enumerate(STRUCTURES, start=1)}}
+    seg = mrml.add_segmentation(scene, tmp_path / "empty.nrrd", ct, labels, "empty")
+    s = seg.GetSegmentation()
+    assert [s.GetNthSegment(i).GetName() for i in range(s.GetNumberOfSegments())] == STRUCTURES
+    assert not exported_on(seg, ct).any()
+
+
+def test_case_ids_are_safe():
+    assert safe_id("CT: abdomen/../x") == "CT_abdomen_.._x"
+    assert safe_id("///") == "case"
+
