@@ -42,13 +42,17 @@ class LocalBackend:
             raise BackendError(f"cannot start the local backend with {self.python}: {e}") from None
         finally:
             log.close()
-        url = self._read_url()
-        self.client = BackendClient(url, token)
-        deadline = time.time() + START_TIMEOUT_S
-        while not self.client.health():
-            if not self.running() or time.time() > deadline:
-                raise BackendError(f"the local backend at {url} does not answer; see {self.log_path}")
-            time.sleep(0.2)
+        try:
+            url = self._read_url()
+            self.client = BackendClient(url, token)
+            deadline = time.time() + START_TIMEOUT_S
+            while not self.client.health():
+                if not self.running() or time.time() > deadline:
+                    raise BackendError(f"the local backend at {url} does not answer; see {self.log_path}")
+                time.sleep(0.2)
+        except BaseException:
+            self.stop()  # never leave a half-started server behind
+            raise
         return self.client
 
     def _read_url(self) -> str:
@@ -57,7 +61,6 @@ class LocalBackend:
         try:
             line = lines.get(timeout=START_TIMEOUT_S)
         except queue.Empty:
-            self.stop()
             raise BackendError(f"the local backend did not start within {START_TIMEOUT_S} s; see {self.log_path}")
         if not line:
             tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]

@@ -31,8 +31,8 @@ def structure_color(index: int) -> tuple[float, float, float]:
 
 
 def write_volume(node, path: Path) -> Path:
-    """Writes a scalar volume (NRRD keeps its geometry in double precision); refuses a transformed volume, whose
-    voxels would not be where the scene shows them."""
+    """Writes a scalar or label map volume (NRRD keeps its geometry in double precision); refuses a transformed
+    volume, whose voxels would not be where the scene shows them."""
     if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.GetImageData() is None:
         raise SceneError("select a loaded volume")
     if node.GetParentTransformNode() is not None:
@@ -84,7 +84,7 @@ def write_segmentation(segmentation_node, reference_volume, labels: dict[str, in
         for index, value in enumerate(values, start=1):  # exported in list order as 1, 2, ...
             remapped[array == index] = value
         slicer.util.updateVolumeFromArray(labelmap, remapped)
-        return write_volume_labelmap(labelmap, path)
+        return write_volume(labelmap, path)
     finally:
         scene.RemoveNode(labelmap)
 
@@ -95,16 +95,6 @@ def _blank_like(volume):
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     image.GetPointData().GetScalars().Fill(0)
     return image
-
-
-def write_volume_labelmap(labelmap, path: Path) -> Path:
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    storage.SetScene(labelmap.GetScene())
-    storage.SetFileName(str(path))
-    storage.SetUseCompression(1)
-    if not storage.WriteData(labelmap):
-        raise SceneError(f"could not write a label map to {path}")
-    return Path(path)
 
 
 def read_volume(scene, path: Path, name: str, labelmap: bool = False):

@@ -66,11 +66,13 @@ def session(tmp_path_factory):
     ct, ct_labels = load_case(scene, folder, "example_ct_sm", "CT")
     mr, mr_labels = load_case(scene, folder, "example_mr_sm", "MR")
     logic = CrossModalSegLogic(scene, tmp_path_factory.mktemp("work"))
-    info = logic.start_local_backend(home=tmp_path_factory.mktemp("backend"))
-    assert "mkd" in info["methods"]
-    yield {"scene": scene, "logic": logic, "ct": ct, "mr": mr, "ct_labels": ct_labels, "mr_labels": mr_labels,
-           "folder": folder}
-    logic.cleanup()
+    try:
+        info = logic.start_local_backend(home=tmp_path_factory.mktemp("backend"))
+        assert "mkd" in info["methods"]
+        yield {"scene": scene, "logic": logic, "ct": ct, "mr": mr, "ct_labels": ct_labels, "mr_labels": mr_labels,
+               "folder": folder}
+    finally:
+        logic.cleanup()
 
 
 def test_directions_of_the_inputs_differ(session):
@@ -116,6 +118,7 @@ def test_add_cases_train_segment_correct_and_finetune(session, tmp_path: Path):
     result = logic.segment({"ct": ct}, members=True, uncertainty=True)
     seg = result.segmentation
     assert seg.GetName() == "CT segmentation"
+    assert seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()) is ct
     s = seg.GetSegmentation()
     assert [s.GetNthSegment(i).GetName() for i in range(s.GetNumberOfSegments())] == STRUCTURES
     for i, structure in enumerate(STRUCTURES):

@@ -172,9 +172,14 @@ def main(argv: list[str] | None = None) -> dict:
             "training": _run_phase(phase_train, dataset, args.preset, device, args.iterations, args.warmup),
             "prediction": _run_phase(phase_predict, dataset, args.preset, device, args.repeats, args.tta),
         }
+    return write_report(report, args.out)
+
+
+def write_report(report: dict, out: Path | None) -> dict:
+    """Prints the report as JSON, and writes it to `out` when given."""
     text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
+    if out:
+        out.write_text(text + "\n")
     print(text)
     return report
 

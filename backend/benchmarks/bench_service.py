@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+
+from bench_engine import environment, write_report  # (this folder: scripts run from here are on sys.path)
 
 DEFAULT_IMAGE = Path(__file__).resolve().parents[3] / "shared" / "data" / "chaos_ct_liver" / \
     "chaos_ct_case_liver_image.nii.gz"
@@ -82,7 +83,6 @@ def main(argv: list[str] | None = None) -> dict:
         predictor = Predictor(model, device="auto")
         predictor.predict({"ct": args.image})
         in_process = [seconds(lambda: predictor.predict({"ct": args.image})) for _ in range(args.repeats)]
-        del predictor
 
         # HTTP: a real server on 127.0.0.1; the model imported as an archive.
         server = subprocess.Popen([sys.executable, "-m", "crossmodalseg.cli", "serve", "--home", str(tmp / "home"),
@@ -116,19 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
     reader.ReadImageInformation()
     report = {
         "benchmark": "service", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_threads": torch.get_num_threads()},
+        "environment": environment("cuda" if torch.cuda.is_available() else "cpu"),
         "data": {"image": str(args.image), "size_xyz": list(reader.GetSize()), "upload_bytes": len(body)},
         "preset": args.preset,
         "http_first_request": round(cold, 3), "http_warm": summary(warm), "cli_fresh_process": summary(cli_times),
         "in_process_warm": summary(in_process),
         "service_overhead_warm_s": round(statistics.median(warm) - statistics.median(in_process), 3),
     }
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
-    return report
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":

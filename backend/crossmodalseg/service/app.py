@@ -36,6 +36,13 @@ from .uploads import UploadError, check_same_grid, load_checked, receive, store_
 
 MAX_ARCHIVE_FILES = 64
 EVENTS_PAGE = 500
+# Bodies read as streams are declared here, so that the OpenAPI schema says what to send.
+BINARY_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
+    "schema": {"type": "string", "format": "binary"}}}}}
+PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["model"],
+    "properties": {"model": {"type": "string"}, "members": {"type": "boolean"}, "uncertainty": {"type": "boolean"}},
+    "additionalProperties": {"type": "string", "format": "binary", "description": "one image per modality"}}}}}}
 
 
 class DatasetIn(BaseModel):
@@ -191,17 +198,18 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
                                     f"new {modality} image of case {case_id!r} vs its stored {other_tag} label")
         folder = store.dataset_folder(dataset["id"], case_id)
         name = f"image_{modality}" if kind == "image" else f"label_{modality}_{tag}"
-        path, sha = store_image(image, folder / name)
-        stored = StoredFile(path, sha, geometry.to_json())
-        store.put_file(dataset["id"], case_id, kind, modality, tag, stored)
+        with store.file_lock:
+            path, sha = store_image(image, folder / name)
+            stored = StoredFile(path, sha, geometry.to_json())
+            store.put_file(dataset["id"], case_id, kind, modality, tag, stored)
         return stored
 
-    @app.put("/datasets/{dataset_id}/cases/{case_id}/images/{modality}", status_code=201)
+    @app.put("/datasets/{dataset_id}/cases/{case_id}/images/{modality}", status_code=201, openapi_extra=BINARY_BODY)
     async def put_image(dataset_id: str, case_id: str, modality: str, request: Request) -> dict[str, Any]:
         """The request body is the image file (NIfTI, NRRD or MetaImage)."""
         return await _upload(request, dataset_id, case_id, modality, "image")
 
-    @app.put("/datasets/{dataset_id}/cases/{case_id}/labels/{modality}", status_code=201)
+    @app.put("/datasets/{dataset_id}/cases/{case_id}/labels/{modality}", status_code=201, openapi_extra=BINARY_BODY)
     async def put_label(dataset_id: str, case_id: str, modality: str, request: Request,
                         tag: Literal["final", "original"] = "final") -> dict[str, Any]:
         """The body is a label map on the grid of the case's `modality` image; `final` = drawn or corrected by a
@@ -334,7 +342,8 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
         return FileResponse(name, filename=f"crossmodalseg-model-{model_id}.zip", media_type="application/zip",
                             background=BackgroundTask(os.unlink, name))
 
-    @app.post("/models", status_code=201)
+    @app.post("/models", status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
+        "application/zip": {"schema": {"type": "string", "format": "binary"}}}}})
     async def import_model(request: Request, name: str | None = None) -> dict[str, Any]:
         """The body is a model archive (zip of model.json and *.safetensors, as GET /models/{id}/archive makes)."""
         tmp = await _receive_archive(request)
@@ -366,7 +375,8 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
         return Path(name)
 
     # ---- synchronous prediction -----------------------------------------------------------------------------
-    @app.post("/predict")
+    @app.post("/predict", openapi_extra=PREDICT_BODY, response_class=FileResponse,
+              responses={200: {"content": {"application/zip": {}}, "description": "the prediction as a zip"}})
     async def predict(request: Request) -> FileResponse:
         """multipart/form-data: `model` (id), one file field per modality (e.g. `ct`), optional `members` and
         `uncertainty` ("true"). Answers a zip: segmentation.nrrd (label values of the model's labels, on the grid

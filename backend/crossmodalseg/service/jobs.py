@@ -319,9 +319,10 @@ class JobRunner:
             target = meta["task"]["target"] if meta["task"]["target"] in p["images"] else next(iter(p["images"]))
             destination = self.store.dataset_folder(p["dataset"], p["case"]) / f"label_{target}_original"
             image = read_image(out / "segmentation.nrrd")
-            path, sha = store_image(image, destination)
-            self.store.put_file(p["dataset"], p["case"], "label", target, "original",
-                                StoredFile(path, sha, Geometry.of(image).to_json()))
+            with self.store.file_lock:
+                path, sha = store_image(image, destination)
+                self.store.put_file(p["dataset"], p["case"], "label", target, "original",
+                                    StoredFile(path, sha, Geometry.of(image).to_json()))
         return {"files": files}
 
     def _finish(self, job_id: str, state: str, error: str | None = None, result: dict | None = None) -> None:

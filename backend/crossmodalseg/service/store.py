@@ -12,6 +12,7 @@ any moment has either the old state or the new one, and whatever it acknowledged
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import threading
 import time
@@ -76,9 +77,16 @@ class Store:
         self.home = Path(home).resolve()
         for sub in ("datasets", "jobs", "models", "tmp"):
             (self.home / sub).mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
         self.db_path = self.home / "store.db"
         self._local = threading.local()
+        self.file_lock = threading.Lock()  # a file's rename and its row go together, one upload at a time
         self._connection().executescript(SCHEMA)  # (executescript commits on its own)
+
+    def _remove_leftovers(self) -> None:
+        """Partial uploads and unfinished model imports of a server that was killed: never acknowledged."""
+        for path in list((self.home / "tmp").iterdir()) + list((self.home / "models").glob(".import-*")):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
     # ---- connections -------------------------------------------------------------------------------------
     def _connection(self) -> sqlite3.Connection:
