@@ -128,6 +128,8 @@ class Trainer:
             plan = make_plan(self.spec, [task.target, *task.assistants], self.config.preset)
         if self.config.iterations_per_epoch:
             plan.iterations_per_epoch = self.config.iterations_per_epoch
+        if init_meta is not None:  # the model's own hyper-parameters (its networks depend on them), then overrides
+            self.config.hparams = {**init_meta["method"].get("hparams", {}), **self.config.hparams}
         method = method_cls(task, plan, self.config.hparams)
         if init_meta is not None:
             load_weights(Path(self.config.init_from), method.nets)
