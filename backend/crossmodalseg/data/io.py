@@ -51,6 +51,10 @@ class Geometry:
         return {"size": list(self.size), "spacing": list(self.spacing), "origin": list(self.origin),
                 "direction": list(self.direction)}
 
+    @classmethod
+    def from_json(cls, data: dict) -> "Geometry":
+        return cls(**{k: tuple(v) for k, v in data.items()})
+
     def apply_to(self, image: sitk.Image) -> sitk.Image:
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)

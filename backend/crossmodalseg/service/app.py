@@ -32,7 +32,7 @@ from ..errors import user_message
 from .jobs import JobRunner, append_event, job_progress
 from .predictor_pool import PredictorPool, predict_in_worker, validate_model_in_worker
 from .store import LABEL_TAGS, Conflict, NotFound, Store, StoredFile, check_id, new_id
-from .uploads import UploadError, check_same_grid, load_checked, receive, store_image
+from .uploads import UploadError, check_same_grid, load_checked, receive, store_image, stream_to_file
 
 MAX_ARCHIVE_FILES = 64
 EVENTS_PAGE = 500
@@ -189,12 +189,12 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
         if kind == "label":
             if ("image", "") not in others:
                 raise UploadError(f"case {case_id!r} has no {modality!r} image yet; upload the image before its label")
-            check_same_grid(geometry, Geometry(**{k: tuple(v) for k, v in others["image", ""]["geometry"].items()}),
+            check_same_grid(geometry, Geometry.from_json(others["image", ""]["geometry"]),
                             f"{modality} label of case {case_id!r}")
         else:
             for (other_kind, other_tag), f in others.items():
                 if other_kind == "label":
-                    check_same_grid(Geometry(**{k: tuple(v) for k, v in f["geometry"].items()}), geometry,
+                    check_same_grid(Geometry.from_json(f["geometry"]), geometry,
                                     f"new {modality} image of case {case_id!r} vs its stored {other_tag} label")
         folder = store.dataset_folder(dataset["id"], case_id)
         name = f"image_{modality}" if kind == "image" else f"label_{modality}_{tag}"
@@ -346,7 +346,7 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
         "application/zip": {"schema": {"type": "string", "format": "binary"}}}}})
     async def import_model(request: Request, name: str | None = None) -> dict[str, Any]:
         """The body is a model archive (zip of model.json and *.safetensors, as GET /models/{id}/archive makes)."""
-        tmp = await _receive_archive(request)
+        tmp = await stream_to_file(request.stream(), store.home / "tmp", max_upload_bytes, ".zip")
         model_id = new_id()
         staging = Path(tempfile.mkdtemp(dir=store.home / "models", prefix=".import-"))
         try:
@@ -360,19 +360,6 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
             tmp.unlink(missing_ok=True)
         store.add_model(model_id, name or f"imported {meta['method']['name']} model", meta)
         return _model_view(store.model(model_id))
-
-    async def _receive_archive(request: Request) -> Path:
-        fd, name = tempfile.mkstemp(dir=store.home / "tmp", suffix=".zip")
-        size = 0
-        with os.fdopen(fd, "wb") as f:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_upload_bytes:
-                    f.close()
-                    os.unlink(name)
-                    raise UploadError("archive larger than the upload limit", 413)
-                f.write(chunk)
-        return Path(name)
 
     # ---- synchronous prediction -----------------------------------------------------------------------------
     @app.post("/predict", openapi_extra=PREDICT_BODY, response_class=FileResponse,

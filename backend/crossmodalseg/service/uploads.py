@@ -39,9 +39,10 @@ def sniff_suffix(head: bytes) -> str:
                       "data in the same file) or MetaImage (.mha)", status=415)
 
 
-async def receive(chunks: AsyncIterator[bytes], tmp_dir: Path, limit_bytes: int) -> Path:
-    """Streams a request body into a temporary file (named by its sniffed format), refusing it past `limit_bytes`."""
-    fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload.", suffix=".part")
+async def stream_to_file(chunks: AsyncIterator[bytes], tmp_dir: Path, limit_bytes: int,
+                         suffix: str = ".part") -> Path:
+    """Streams a request body into a temporary file, refusing it past `limit_bytes` (nothing is left behind)."""
+    fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload.", suffix=suffix)
     size = 0
     try:
         with os.fdopen(fd, "wb") as f:
@@ -52,14 +53,24 @@ async def receive(chunks: AsyncIterator[bytes], tmp_dir: Path, limit_bytes: int)
                                       f"(start the server with a larger --max-upload-mb)", status=413)
                 f.write(chunk)
         if size == 0:
-            raise UploadError("empty upload: send the image file as the request body", status=400)
-        with open(name, "rb") as f:
-            suffix = sniff_suffix(f.read(16))
-        path = Path(name).with_suffix(suffix)
-        os.replace(name, path)
-        return path
+            raise UploadError("empty upload: send the file as the request body", status=400)
+        return Path(name)
     except BaseException:
         Path(name).unlink(missing_ok=True)
+        raise
+
+
+async def receive(chunks: AsyncIterator[bytes], tmp_dir: Path, limit_bytes: int) -> Path:
+    """An uploaded image in a temporary file named by its sniffed format."""
+    part = await stream_to_file(chunks, tmp_dir, limit_bytes)
+    try:
+        with open(part, "rb") as f:
+            suffix = sniff_suffix(f.read(16))
+        path = part.with_suffix(suffix)
+        os.replace(part, path)
+        return path
+    except BaseException:
+        part.unlink(missing_ok=True)
         raise
 
 
