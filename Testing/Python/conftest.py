@@ -13,6 +13,10 @@ sys.path.insert(0, str(ROOT / "CrossModalSeg"))  # where Slicer puts a scripted 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: trains a model for a while (still CPU, still part of the suite)")
+
+
 def shared_data(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.exists():

@@ -88,6 +88,7 @@ def test_directions_of_the_inputs_differ(session):
     assert directions[0] != directions[1]
 
 
+@pytest.mark.slow
 def test_add_cases_train_segment_correct_and_finetune(session, tmp_path: Path):
     logic, scene, ct, mr = session["logic"], session["scene"], session["ct"], session["mr"]
     labels = logic.labels_from_segmentation(session["ct_labels"])

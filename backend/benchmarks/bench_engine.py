@@ -42,13 +42,15 @@ def make_dataset(image: Path, label: Path, root: Path) -> Path:
     return root
 
 
-def phase_train(dataset: Path, preset: str, device_name: str, iterations: int, warmup: int, queue) -> None:
+def phase_train(dataset: Path, preset: str, device_name: str, iterations: int, warmup: int,
+                peak_tflops: float | None, queue) -> None:
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from crossmodalseg.data.plan import make_plan
     from crossmodalseg.data.spec import load_spec
     from crossmodalseg.data.transforms import LoadCased
-    from crossmodalseg.engine.distributed import resolve_device
+    from crossmodalseg.engine.distributed import autocast_dtype, resolve_device
     from crossmodalseg.methods import StepContext, Task, get_method
 
     device = resolve_device(device_name)
@@ -60,11 +62,14 @@ def phase_train(dataset: Path, preset: str, device_name: str, iterations: int, w
     item = LoadCased(["ct"], plan, task.label_values)({"case": spec.cases[0]})
     preprocess_s = time.perf_counter() - t0
     stream = method.batches({"labelled": [item]}, seed=0, device=device)
-    amp = torch.bfloat16 if device.type == "cuda" else None
-    ctx = StepContext(device, amp, torch.amp.GradScaler(device.type, enabled=False))
+    amp = autocast_dtype(device)
+    ctx = StepContext(device, amp, torch.amp.GradScaler(device.type, enabled=amp == torch.float16))
     method.train_mode(True)
     for _ in range(warmup):
         method.training_step(next(stream), ctx)
+    with FlopCounterMode(display=False) as counter:  # one step's floating-point operations (forward + backward)
+        method.training_step(next(stream), ctx)
+    flops_per_step = counter.get_total_flops()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -79,7 +84,11 @@ def phase_train(dataset: Path, preset: str, device_name: str, iterations: int, w
             torch.cuda.synchronize()
         step_s += time.perf_counter() - t
     patches = iterations * plan.batch_size
-    queue.put({"plan": {k: plan.to_json()[k] for k in ("spacing", "patch_size", "filters", "batch_size", "strides")},
+    achieved = flops_per_step * iterations / step_s
+    queue.put({"precision": str(amp or torch.float32).removeprefix("torch."),
+               "flops_per_iteration": flops_per_step, "achieved_tflops": round(achieved / 1e12, 4),
+               "mfu": round(achieved / (peak_tflops * 1e12), 4) if peak_tflops else None,
+               "plan": {k: plan.to_json()[k] for k in ("spacing", "patch_size", "filters", "batch_size", "strides")},
                "preprocessed_shape": list(item["image"].shape), "preprocess_s": round(preprocess_s, 3),
                "iterations": iterations, "warmup_iterations": warmup,
                "patches_per_s": round(patches / (data_s + step_s), 3),
@@ -152,6 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tta", action="store_true")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the device's peak dense TFLOP/s at the training precision, for the MFU (e.g. 989 for an "
+                             "H100 SXM in bf16)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
@@ -169,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
             "data": {"image": str(args.image), "label": str(args.label), "size_xyz": list(reader.GetSize()),
                      "spacing_xyz": [round(s, 4) for s in reader.GetSpacing()]},
             "preset": args.preset,
-            "training": _run_phase(phase_train, dataset, args.preset, device, args.iterations, args.warmup),
+            "training": _run_phase(phase_train, dataset, args.preset, device, args.iterations, args.warmup,
+                                   args.peak_tflops),
             "prediction": _run_phase(phase_predict, dataset, args.preset, device, args.repeats, args.tta),
         }
     return write_report(report, args.out)

@@ -121,6 +121,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "dataset":
         return _dataset(args)
     if args.command == "train":
+        from .engine.budget import process_start_time
         from .engine.events import EventLog
         from .engine.trainer import TrainConfig, train
 
@@ -130,7 +131,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             device=args.device, seed=args.seed, checkpoint_every=args.checkpoint_every, val_every=args.val_every,
             val_cases=args.val_cases, hparams={k: _parse_option_value(v) for k, v in args.option},
             init_from=str(args.init_from) if args.init_from else None)
-        model = train(args.dataset, args.out, config, resume=args.resume, events=EventLog(json_stdout=args.json_events))
+        # A --minutes budget counts from the process start: imports and preprocessing are part of the run.
+        model = train(args.dataset, args.out, config, resume=args.resume, events=EventLog(json_stdout=args.json_events),
+                      started_at=process_start_time())
         print(f"model written to {model}", file=sys.stderr)
         return 0
     if args.command == "predict":

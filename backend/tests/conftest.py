@@ -26,6 +26,19 @@ SESSION_EPOCHS = int(os.environ.get("CMS_TEST_EPOCHS", "12"))
 SESSION_ITERATIONS = 25
 
 
+SLOW_FIXTURES = {"trained_single"}  # tests that need a model trained for minutes belong to the slow part
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: trains a model for a while (still CPU, still part of the suite)")
+
+
 def shared_data(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.exists():

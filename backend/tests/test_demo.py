@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 
+@pytest.mark.slow
 def test_demo_writes_a_complete_report(tmp_path: Path):
     out = tmp_path / "demo"
     run = subprocess.run([sys.executable, "-m", "crossmodalseg.cli", "demo", "--out", str(out), "--minutes", "0.4",

@@ -24,7 +24,7 @@ from crossmodalseg.engine.trainer import TrainConfig, train
 from crossmodalseg.methods import StepContext, Task, get_method
 
 SIZE, SPACING = (40, 40, 24), (4.5, 4.5, 6.0)  # the tiny phantom: 180 x 180 x 144 mm at coarse spacing
-EPOCHS = 8
+EPOCHS = 12
 ITERATIONS = 25
 
 
@@ -75,8 +75,10 @@ def mean_dice(results: dict) -> float:
 
 # ---- learning ----------------------------------------------------------------------------------------------
 # CT target carries the learning claim (Dice >= 0.75). MR target is harder on this phantom (bias field, Rician
-# noise): with the same 200 iterations a measured run gave mean Dice 0.54, so that direction must clearly work
-# (>= 0.4), not match CT.
+# noise): with 200 iterations (the earlier DynUNet recipe) a measured run gave mean Dice 0.54, so that direction must
+# clearly work (>= 0.4), not match CT. The budget is 300 iterations since the `fast` U-Net lost deep supervision:
+# a step costs a fraction of what it did, and with 200 the CT spleen was still at 0.36.
+@pytest.mark.slow
 @pytest.mark.parametrize("target,assistant,epochs,threshold", [("ct", "mr", EPOCHS, 0.75), ("mr", "ct", EPOCHS, 0.4)])
 def test_mkd_learns_in_both_directions(unpaired, tmp_path: Path, target: str, assistant: str, epochs: int,
                                        threshold: float):
@@ -92,10 +94,11 @@ def test_mkd_learns_in_both_directions(unpaired, tmp_path: Path, target: str, as
     assert meta["method"]["hparams"]["iam"] == "histogram" and meta["method"]["hparams"]["temperature"] == 2.0
 
 
+@pytest.mark.slow
 def test_maml_learns_and_predicts_with_every_modality_subset(paired, tmp_path: Path):
     dataset, test = paired
     # Full-width branches: with the paper's half width (the default) the 220-voxel phantom kidney stayed below 0.5
-    # probability after 300 iterations (soft Dice fine, argmax missing it); the CPU test budget is 200 iterations.
+    # probability after 300 iterations (soft Dice fine, argmax missing it).
     model = fit(dataset, tmp_path / "maml", "maml", "ct", ["mr"], width=1.0)
     results = evaluate_model(model, test, device="cpu")
     assert mean_dice(results) >= 0.75, format_table(results)
@@ -112,6 +115,7 @@ def test_maml_learns_and_predicts_with_every_modality_subset(paired, tmp_path: P
         assert liver > 0.6, (subset, liver)
 
 
+@pytest.mark.slow
 def test_cmc_learns_from_few_labelled_cases_plus_unlabelled_pairs(paired, tmp_path: Path):
     dataset, test = paired
     spec = json.loads((dataset / "dataset.json").read_text())

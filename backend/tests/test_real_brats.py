@@ -49,6 +49,7 @@ def brats(tmp_path_factory) -> tuple[DatasetSpec, DatasetSpec]:
     return train_spec, test_spec
 
 
+@pytest.mark.slow
 def test_single_on_real_brats_finds_the_tumour_in_the_input_geometry(brats, tmp_path: Path):
     train_spec, test_spec = brats
     config = TrainConfig(method="single", target="flair", assistants=["t1c"], epochs=8, iterations_per_epoch=25,

@@ -13,11 +13,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+from .gate import ImageError, Limits, gated
 
-
-class ImageError(ValueError):
-    """An image file that cannot be used; the message names the file and the problem."""
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 @dataclass(frozen=True)
@@ -62,37 +60,24 @@ class Geometry:
         return image
 
 
-def read_image(path: str | Path, require_3d: bool = True) -> sitk.Image:
-    """Reads a 3D image; raises ImageError for missing, unreadable, non-3D or multi-component files."""
-    path = Path(path)
-    if not path.exists():
-        raise ImageError(f"{path}: file not found")
-    if path.name.lower().endswith(".gz"):
-        check_gzip_complete(path)
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        reason = next((line for line in first if "ERROR" in line or "Exception" in line), first[0] if first else "")
-        raise ImageError(f"{path}: not a readable image (corrupt or unsupported format): {reason.strip()[:200]}") from None
+def read_image(path: str | Path, require_3d: bool = True, limits: Limits = Limits(), name: str | None = None
+               ) -> sitk.Image:
+    """Reads a 3D image through the gate (data.gate: no detached headers, no size bombs, no truncated data);
+    raises ImageError for missing, refused, unreadable, non-3D or multi-component files. `name` is how messages
+    call the file (default: its path)."""
+    name = name or str(path)
+    with gated(path, limits, name) as readable:
+        try:
+            image = sitk.ReadImage(str(readable))
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            reason = next((line for line in first if "ERROR" in line or "Exception" in line), first[0] if first else "")
+            reason = reason.replace(str(readable), name)
+            raise ImageError(f"{name}: not a readable image (corrupt or unsupported format): {reason.strip()[:200]}"
+                             ) from None
     if require_3d:
-        check_3d(image, path)
+        check_3d(image, name)
     return image
-
-
-def check_gzip_complete(path: Path) -> None:
-    """ITK reads a truncated .nii.gz without complaint (the missing voxels come back as zeros): decompress the whole
-    stream once so that a cut-off download or copy is refused."""
-    import gzip
-    import zlib
-
-    try:
-        with gzip.open(path, "rb") as f:
-            while f.read(1 << 22):
-                pass
-    except (EOFError, OSError, zlib.error) as e:
-        raise ImageError(f"{path}: not a readable image: corrupt or truncated gzip file ({e}); copy or "
-                         f"download it again") from None
 
 
 def check_3d(image: sitk.Image, name: str | Path = "image") -> None:

@@ -1,35 +1,69 @@
-"""Endless patch streams over preprocessed (cached) case items."""
+"""Endless patch streams over preprocessed (cached) case items.
+
+Batch k of a stream is a pure function of (seed, k): which case it comes from and every random choice of its
+transforms (crop positions, augmentation) are drawn from a generator seeded with (seed, k). So the stream is the same
+with 0 or N loader workers (each worker computes whole batches, and no two batches share random draws), and a resumed
+run continues exactly where the interrupted one stopped by starting at its next batch index.
+"""
 
 from __future__ import annotations
 
+import copy
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
-from monai.data import Dataset, MetaTensor, list_data_collate
-from torch.utils.data import DataLoader, RandomSampler
+from monai.data import MetaTensor, list_data_collate
+from torch.utils.data import DataLoader, Dataset
+
+from .transforms import CLASS_INDICES
+
+
+def batch_seed(seed: int, index: int) -> np.random.Generator:
+    """The generator for batch `index` of a stream seeded with `seed` (independent streams for any two pairs)."""
+    return np.random.default_rng([int(seed) % 2**63, int(index)])
+
+
+class PatchBatches(Dataset):
+    """Batch `index` = one case drawn at random, several patches from it (the transform decides how many, e.g.
+    RandCropByLabelClassesd with num_samples=B), collated to tensors (B, C, ...)."""
+
+    def __init__(self, items: Sequence[dict], transform: Callable, seed: int, keys: Sequence[str]):
+        if not items:
+            raise ValueError("no training cases for this data stream")
+        # Only the arrays (and the class positions) travel through the transforms and the collate.
+        self.items = [{k: item[k] for k in (*keys, CLASS_INDICES) if k in item} for item in items]
+        self.transform = copy.deepcopy(transform)  # its random state is ours to set
+        self.seed, self.keys = seed, list(keys)
+
+    def __len__(self) -> int:
+        return 1 << 62  # endless; a sampler picks the indices
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = batch_seed(self.seed, index)
+        item = self.items[int(rng.integers(len(self.items)))]
+        if hasattr(self.transform, "set_random_state"):
+            self.transform.set_random_state(seed=int(rng.integers(2**32)))
+        patches = self.transform(dict(item))
+        batch = list_data_collate(patches if isinstance(patches, list) else [patches])
+        return {k: _plain(batch[k]) for k in self.keys if k in batch}
 
 
 def patch_stream(items: Sequence[dict], transform: Callable, seed: int, device: torch.device,
-                 keys: Sequence[str] = ("image", "label"), num_workers: int | None = None) -> Iterator[dict]:
-    """Yields batches of patches forever: one case drawn at random per batch, several patches from it.
-
-    The transform (e.g. RandCropByLabelClassesd with num_samples=B) decides how many patches a case gives.
-    """
-    if not items:
-        raise ValueError("no training cases for this data stream")
+                 keys: Sequence[str] = ("image", "label"), num_workers: int | None = None,
+                 start: int = 0) -> Iterator[dict]:
+    """Yields batches `start`, `start + 1`, ... of the stream (seed, items, transform), on `device`, forever."""
+    dataset = PatchBatches(items, transform, seed, keys)
     if num_workers is None:
         num_workers = 0 if device.type == "cpu" else 4  # on a 2-core CPU a worker only competes with training
-    # Only the arrays travel through the random transforms and the collate (grids and ids stay behind).
-    dataset = Dataset(data=[{k: it[k] for k in keys if k in it} for it in items], transform=transform)
-    generator = torch.Generator().manual_seed(seed)
-    sampler = RandomSampler(dataset, replacement=True, num_samples=1 << 30, generator=generator)
-    if hasattr(transform, "set_random_state"):
-        transform.set_random_state(seed=seed % (2**32))
-    loader = DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=num_workers,
-                        collate_fn=list_data_collate, pin_memory=device.type == "cuda",
-                        persistent_workers=num_workers > 0)
+    # Its own generator: a loader draws a base seed from the global one when iterated, which would shift the
+    # global random state that the training steps use (and break exact resume). Batches never use that seed.
+    loader = DataLoader(dataset, batch_size=None, sampler=itertools.count(start), num_workers=num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                        prefetch_factor=2 if num_workers > 0 else None, generator=torch.Generator().manual_seed(seed))
     for batch in loader:
-        yield {k: _plain(batch[k]).to(device, non_blocking=True) for k in keys if k in batch}
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _plain(x) -> torch.Tensor:

@@ -8,6 +8,7 @@ Conventions: every spatial quantity in the plan is in array order (z, y, x), as 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,26 +21,37 @@ from .spec import DatasetSpec
 
 @dataclass(frozen=True)
 class Preset:
-    """Network width and patch budget. `fast` fits a CPU or a small GPU; `full` is the accuracy setting on a GPU."""
+    """Network, patch and training defaults. `fast` is tuned for accuracy per minute on a CPU (and trains in minutes
+    on a GPU); `full` is nnU-Net's accuracy setting for a GPU. The numbers behind `fast` are measured by
+    backend/benchmarks/bench_recipe.py (RESULTS.md)."""
 
     name: str
     filters: tuple[int, ...]
     max_patch: tuple[int, int, int]  # largest patch edge per axis (z, y, x)
     max_patch_voxels: int
     batch_size: int
-    max_image_edge: int | None  # coarsen the spacing until the median image has at most this many voxels per axis
+    max_image_voxels: int | None  # coarsen the finest axes until the median image has at most this many voxels
     iterations_per_epoch: int
     learning_rate: float
-    deep_supervision_heads: int  # extra low-resolution heads (each costs a full-size loss on CPU)
+    deep_supervision_heads: int  # extra heads on coarser decoder levels
+    first_stride: int  # 2: the network's first convolution strides (nothing but a transposed conv at full size)
+    convs_per_level: int
+    restore_channels: int  # channels brought back to full resolution when first_stride > 1
+    augment: bool  # spatial and intensity augmentation of patches
+    foreground_fraction: float  # patches centred on a structure (equally often per structure); the rest anywhere
 
+
+STRIDED_STEM_MAX_SPACING_MM = 2.5
 
 PRESETS: dict[str, Preset] = {
-    "fast": Preset("fast", filters=(16, 32, 64, 128), max_patch=(64, 64, 64), max_patch_voxels=96 * 1024,
-                   batch_size=2, max_image_edge=128, iterations_per_epoch=25, learning_rate=3e-3,
-                   deep_supervision_heads=1),
+    "fast": Preset("fast", filters=(16, 32, 64, 128), max_patch=(48, 48, 48), max_patch_voxels=48 ** 3,
+                   batch_size=4, max_image_voxels=1_200_000, iterations_per_epoch=50, learning_rate=2e-3,
+                   deep_supervision_heads=0, first_stride=2, convs_per_level=2, restore_channels=8, augment=False,
+                   foreground_fraction=0.8),
     "full": Preset("full", filters=(32, 64, 128, 256, 320, 320), max_patch=(128, 160, 160),
-                   max_patch_voxels=128 * 128 * 128, batch_size=2, max_image_edge=None, iterations_per_epoch=250,
-                   learning_rate=1e-3, deep_supervision_heads=2),
+                   max_patch_voxels=128 * 128 * 128, batch_size=2, max_image_voxels=None, iterations_per_epoch=250,
+                   learning_rate=1e-3, deep_supervision_heads=3, first_stride=1, convs_per_level=2,
+                   restore_channels=0, augment=True, foreground_fraction=0.33),
 }
 
 
@@ -97,6 +109,10 @@ class Plan:
     iterations_per_epoch: int
     learning_rate: float
     deep_supervision_heads: int
+    convs_per_level: int = 2
+    restore_channels: int = 0
+    augment: bool = True
+    foreground_fraction: float = 1.0
     normalisation: dict[str, Normalisation] = field(default_factory=dict)
     statistics: dict[str, Any] = field(default_factory=dict)
 
@@ -119,13 +135,16 @@ class Plan:
 
 
 def collect_statistics(spec: DatasetSpec, modalities: list[str], max_samples_per_case: int = 20000,
-                       seed: int = 0) -> dict[str, Any]:
-    """Spacings and sizes of the reference modality's images, and CT foreground intensity percentiles."""
+                       seed: int = 0, exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """Spacings and sizes of the reference modality's images, and CT foreground intensity percentiles, over the
+    cases not in `exclude` (validation cases must not shape the preprocessing they are scored with)."""
     rng = np.random.default_rng(seed)
     reference = modalities[0]
     spacings, sizes = [], []
     intensities: dict[str, list[np.ndarray]] = {m: [] for m in modalities if spec.modalities[m] == "CT"}
     for case in spec.cases:
+        if case.id in exclude:
+            continue
         if reference in case.images:
             image = read_image(case.images[reference])
             spacings.append(list(image.GetSpacing())[::-1])
@@ -159,10 +178,12 @@ def _label_on(label: sitk.Image, image: sitk.Image) -> sitk.Image:
     return resample_to_grid(label, image, "nearest")
 
 
-def make_plan(spec: DatasetSpec, modalities: list[str], preset: str | Preset = "fast") -> Plan:
-    """The plan for training a member on `modalities` (the first is the reference grid) of `spec`."""
+def make_plan(spec: DatasetSpec, modalities: list[str], preset: str | Preset = "fast",
+              exclude: Sequence[str] = ()) -> Plan:
+    """The plan for training a member on `modalities` (the first is the reference grid) of `spec`, from the
+    statistics of the cases not in `exclude`."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    stats = collect_statistics(spec, modalities)
+    stats = collect_statistics(spec, modalities, exclude=exclude)
     normalisation = {}
     for m in modalities:
         kind = spec.modalities[m]
@@ -185,15 +206,33 @@ def plan_from_statistics(stats: dict[str, Any], preset: Preset, normalisation: d
     if spacing[worst] > 3 * max(spacing[others]):
         spacing[worst] = max(np.percentile(spacings[:, worst], 10), 3 * max(spacing[others]))
     extent = np.median(sizes * spacings, axis=0)  # physical size (mm)
-    if preset.max_image_edge:
-        # CPU-friendly: coarsen until the median image has at most max_image_edge voxels along every axis.
-        spacing = np.maximum(spacing, extent / preset.max_image_edge)
+    if preset.max_image_voxels:
+        spacing = coarsen_to_voxels(spacing, extent, preset.max_image_voxels)
     shape = np.maximum(np.round(extent / spacing), 1).astype(int)
     patch, strides, kernels = network_topology(shape, spacing, preset)
     return Plan(preset=preset.name, spacing=[float(s) for s in spacing], patch_size=patch, strides=strides,
                 kernels=kernels, filters=list(preset.filters[: len(strides)]), batch_size=preset.batch_size,
                 iterations_per_epoch=preset.iterations_per_epoch, learning_rate=preset.learning_rate,
-                deep_supervision_heads=preset.deep_supervision_heads, normalisation=normalisation, statistics=stats)
+                deep_supervision_heads=preset.deep_supervision_heads, convs_per_level=preset.convs_per_level,
+                restore_channels=preset.restore_channels, augment=preset.augment,
+                foreground_fraction=preset.foreground_fraction, normalisation=normalisation, statistics=stats)
+
+
+def coarsen_to_voxels(spacing: np.ndarray, extent: np.ndarray, max_voxels: int) -> np.ndarray:
+    """The spacing at which an image of `extent` mm has at most `max_voxels` voxels, reached by coarsening the finest
+    axes to one common spacing (so isotropic data stay isotropic, and a thick-slice axis is left as it is)."""
+    spacing = np.asarray(spacing, dtype=float)
+
+    def voxels(common: float) -> float:
+        return float(np.prod(extent / np.maximum(spacing, common)))
+
+    if voxels(0.0) <= max_voxels:
+        return spacing
+    lo, hi = float(spacing.min()), float(max(spacing.max(), extent.max()))
+    for _ in range(60):  # bisection on the common spacing of the fine axes
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if voxels(mid) <= max_voxels else (mid, hi)
+    return np.maximum(spacing, hi)
 
 
 def network_topology(shape: np.ndarray, spacing: np.ndarray, preset: Preset
@@ -202,20 +241,23 @@ def network_topology(shape: np.ndarray, spacing: np.ndarray, preset: Preset
 
     An axis is downsampled only while its spacing is within 2x of the finest axis (so anisotropic data first
     becomes isotropic) and while the patch stays at least 8 voxels long; kernels are 1 along axes still too coarse.
+    Level 0 strides too when the preset says so (`first_stride`), along axes of at most
+    STRIDED_STEM_MAX_SPACING_MM: on the phantom at 3 mm a strided stem missed the 220-voxel kidney after 300
+    iterations (Dice 0.0; 0.91 without it), while on BraTS at 2 mm it gave the best Dice per minute.
     """
     patch = np.minimum(shape, preset.max_patch).astype(int)
     while np.prod(patch) > preset.max_patch_voxels:
         patch[int(np.argmax(patch / np.asarray(preset.max_patch)))] -= 8
     patch = np.maximum(patch, 8)
-    max_levels = len(preset.filters) - 1
     current_spacing = np.asarray(spacing, dtype=float).copy()
     current_size = patch.astype(float).copy()
-    strides, kernels = [[1, 1, 1]], []
-    kernels.append([3 if s <= 2 * current_spacing.min() else 1 for s in current_spacing])
-    for _ in range(max_levels):
+    strides, kernels = [], []
+    for level in range(len(preset.filters)):
         fine = current_spacing <= 2 * current_spacing.min()
         can = fine & (current_size >= 8)  # the coarsest feature map keeps at least 4 voxels per axis
-        if not can.any():
+        if level == 0:  # a strided stem only where the first feature grid still resolves small structures
+            can = can & (preset.first_stride > 1) & (current_spacing <= STRIDED_STEM_MAX_SPACING_MM)
+        elif level > 0 and not can.any():
             break
         stride = [2 if c else 1 for c in can]
         current_spacing = current_spacing * np.asarray(stride)

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 from monai.transforms import (
+    BorderPad,
+    ClassesToIndices,
     Compose,
     MapTransform,
     RandAffined,
@@ -24,7 +26,6 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropSamplesd,
-    SpatialPadd,
 )
 
 from .geometry import grid_with_spacing, resample_to_grid
@@ -118,25 +119,53 @@ def augmentations(keys: Sequence[str], image_keys: Sequence[str], label_keys: Se
     ]
 
 
-def labelled_patch_transform(patch_size: Sequence[int], num_classes: int, samples_per_volume: int = 2,
-                             augment: bool = True) -> Compose:
-    """Patches centred on each class equally often (background included)."""
+CLASS_INDICES = "label_cls_indices"
+
+
+def patch_ready(item: dict[str, Any], plan: Plan, num_classes: int | None = None) -> dict[str, Any]:
+    """A loaded case made ready for patch sampling, once: image (edge values) and label (background) padded to at
+    least the patch size, and for a labelled case where each class lies (MONAI's ClassesToIndices), so that
+    class-balanced cropping does not scan the whole volume for every batch (on a CPU that scan cost more than the
+    training step itself: backend/benchmarks/RESULTS.md)."""
+    shape = np.asarray(item["image"].shape[1:])
+    missing = np.maximum(np.asarray(plan.patch_size) - shape, 0)
+    out = dict(item)
+    if missing.any():
+        border = [int(v) for m in missing for v in (m // 2, m - m // 2)]
+        out["image"] = np.asarray(BorderPad(border, mode="edge")(item["image"]))
+        if "label" in item:
+            out["label"] = np.asarray(BorderPad(border, mode="constant")(item["label"]))
+    if num_classes is not None and "label" in out:
+        out[CLASS_INDICES] = [np.asarray(i) for i in ClassesToIndices(num_classes=num_classes)(out["label"])]
+    return out
+
+
+def class_ratios(num_classes: int, foreground_fraction: float) -> list[float]:
+    """Sampling weights of the patch centres' classes: `foreground_fraction` of the patches centred on a structure,
+    every structure equally often (so small ones are seen as often as large ones), the rest on background (which,
+    being most of the image, means anywhere: what keeps false positives far from the structures in check)."""
+    structures = num_classes - 1
+    if structures == 0 or foreground_fraction >= 1:
+        return [0.0] + [1.0] * structures if structures else [1.0]
+    return [structures * (1 - foreground_fraction) / max(foreground_fraction, 1e-6)] + [1.0] * structures
+
+
+def labelled_patch_transform(plan: Plan, num_classes: int) -> Compose:
+    """`plan.batch_size` patches of one patch-ready case (see patch_ready), their centres drawn by
+    class_ratios, augmented when the plan says so."""
     keys = ["image", "label"]
     return Compose([
-        SpatialPadd(keys=keys, spatial_size=list(patch_size), mode="edge"),
-        RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=list(patch_size),
-                                ratios=[1] * num_classes, num_classes=num_classes, num_samples=samples_per_volume,
-                                warn=False),
-        *(augmentations(keys, ["image"], ["label"]) if augment else []),
+        RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=list(plan.patch_size),
+                                ratios=class_ratios(num_classes, plan.foreground_fraction), num_classes=num_classes,
+                                num_samples=plan.batch_size, indices_key=CLASS_INDICES, warn=False),
+        *(augmentations(keys, ["image"], ["label"]) if plan.augment else []),
     ])
 
 
-def unlabelled_patch_transform(patch_size: Sequence[int], samples_per_volume: int = 2,
-                               augment: bool = True) -> Compose:
-    """Random patches for unlabelled images: never touches a label."""
+def unlabelled_patch_transform(plan: Plan) -> Compose:
+    """`plan.batch_size` random patches of a patch-ready unlabelled case: never touches a label."""
     return Compose([
-        SpatialPadd(keys=["image"], spatial_size=list(patch_size), mode="edge"),
-        RandSpatialCropSamplesd(keys=["image"], roi_size=list(patch_size), num_samples=samples_per_volume,
+        RandSpatialCropSamplesd(keys=["image"], roi_size=list(plan.patch_size), num_samples=plan.batch_size,
                                 random_size=False),
-        *(augmentations(["image"], ["image"], []) if augment else []),
+        *(augmentations(["image"], ["image"], []) if plan.augment else []),
     ])

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..data.spec import write_json_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one U-Net class for every method (networks of version 1 do not load)
 MODEL_FILE = "model.json"
 
 
@@ -90,7 +90,7 @@ def read_model_meta(folder: Path) -> dict[str, Any]:
         raise ModelFolderError(f"{path}: corrupt JSON ({e})") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise ModelFolderError(f"{path}: format version {meta.get('format_version')!r}, this crossmodalseg reads "
-                               f"version {FORMAT_VERSION}")
+                               f"version {FORMAT_VERSION}; train the model again with this version")
     return meta
 
 
@@ -123,8 +123,41 @@ def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The global random generators (torch CPU and CUDA, NumPy, Python) as tensors and JSON."""
+    import random
+
+    import numpy as np
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = state
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return tensors, {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+                     "python": [version, list(internal), gauss_next]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, keys, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = meta["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
 def save_checkpoint(folder: Path, epoch: int, nets: dict[str, torch.nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer], trainer_state: dict[str, Any], keep: int = 1) -> Path:
+    """Weights, optimiser states, `trainer_state` (JSON) and the random generators' states, in a new folder
+    renamed into place, then `latest.json` pointing at it."""
     root = Path(folder) / "checkpoint"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"ckpt-{epoch:05d}"
@@ -137,7 +170,10 @@ def save_checkpoint(folder: Path, epoch: int, nets: dict[str, torch.nn.Module],
             tensors, meta = _optimizer_to_tensors(opt)
             save_tensors(tmp / f"optim.{name}.safetensors", tensors)
             optim_meta[name] = meta
-        write_json_atomic(tmp / "state.json", {"epoch": epoch, "trainer": trainer_state, "optimizers": optim_meta})
+        rng_tensors, rng_meta = rng_state()
+        save_tensors(tmp / "rng.safetensors", rng_tensors)
+        write_json_atomic(tmp / "state.json", {"epoch": epoch, "trainer": trainer_state, "optimizers": optim_meta,
+                                               "rng": rng_meta})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -164,10 +200,13 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def load_checkpoint(path: Path, nets: dict[str, torch.nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
+    """Restores weights, optimiser states and the random generators; returns the checkpoint's state.json."""
     state = json.loads((Path(path) / "state.json").read_text())
     for name, net in nets.items():
         load_network(Path(path) / f"net.{name}.safetensors", net, "of this run")
     for name, opt in optimizers.items():
         _optimizer_from_tensors(opt, load_tensors(Path(path) / f"optim.{name}.safetensors"),
                                 state["optimizers"][name])
+    if state.get("rng") and (Path(path) / "rng.safetensors").exists():
+        set_rng_state(load_tensors(Path(path) / "rng.safetensors"), state["rng"])
     return state

@@ -37,6 +37,16 @@ class DistContext:
         dist.broadcast(t, src=0)
         return bool(t.item())
 
+    def broadcast_value(self, value: float) -> float:
+        """Rank 0's value (e.g. the training progress that sets the learning rate) for every rank."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.broadcast(t, src=0)
+        return float(t.item())
+
     def mean(self, value: float) -> float:
         if not self.enabled:
             return value
@@ -65,7 +75,29 @@ def shutdown_distributed(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def resolve_device(name: str = "auto", ctx: DistContext | None = None) -> torch.device:
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX): there, bf16 autocast roughly halves a
+    3D U-Net's time (backend/benchmarks/RESULTS.md); elsewhere it would be emulated, and slower than float32."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # another PyTorch build: do not guess
+        return False
+
+
+def autocast_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """The mixed-precision type for training and prediction on `device`, None for float32.
+
+    CUDA: bfloat16 where the GPU has it, else float16 (with a gradient scaler); CPU: bfloat16 where native."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":

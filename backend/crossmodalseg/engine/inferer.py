@@ -1,5 +1,6 @@
-"""Whole-volume prediction: MONAI sliding windows (gaussian blending, batched windows, optional mirror TTA, AMP on
-GPU); the result is mapped back onto the target input's own grid and written with its exact geometry."""
+"""Whole-volume prediction: MONAI sliding windows (gaussian blending, batched windows, optional mirror TTA, bfloat16
+where the device has it); the result is mapped back onto the target input's own grid and written with its exact
+geometry."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from ..data.plan import Plan
 from ..data.transforms import load_case_arrays
 from ..methods import Method, Task, get_method
 from .checkpoint import load_weights, read_model_meta
-from .distributed import resolve_device
+from .distributed import autocast_dtype, resolve_device
 
 
 def build_method(meta: dict[str, Any]) -> Method:
@@ -38,28 +39,37 @@ def mirror_axes(tta: bool) -> list[tuple[int, ...]]:
     return [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]
 
 
+AUTO = "auto"
+
+
 @torch.no_grad()
 def predict_probabilities(method: Method, image: np.ndarray | torch.Tensor, available: Sequence[str],
                           device: torch.device, tta: bool = False, overlap: float = 0.5,
-                          sw_batch_size: int | None = None) -> dict[str, torch.Tensor]:
-    """Softmax probabilities (K, Z, Y, X) of every member for a preprocessed image (C, Z, Y, X)."""
+                          sw_batch_size: int | None = None, blend: str = "gaussian",
+                          amp_dtype: torch.dtype | None | str = AUTO) -> dict[str, torch.Tensor]:
+    """Softmax probabilities (K, Z, Y, X) of every member for a preprocessed image (C, Z, Y, X).
+
+    `amp_dtype` "auto": bfloat16 where the device computes it natively (GPUs, and CPUs with AVX-512 BF16 or AMX),
+    else float32. Windows go `sw_batch_size` at a time: 2 on a CPU, where a batch of one sends most 3D convolutions
+    to PyTorch's slow native kernel instead of oneDNN (measured in backend/benchmarks/RESULTS.md)."""
     method.train_mode(False)
     x = torch.as_tensor(image, dtype=torch.float32)[None].to(device)
     names: list[str] = []
     num_classes = method.task.num_classes
+    dtype = autocast_dtype(device) if amp_dtype == AUTO else amp_dtype
 
     def window(patch: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
+        with torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext():
             logits = method.member_logits(patch, available)
         names[:] = list(logits)
         return torch.cat([logits[n].float() for n in logits], dim=1)
 
-    sw_batch_size = sw_batch_size or (4 if device.type == "cuda" else 1)
+    sw_batch_size = sw_batch_size or (4 if device.type == "cuda" else 2)
     total = None
     for axes in mirror_axes(tta):
         flipped = torch.flip(x, axes) if axes else x
         logits = sliding_window_inference(flipped, roi_size=method.plan.patch_size, sw_batch_size=sw_batch_size,
-                                          predictor=window, overlap=overlap, mode="gaussian", padding_mode="edge")
+                                          predictor=window, overlap=overlap, mode=blend, padding_mode="edge")
         if axes:
             logits = torch.flip(logits, axes)
         probs = torch.cat([torch.softmax(chunk, dim=1) for chunk in torch.split(logits, num_classes, dim=1)], dim=1)
@@ -116,7 +126,10 @@ class Predictor:
     """Loads a model folder once and segments cases."""
 
     def __init__(self, model_dir: str | Path, device: str = "auto", tta: bool = False, overlap: float = 0.5,
-                 sw_batch_size: int | None = None):
+                 sw_batch_size: int | None = None, precision: str = "auto"):
+        """`precision`: "auto" (bfloat16 where the device has it natively, else float32) or "float32"."""
+        if precision not in ("auto", "float32"):
+            raise ValueError(f"precision {precision!r}: use auto or float32")
         self.model_dir = Path(model_dir)
         self.meta = read_model_meta(self.model_dir)
         self.device = resolve_device(device)
@@ -125,6 +138,7 @@ class Predictor:
         self.method.to(self.device)
         self.method.train_mode(False)
         self.tta, self.overlap, self.sw_batch_size = tta, overlap, sw_batch_size
+        self.amp_dtype = autocast_dtype(self.device, enabled=precision == "auto")
 
     @property
     def task(self) -> Task:
@@ -143,23 +157,26 @@ class Predictor:
             raise ImageError(f"no input image for this model; give {' and '.join(self.method.input_modalities())}")
         arrays = load_case_arrays(loaded, available, self.method.plan)
         probs = predict_probabilities(self.method, arrays["image"], available, self.device, self.tta, self.overlap,
-                                      self.sw_batch_size)
+                                      self.sw_batch_size, amp_dtype=self.amp_dtype)
         ensemble = self.method.ensemble(probs)
         # The output lives on the grid of the first available input (the target when it is given).
         output_grid = Geometry.of(loaded[available[0]])
-        label_values = np.asarray(self.task.label_values)
-        dtype = np.uint8 if label_values.max() < 256 else np.uint16
+        values = np.asarray(self.task.label_values)
+        lookup = values.astype(np.uint8 if values.max() < 256 else np.uint16)
+        identity = np.array_equal(values, np.arange(len(values))) and lookup.dtype == np.uint8
 
         def to_output(p: torch.Tensor) -> np.ndarray:
             return back_to_grid(p, arrays["grid"], output_grid)
 
+        def label_image(index: np.ndarray) -> sitk.Image:  # class indices -> the dataset's label values
+            return from_array(index if identity else lookup[index], output_grid)
+
         ensemble_index = to_output(ensemble)
-        result = PredictionResult(label=from_array(label_values[ensemble_index].astype(dtype), output_grid))
+        result = PredictionResult(label=label_image(ensemble_index))
         if members or uncertainty:
             member_index = {name: to_output(p) for name, p in probs.items()}
             if members:
-                result.members = {n: from_array(label_values[i].astype(dtype), output_grid)
-                                  for n, i in member_index.items()}
+                result.members = {n: label_image(i) for n, i in member_index.items()}
             if uncertainty:
                 mi = mutual_information(list(probs.values())).numpy().astype(np.float32)
                 mi_image = from_array(mi, arrays["grid"])
@@ -169,19 +186,28 @@ class Predictor:
                     f"{a}~{b}": dice_between(member_index[a], member_index[b], self.task.structures)
                     for a, b in itertools.combinations(names, 2)}
         result.info = {"inputs": available, "members": list(probs), "seconds": round(time.perf_counter() - started, 3),
-                       "device": str(self.device), "tta": self.tta}
+                       "device": str(self.device), "precision": str(self.amp_dtype or torch.float32).removeprefix("torch."), "tta": self.tta}
         return result
 
 
 def back_to_grid(probabilities: torch.Tensor, grid: Geometry, output: Geometry) -> np.ndarray:
-    """Class-index map on `output` from probabilities (K, Z, Y, X) on `grid`: each class's probability is
-    resampled by world coordinates (linear), then argmax, so boundaries stay smooth at any resolution change."""
-    probs = probabilities.numpy().astype(np.float32)
+    """Class-index map (uint8, or uint16 past 255 classes) on `output` from probabilities (K, Z, Y, X) on `grid`:
+    each class's probability is resampled by world coordinates (linear) and compared with the running maximum, so
+    boundaries stay smooth at any resolution change while at most two output-sized float arrays exist at a time.
+    Voxels outside the processed box have probability 0 everywhere and get class 0 (background)."""
+    probs = probabilities.numpy()
+    dtype = np.uint8 if probs.shape[0] <= 256 else np.uint16
     if grid.matches(output, tolerance=1e-6):
-        return probs.argmax(0).astype(np.int64)
-    resampled = [sitk.GetArrayFromImage(resample_to_grid(from_array(p, grid), output, "linear", default=0.0))
-                 for p in probs]
-    # Voxels outside the processed box get background.
-    stack = np.stack(resampled)
-    stack[0] += (stack.sum(0) < 1e-3)
-    return stack.argmax(0).astype(np.int64)
+        return probs.argmax(0).astype(dtype)
+    best = index = None
+    for k in range(probs.shape[0]):
+        image = resample_to_grid(from_array(np.ascontiguousarray(probs[k], dtype=np.float32), grid), output,
+                                 "linear", default=0.0)
+        resampled = sitk.GetArrayViewFromImage(image)  # a view: valid while `image` lives
+        if best is None:
+            best, index = resampled.copy(), np.zeros(resampled.shape, dtype=dtype)
+            continue
+        higher = resampled > best
+        index[higher] = k
+        np.maximum(best, resampled, out=best)
+    return index

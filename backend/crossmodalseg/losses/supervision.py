@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
 
@@ -22,14 +23,22 @@ class SegLoss(nn.Module):
 
 
 def deep_supervision_weights(n: int) -> list[float]:
-    """Weights 1, 1/2, 1/4 ... normalised to sum to 1 (nnU-Net's scheme without the lowest head)."""
+    """Weights 1, 1/2, 1/4 ... normalised to sum to 1 (METHODS.md: w ∝ [1, 1/2, 1/4, 1/8], nnU-Net's scheme)."""
     raw = [0.5 ** i for i in range(n)]
     total = sum(raw)
     return [w / total for w in raw]
 
 
+def label_at(target: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Class indices (B, 1, ...) brought down to a coarser grid by nearest-neighbour sampling."""
+    if tuple(target.shape[2:]) == tuple(size):
+        return target
+    return F.interpolate(target.float(), size=list(size), mode="nearest-exact").to(target.dtype)
+
+
 class DeepSupervisionLoss(nn.Module):
-    """Weighted sum of SegLoss over the heads of a deep-supervised network (all heads at full resolution)."""
+    """Weighted sum of SegLoss over the heads of a deep-supervised network; a head at a coarser resolution is scored
+    against the label brought down to it (cheaper than bringing its logits up)."""
 
     def __init__(self):
         super().__init__()
@@ -39,4 +48,4 @@ class DeepSupervisionLoss(nn.Module):
         if isinstance(outputs, torch.Tensor):
             return self.seg(outputs, target)
         weights = deep_supervision_weights(len(outputs))
-        return sum(w * self.seg(o, target) for w, o in zip(weights, outputs))
+        return sum(w * self.seg(o, label_at(target, o.shape[2:])) for w, o in zip(weights, outputs))

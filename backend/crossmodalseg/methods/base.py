@@ -70,6 +70,13 @@ class StepContext:
 Batch = dict[str, Any]
 
 
+def keep_in_graph(*outputs: torch.Tensor) -> torch.Tensor | float:
+    """0 x the sum of outputs that a step computes but does not otherwise use: every parameter then receives a
+    (zero) gradient, as DDP requires of every rank in every step (a branch that modality dropout left out, a decoder
+    whose labels this batch lacks)."""
+    return sum((0.0 * o.float().sum() for o in outputs), 0.0)
+
+
 @dataclass
 class Stream:
     """One kind of training data a method draws from: these cases, loaded with these modalities (the first is the
@@ -108,9 +115,13 @@ class Method(ABC):
     def members(self) -> dict[str, list[str]]:
         """Ensemble member name -> the modalities it needs at inference."""
 
-    def input_modalities(self) -> list[str]:
+    @classmethod
+    def inputs_for(cls, task: Task) -> list[str]:
         """Modalities stacked as input channels at inference, in order (the first is the output grid)."""
-        return [self.task.target, *self.task.assistants]
+        return [task.target, *task.assistants]
+
+    def input_modalities(self) -> list[str]:
+        return self.inputs_for(self.task)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         if not hasattr(self, "_optimizers"):
@@ -140,19 +151,25 @@ class Method(ABC):
         """The data streams this method trains on (e.g. {"labelled": Stream(...)}); the trainer preprocesses their
         cases once, removes validation cases from labelled streams and hands the items to batches()."""
 
+    @classmethod
+    def scorable_cases(cls, task: Task, spec: DatasetSpec) -> list[Case]:
+        """Cases that can be scored: the target modality with its label and every input modality present. (A class
+        method: the trainer holds validation cases out before the plan, and so the networks, exist.)"""
+        needed = cls.inputs_for(task)
+        return [c for c in spec.cases if all(m in c.images for m in needed) and c.label_for(task.target) is not None]
+
     def validation_cases(self, spec: DatasetSpec) -> list[Case]:
-        """Cases that can be scored: the target modality with its label and every input modality present."""
-        needed = self.input_modalities()
-        return [c for c in spec.cases
-                if all(m in c.images for m in needed) and c.label_for(self.task.target) is not None]
+        return self.scorable_cases(self.task, spec)
 
     def prepare(self, items: dict[str, list[dict]], fresh: bool) -> None:
         """Called once the training items are loaded, before the first step; `fresh` is False when resuming or
         fine-tuning (then trained weights are in place and must not be re-initialised)."""
 
     @abstractmethod
-    def batches(self, items: dict[str, list[dict]], seed: int, device: torch.device) -> Iterator[Batch]:
-        """An endless stream of training batches built from preprocessed case items (see data.transforms)."""
+    def batches(self, items: dict[str, list[dict]], seed: int, device: torch.device, start: int = 0
+                ) -> Iterator[Batch]:
+        """An endless stream of training batches built from preprocessed case items (see data.transforms),
+        beginning with batch `start` (each batch is a function of (seed, its index): see data.loaders)."""
 
     # ---- training -----------------------------------------------------------------------------------------
     @abstractmethod

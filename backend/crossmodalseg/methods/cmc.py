@@ -29,12 +29,12 @@ from ..data.transforms import labelled_patch_transform, unlabelled_patch_transfo
 from ..losses.consistency import channel_semantic_consistency, soft_dice_consistency
 from ..losses.supervision import DeepSupervisionLoss
 from ..nets.fusion import ChannelAttention, UnifiedFusion
-from ..nets.unet import BranchUNet, UNetConfig
-from .base import Batch, Method, StepContext, Stream
+from ..nets.unet import UNet, UNetConfig
+from .base import Batch, Method, StepContext, Stream, keep_in_graph
 
 
 class CrossModalityNet(nn.Module):
-    """E_a, D_a, E_b, D_b (two BranchUNets), MIA on each bottleneck and the unified fusion layer.
+    """E_a, D_a, E_b, D_b (two UNets), MIA on each bottleneck and the unified fusion layer.
 
     forward(x_a, x_b) -> (logits_a, logits_b, bottleneck_a, bottleneck_b); either input may be None (a missing
     modality): the available bottleneck is then fused with itself and only its decoder predicts."""
@@ -42,7 +42,7 @@ class CrossModalityNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
-        self.branch_a, self.branch_b = BranchUNet(config), BranchUNet(config)
+        self.branch_a, self.branch_b = UNet(config), UNet(config)
         channels = self.branch_a.bottleneck_channels
         self.mia_a, self.mia_b = ChannelAttention(channels), ChannelAttention(channels)
         self.fusion = UnifiedFusion(channels)
@@ -68,7 +68,7 @@ class CMC(Method):
         "cac_weight": 1.0,
         "temperature": 0.5,
         "width": 1.0,
-        "encoder_weights": "",  # a local safetensors file with BranchUNet encoder weights (keys "encoder.*")
+        "encoder_weights": "",  # a local safetensors file with UNet encoder weights (keys "encoder.*")
     }
 
     def __init__(self, task, plan, hparams=None):
@@ -109,14 +109,14 @@ class CMC(Method):
         if path and fresh:
             load_encoder_weights(self.nets["cmc"], Path(path))
 
-    def batches(self, items: dict[str, list[dict]], seed: int, device: torch.device) -> Iterator[Batch]:
-        n, patch = self.task.num_classes, self.plan.patch_size
-        labelled_a = patch_stream(items["labelled_a"], labelled_patch_transform(patch, n, self.plan.batch_size),
-                                  seed, device)
-        labelled_b = (patch_stream(items["labelled_b"], labelled_patch_transform(patch, n, self.plan.batch_size),
-                                   seed + 1, device) if items.get("labelled_b") else itertools.repeat(None))
-        unlabelled = (patch_stream(items["unlabelled"], unlabelled_patch_transform(patch, self.plan.batch_size),
-                                   seed + 2, device, keys=("image",)) if items.get("unlabelled")
+    def batches(self, items: dict[str, list[dict]], seed: int, device: torch.device, start: int = 0
+                ) -> Iterator[Batch]:
+        labelled = labelled_patch_transform(self.plan, self.task.num_classes)
+        labelled_a = patch_stream(items["labelled_a"], labelled, seed, device, start=start)
+        labelled_b = (patch_stream(items["labelled_b"], labelled, seed + 1, device, start=start)
+                      if items.get("labelled_b") else itertools.repeat(None))
+        unlabelled = (patch_stream(items["unlabelled"], unlabelled_patch_transform(self.plan), seed + 2, device,
+                                   keys=("image",), start=start) if items.get("unlabelled")
                       else itertools.repeat(None))
         for la, lb, u in zip(labelled_a, labelled_b, unlabelled):
             batch = {"x_a": la["image"], "y_a": la["label"]}
@@ -142,6 +142,8 @@ class CMC(Method):
             loss = self.loss(logits_a, batch["y_a"])
             if "y_b" in batch:
                 loss = loss + self.loss(logits_b, batch["y_b"])
+            else:  # no labelled assistant image in this batch: decoder b still takes part (DDP)
+                loss = loss + keep_in_graph(*logits_b)
             logs["sup"] = float(loss.detach())
             if lam > 0:
                 csc = channel_semantic_consistency(f_a.float(), f_b.float(), temperature)
@@ -156,12 +158,10 @@ class CMC(Method):
         logs["loss"] = float(loss.detach())
         return logs
 
-    def input_modalities(self) -> list[str]:
-        return [self.a, self.b]
-
-    def validation_cases(self, spec: DatasetSpec) -> list:
+    @classmethod
+    def scorable_cases(cls, task, spec: DatasetSpec) -> list:
         # Scored on the target modality; the assistant image is used when the case has it.
-        return [c for c in spec.cases if self.a in c.images and c.label_for(self.a) is not None]
+        return [c for c in spec.cases if task.target in c.images and c.label_for(task.target) is not None]
 
     def member_logits(self, x: torch.Tensor, available: Sequence[str]) -> dict[str, torch.Tensor]:
         channels = {m: x[:, i:i + 1] for i, m in enumerate(available)}

@@ -22,8 +22,8 @@ from ..data.transforms import labelled_patch_transform
 from ..losses.distillation import kd_loss
 from ..losses.supervision import DeepSupervisionLoss, SegLoss
 from ..nets.fusion import ModalityAwareFusion
-from ..nets.unet import BranchUNet, UNetConfig
-from .base import Batch, Method, StepContext, Stream
+from ..nets.unet import UNet, UNetConfig
+from .base import Batch, Method, StepContext, Stream, keep_in_graph
 
 FUSED = "fused"
 
@@ -42,7 +42,7 @@ class MAML(Method):
     def build_networks(self) -> dict[str, nn.Module]:
         config = UNetConfig.from_plan(self.plan, 1, self.task.num_classes, width=float(self.hparams["width"]))
         self.seg, self.deep = SegLoss(), DeepSupervisionLoss()
-        nets: dict[str, nn.Module] = {branch(m): BranchUNet(config) for m in self.input_modalities()}
+        nets: dict[str, nn.Module] = {branch(m): UNet(config) for m in self.input_modalities()}
         channels = nets[branch(self.task.target)].feature_channels
         nets["fusion"] = ModalityAwareFusion(len(self.input_modalities()), channels, self.task.num_classes)
         return nets
@@ -53,9 +53,10 @@ class MAML(Method):
     def streams(self, spec: DatasetSpec) -> dict[str, Stream]:
         return {"labelled": Stream(self.validation_cases(spec), self.input_modalities())}
 
-    def batches(self, items: dict[str, list[dict]], seed: int, device: torch.device) -> Iterator[Batch]:
-        transform = labelled_patch_transform(self.plan.patch_size, self.task.num_classes, self.plan.batch_size)
-        return patch_stream(items["labelled"], transform, seed, device)
+    def batches(self, items: dict[str, list[dict]], seed: int, device: torch.device, start: int = 0
+                ) -> Iterator[Batch]:
+        transform = labelled_patch_transform(self.plan, self.task.num_classes)
+        return patch_stream(items["labelled"], transform, seed, device, start=start)
 
     def _branches(self, x: torch.Tensor, modalities: Sequence[str], nets: Mapping[str, nn.Module]
                   ) -> dict[str, tuple[torch.Tensor, list[torch.Tensor]]]:
@@ -83,7 +84,8 @@ class MAML(Method):
             fused = self._fuse({m: outs[m][0] for m in keep}, self.train_nets)
             fused_loss = self.seg(fused, batch["label"])
             branch_loss = sum(self.deep(outs[m][1], batch["label"]) for m in keep)
-            loss = fused_loss + branch_loss
+            dropped = [t for m in modalities if m not in keep for t in (outs[m][0], *outs[m][1])]
+            loss = fused_loss + branch_loss + keep_in_graph(*dropped)
             logs = {"fused": float(fused_loss.detach()), "branches": float(branch_loss.detach())}
             if float(self.hparams["kd_weight"]) > 0:
                 kd = sum(kd_loss(outs[m][1][0], fused, float(self.hparams["temperature"])) for m in keep)

@@ -76,8 +76,9 @@ class MKD(Method):
     def members(self) -> dict[str, list[str]]:
         return {"seg_target": [self.task.target], "seg_assistant": [self.task.target]}
 
-    def input_modalities(self) -> list[str]:
-        return [self.task.target]  # at test time only the target modality is given
+    @classmethod
+    def inputs_for(cls, task) -> list[str]:
+        return [task.target]  # at test time only the target modality is given
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         seg = [p for n in ("seg_target", "seg_assistant") for p in self.nets[n].parameters()]
@@ -110,11 +111,11 @@ class MKD(Method):
                 rows.append(np.quantile(values, np.linspace(0, 1, QUANTILE_LEVELS)))
             self.target_quantiles = torch.as_tensor(np.stack(rows), dtype=torch.float32)
 
-    def batches(self, items: dict[str, list[dict]], seed: int, device: torch.device) -> Iterator[Batch]:
-        transform = lambda: labelled_patch_transform(self.plan.patch_size, self.task.num_classes,  # noqa: E731
-                                                     self.plan.batch_size)
-        target = patch_stream(items["target"], transform(), seed, device)
-        assistant = patch_stream(items["assistant"], transform(), seed + 1, device)
+    def batches(self, items: dict[str, list[dict]], seed: int, device: torch.device, start: int = 0
+                ) -> Iterator[Batch]:
+        transform = labelled_patch_transform(self.plan, self.task.num_classes)
+        target = patch_stream(items["target"], transform, seed, device, start=start)
+        assistant = patch_stream(items["assistant"], transform, seed + 1, device, start=start)
         for t, a in zip(target, assistant):
             yield {"x_t": t["image"], "y_t": t["label"], "x_a": a["image"], "y_a": a["label"]}
 

@@ -33,9 +33,10 @@ class Single(Method):
     def streams(self, spec: DatasetSpec) -> dict[str, Stream]:
         return {"labelled": Stream(self.validation_cases(spec), self.input_modalities(), labelled=True)}
 
-    def batches(self, items: dict[str, list[dict]], seed: int, device: torch.device) -> Iterator[Batch]:
-        transform = labelled_patch_transform(self.plan.patch_size, self.task.num_classes, self.plan.batch_size)
-        return patch_stream(items["labelled"], transform, seed, device)
+    def batches(self, items: dict[str, list[dict]], seed: int, device: torch.device, start: int = 0
+                ) -> Iterator[Batch]:
+        transform = labelled_patch_transform(self.plan, self.task.num_classes)
+        return patch_stream(items["labelled"], transform, seed, device, start=start)
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, float]:
         with ctx.autocast():

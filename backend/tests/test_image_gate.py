@@ -1,0 +1,152 @@
+"""The image gate: every entry point (read_image, `dataset check`, `train`, `predict`, HTTP uploads and /predict)
+refuses detached headers, size bombs and truncated data with a clear message, before ITK allocates or follows
+anything, and the server goes on answering."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from crossmodalseg.data.io import ImageError, read_image
+
+from .service_harness import Server
+
+CLI = [sys.executable, "-m", "crossmodalseg.cli"]
+SECRET = b"SECRET-TOKEN-0123456789" * 200
+
+
+def _nifti_header(dims: tuple[int, ...], bitpix: int = 32, datatype: int = 16, magic: bytes = b"n+1\0") -> bytes:
+    header = bytearray(352)
+    struct.pack_into("<i", header, 0, 348)
+    struct.pack_into("<8h", header, 40, len(dims), *dims, *([1] * (7 - len(dims))))
+    struct.pack_into("<hh", header, 70, datatype, bitpix)
+    struct.pack_into("<8f", header, 76, *([1.0] * 8))
+    struct.pack_into("<f", header, 108, 352.0)
+    header[344:348] = magic
+    return bytes(header)
+
+
+def bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, a fragment of the message that must refuse it). Files that point elsewhere point at a secret
+    file, a FIFO and a path with '..'."""
+    folder.mkdir(parents=True, exist_ok=True)
+    secret = folder / "secret.bin"
+    secret.write_bytes(SECRET)
+    fifo = folder / "pipe"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    cases: dict[str, tuple[Path, str]] = {}
+
+    def put(name: str, data: bytes, fragment: str) -> None:
+        (folder / name).write_bytes(data)
+        cases[name] = (folder / name, fragment)
+
+    nrrd = "NRRD0004\ntype: uint8\ndimension: 3\nsizes: 10 10 10\nencoding: raw\n{}\n"
+    for i, target in enumerate((str(secret), "pipe", "../" + folder.name + "/secret.bin")):
+        put(f"detached{i}.nrrd", nrrd.format(f"data file: {target}\n").encode(), "detached NRRD")
+        put(f"detached{i}b.nrrd", nrrd.format(f"datafile: {target}\n").encode(), "detached NRRD")
+        put(f"detached{i}.mha", (f"ObjectType = Image\nNDims = 3\nDimSize = 10 10 10\nElementType = MET_UCHAR\n"
+                                 f"ElementDataFile = {target}\n").encode(), "ElementDataFile")
+    put("list.mha", b"NDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR\nElementDataFile = LIST 2D\n",
+        "ElementDataFile")
+    put("pair.hdr", _nifti_header((10, 10, 10), 8, 2, magic=b"ni1\0"), ".hdr/.img pair")
+    put("analyze.hdr", _nifti_header((10, 10, 10), 8, 2, magic=b"\0\0\0\0"), "Analyze")
+    put("huge.nii.gz", gzip.compress(_nifti_header((1024, 1024, 512))), "more than the limit")
+    put("claims.nii.gz", gzip.compress(_nifti_header((512, 512, 200))), "truncated")
+    put("claims.nii", _nifti_header((512, 512, 200)), "truncated")
+    whole = _nifti_header((20, 30, 40)) + np.random.default_rng(0).normal(size=24000).astype(np.float32).tobytes()
+    put("half.nii", whole[: len(whole) // 2], "truncated")
+    put("half.nii.gz", gzip.compress(whole)[: len(gzip.compress(whole)) // 2], "truncated")
+    put("bomb.nii.gz", gzip.compress(_nifti_header((8, 8, 8)) + bytes(2048) + bytes(64 << 20), 1),
+        "decompression bomb")
+    put("nrrdbomb.nrrd", nrrd.format("").replace("raw", "gzip").encode() + gzip.compress(bytes(32 << 20), 1),
+        "decompression bomb")
+    put("notimage.png", b"\x89PNG\r\n\x1a\n" + bytes(100), "not a readable image")
+    cases["fifo"] = (fifo, "not a regular file")
+    return cases
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    return bad_inputs(tmp_path_factory.mktemp("bad") / "files")
+
+
+def test_read_image_refuses_each_bad_input_fast(corpus):
+    for name, (path, fragment) in corpus.items():
+        started = time.perf_counter()
+        with pytest.raises(ImageError) as refused:
+            read_image(path)
+        assert fragment in str(refused.value), (name, str(refused.value))
+        assert SECRET[:10].decode() not in str(refused.value)
+        assert time.perf_counter() - started < 5, name  # a FIFO never blocks; a bomb is not inflated
+
+
+def test_good_images_of_every_format_still_read(tmp_path: Path):
+    image = sitk.GetImageFromArray(np.random.default_rng(1).normal(size=(6, 7, 8)).astype(np.float32))
+    image.SetSpacing((0.5, 0.7, 2.0))
+    for name, compress in (("a.nii", False), ("a.nii.gz", True), ("a.nrrd", False), ("b.nrrd", True),
+                           ("a.mha", False), ("b.mha", True)):
+        sitk.WriteImage(image, str(tmp_path / name), compress)
+        read = read_image(tmp_path / name)
+        assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image)), name
+        assert read.GetSpacing() == pytest.approx(image.GetSpacing())
+
+
+def test_dataset_check_and_cli_refuse_them(corpus, tmp_path: Path):
+    label = tmp_path / "label.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((10, 10, 10), np.uint8)), str(label))
+    cases = [{"id": f"c{i}", "images": {"ct": str(path)}, "labels": {"ct": str(label)}}
+             for i, (path, _) in enumerate(corpus.values())]
+    (tmp_path / "dataset.json").write_text(json.dumps({"name": "bad", "labels": {"background": 0, "x": 1},
+                                                       "modalities": {"ct": "CT"}, "cases": cases}))
+    run = subprocess.run([*CLI, "dataset", "check", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    for name, (_, fragment) in corpus.items():
+        assert fragment in run.stdout, (name, run.stdout)
+    assert SECRET[:10].decode() not in run.stdout
+    train = subprocess.run([*CLI, "train", str(tmp_path), "--target", "ct", "--out", str(tmp_path / "m"),
+                            "--epochs", "1", "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert train.returncode == 2 and "Traceback" not in train.stderr and "detached" in train.stderr
+
+
+def _model_archive(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for p in [*folder.glob("*.safetensors"), folder / "model.json"]:
+            z.write(p, p.name)
+    return buffer.getvalue()
+
+
+def test_http_uploads_and_predict_refuse_them_and_the_server_goes_on(corpus, trained_single: Path, tmp_path: Path):
+    server = Server(tmp_path / "home").start()
+    try:
+        server.create_dataset("d", {"ct": "CT"})
+        imported = server.client.post("/models", content=_model_archive(trained_single))
+        assert imported.status_code == 201, imported.text
+        model_id = imported.json()["id"]
+        for name, (path, fragment) in corpus.items():
+            if name == "fifo":
+                continue  # a client cannot upload a FIFO; its header-borne twins are in the corpus
+            r = server.client.put("/datasets/d/cases/c/images/ct", content=path.read_bytes())
+            assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
+            detail = r.json()["detail"]
+            assert SECRET[:10].decode() not in detail and str(tmp_path) not in detail, (name, detail)
+            r = server.client.post("/predict", data={"model": model_id}, files={"ct": ("x", path.read_bytes())})
+            assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
+            assert SECRET[:10].decode() not in r.text and str(tmp_path) not in r.text, (name, r.text)
+        assert server.client.get("/health").status_code == 200
+        assert server.client.get("/datasets/d").json()["cases"] == []  # nothing was stored
+    finally:
+        server.stop()

@@ -1,0 +1,150 @@
+"""The training engine's promises: a resumed run continues the uninterrupted one (every method), data-loader
+workers draw different batches, the preprocessing never sees validation cases, `--minutes` bounds the whole run, and
+validation says what it was measured on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crossmodalseg.data.loaders import patch_stream
+from crossmodalseg.data.phantom import make_phantom_dataset
+from crossmodalseg.data.plan import make_plan
+from crossmodalseg.data.spec import DatasetSpec, load_spec
+from crossmodalseg.data.transforms import LoadCased, labelled_patch_transform, patch_ready
+from crossmodalseg.engine.checkpoint import read_model_meta
+from crossmodalseg.engine.events import EventLog, read_events
+from crossmodalseg.engine.trainer import TrainConfig, train
+
+SIZE, SPACING = (40, 40, 24), (4.5, 4.5, 6.0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> DatasetSpec:
+    """Six paired CT + MR phantom cases; cases 4 and 5 lose their labels (CMC's unlabelled pairs)."""
+    root = tmp_path_factory.mktemp("tiny")
+    spec = make_phantom_dataset(root / "all", n_cases=6, seed=7, size=SIZE, spacing=SPACING)
+    for case in spec.cases[4:]:
+        case.labels = {}
+    spec.root = root / "semi"
+    spec.save()
+    return load_spec(spec.root)
+
+
+class CrashAfterEpoch(EventLog):
+    """Stands in for a crash (kill -9, power cut) right after epoch `n` was checkpointed: the trainer writes the
+    checkpoint, then emits the epoch's event, which raises here."""
+
+    def __init__(self, n: int):
+        super().__init__(progress_bar=False)
+        self.n = n
+
+    def emit(self, event: str, **fields):
+        record = super().emit(event, **fields)
+        if event == "epoch" and fields["epoch"] == self.n:
+            raise KeyboardInterrupt("simulated crash")
+        return record
+
+
+METHOD_CASES = [("single", [], {}), ("mkd", ["mr"], {"iam": "cyclegan", "translator_filters": 4}),
+                ("maml", ["mr"], {"modality_dropout": 0.5}), ("cmc", ["mr"], {"warmup": 0.3})]
+
+
+def epochs_of(out: Path) -> list[dict]:
+    return [e for e in read_events(out / "events.jsonl") if e["event"] == "epoch"]
+
+
+@pytest.mark.parametrize("method,assistants,hparams", METHOD_CASES, ids=[m[0] for m in METHOD_CASES])
+def test_a_resumed_run_continues_the_uninterrupted_one(tiny: DatasetSpec, tmp_path: Path, method: str,
+                                                        assistants: list[str], hparams: dict):
+    config = dict(method=method, target="ct", assistants=assistants, epochs=4, iterations_per_epoch=2, device="cpu",
+                  val_every=100, seed=3, hparams=hparams)
+    train(tiny.root, tmp_path / "whole", TrainConfig(**config))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny.root, tmp_path / "cut", TrainConfig(**config), events=CrashAfterEpoch(2))
+    # A resume states only the budget; the seed, method and options come from the interrupted run's record.
+    train(tiny.root, tmp_path / "cut", TrainConfig(epochs=4, device="cpu"), resume=True)
+
+    whole, cut = epochs_of(tmp_path / "whole"), epochs_of(tmp_path / "cut")
+    assert [e["epoch"] for e in cut] == [1, 2, 3, 4]
+    loss_keys = [k for k in whole[0] if k not in ("event", "time", "eta_s", "elapsed_s", "of", "val_on")]
+    for a, b in zip(whole, cut):
+        # The learning rate follows one curve (a double decay on resume would put it at 0.58x here and below).
+        assert b["lr_factor"] == pytest.approx(a["lr_factor"], rel=1e-9, abs=1e-12), (a, b)
+        for key in loss_keys:  # same batches, same random draws, same weights: same losses on the CPU
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (key, a, b)
+
+
+def test_loader_workers_draw_different_batches_and_the_same_stream(tiny: DatasetSpec):
+    """One labelled case (the few-label setting): consecutive batches must differ (crop positions and augmentation),
+    and the stream must not depend on how many worker processes compute it."""
+    plan = make_plan(tiny, ["ct"], "fast")
+    plan.augment = True
+    item = patch_ready(LoadCased(["ct"], plan, tiny.label_values)({"case": tiny.cases[0]}), plan, tiny.num_classes)
+    transform = labelled_patch_transform(plan, tiny.num_classes)
+
+    def first(n: int, workers: int, start: int = 0) -> list[torch.Tensor]:
+        stream = patch_stream([item], transform, seed=5, device=torch.device("cpu"), num_workers=workers,
+                              start=start)
+        return [next(stream)["image"] for _ in range(n)]
+
+    serial, parallel = first(6, 0), first(6, 2)
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a, b)
+    for a, b in zip(serial, serial[1:]):
+        assert not torch.equal(a, b)
+    assert all(not torch.equal(serial[i], serial[j]) for i in range(6) for j in range(i + 1, 6))
+    assert torch.equal(first(2, 0, start=4)[0], serial[4])  # a resumed stream starts at its next batch
+
+
+def test_the_plan_never_sees_validation_cases(tmp_path: Path):
+    """Six CT cases, one of them (held out for validation) ten times brighter: the CT normalisation of the run must
+    be that of the five training cases."""
+    spec = make_phantom_dataset(tmp_path / "d", n_cases=6, seed=2, size=SIZE, spacing=SPACING, modalities=("ct",))
+    import SimpleITK as sitk
+
+    bright = spec.cases[5]
+    image = sitk.ReadImage(str(bright.images["ct"]))
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32) * 10.0 + 3000.0, str(bright.images["ct"]))
+    model = train(spec.root, tmp_path / "m", TrainConfig(target="ct", epochs=1, iterations_per_epoch=1,
+                                                          device="cpu", val_cases=[bright.id]))
+    used = read_model_meta(model)["plan"]["normalisation"]["ct"]
+    training_only = make_plan(spec, ["ct"], "fast", exclude=[bright.id]).normalisation["ct"]
+    with_validation = make_plan(spec, ["ct"], "fast").normalisation["ct"]
+    assert list(used["clip"]) == pytest.approx(list(training_only.clip))
+    assert used["mean"] == pytest.approx(training_only.mean)
+    assert with_validation.clip[1] > training_only.clip[1] + 100  # the bright case would have moved it
+
+
+def test_validation_says_what_it_measured(tiny: DatasetSpec, tmp_path: Path):
+    few = train(tiny.root, tmp_path / "few", TrainConfig(target="ct", epochs=1, iterations_per_epoch=1, device="cpu"))
+    training = read_model_meta(few)["training"]
+    assert training["val_on"] == "training-set" and "training-set Dice" in training["val_description"]
+    held = train(tiny.root, tmp_path / "held", TrainConfig(target="ct", epochs=1, iterations_per_epoch=1,
+                                                           device="cpu", val_cases=["case003"]))
+    training = read_model_meta(held)["training"]
+    assert training["val_on"] == "held-out" and training["val_cases"] == ["case003"]
+    assert set(training["val_dice"]) >= {"liver", "mean"}
+
+
+@pytest.mark.slow
+def test_minutes_bound_the_whole_run(tiny: DatasetSpec, tmp_path: Path):
+    """`train --minutes M` in a fresh process (imports, preprocessing, training, validation, saving) ends within 5 %
+    of M, and uses most of it for training."""
+    minutes = 0.5
+    started = time.time()
+    run = subprocess.run([sys.executable, "-m", "crossmodalseg.cli", "train", str(tiny.root), "--target", "ct",
+                          "--out", str(tmp_path / "m"), "--minutes", str(minutes), "--device", "cpu",
+                          "--json-events"], capture_output=True, text=True, timeout=300)
+    wall = time.time() - started
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert wall <= minutes * 60 * 1.05, wall
+    training = read_model_meta(tmp_path / "m")["training"]
+    assert training["seconds"] >= 0.6 * minutes * 60, training  # not stopped needlessly early
+    assert training["wall_seconds"] <= minutes * 60 * 1.05
