@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 import slicer
 import vtk
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 import slicer
 import vtk
 from vtk.util import numpy_support

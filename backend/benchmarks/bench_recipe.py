@@ -74,7 +74,6 @@ def score_prediction(predicted, folder: Path) -> dict[str, float | None]:
 # ---- the plain recipe (runs in its own process: `bench_recipe.py plain ...`) --------------------------------------
 def plain_preprocess(folder: Path, modalities: list[str], with_label: bool):
     import numpy as np
-    import SimpleITK as sitk
     from monai.transforms import NormalizeIntensity
 
     from crossmodalseg.data.geometry import resample_to_spacing

@@ -25,7 +25,10 @@ import time
 import zipfile
 from pathlib import Path
 
-from bench_engine import environment, write_report  # (this folder: scripts run from here are on sys.path)
+from bench_engine import (  # (this folder: scripts run from here are on sys.path)
+    environment,
+    write_report,
+)
 
 DEFAULT_IMAGE = Path(__file__).resolve().parents[3] / "shared" / "data" / "chaos_ct_liver" / \
     "chaos_ct_case_liver_image.nii.gz"

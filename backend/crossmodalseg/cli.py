@@ -80,11 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", type=Path)
     p.add_argument("--cases", nargs="+")
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--members", action="store_true", help="also score each ensemble member on its own")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     p = sub.add_parser("demo", help="offline demo: phantom data -> train -> segment -> report")
     p.add_argument("--out", type=Path, default=Path("demo_output"))
-    p.add_argument("--minutes", type=float, default=2.5, help="training budget")
+    p.add_argument("--minutes", type=float, default=1.5, help="training budget of each of the two models")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     p = sub.add_parser("serve", help="run the HTTP service (FastAPI on uvicorn)")
@@ -147,7 +148,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         from .engine.evaluate import evaluate_model, format_table
 
-        results = evaluate_model(args.model, args.dataset, args.cases, device=args.device, out_json=args.json)
+        results = evaluate_model(args.model, args.dataset, args.cases, device=args.device, out_json=args.json,
+                                 members=args.members)
         print(format_table(results))
         return 0
     if args.command == "demo":

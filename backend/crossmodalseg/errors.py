@@ -1,34 +1,24 @@
-"""Which exceptions are the user's to fix, and how to say so in one line."""
+"""Which exceptions are the user's to fix, and how to say so in one line.
+
+Classified by type, never by where they were raised: an error is the user's when it is a `UserError` (raised by
+our own checks of inputs and settings, with a message that says what to do) or one of a few environment errors
+(missing file, GPU out of memory, a diverging loss). Everything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
+
+
+class UserError(ValueError):
+    """An input or setting the user can fix; the message says how."""
 
 
 def user_message(error: BaseException) -> str | None:
     """A one-line message for an error caused by input or environment; None for a bug (let it raise)."""
     import torch
 
-    from .data.io import ImageError
-    from .data.spec import DatasetError
-    from .data.transforms import LabelValueError
-    from .engine.checkpoint import ModelFolderError
-    from .engine.trainer import TrainingError
-
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return ("the GPU ran out of memory; use --preset fast (smaller network and patches), free the GPU from "
                 "other jobs, or use --device cpu")
-    if isinstance(error, (DatasetError, ImageError, LabelValueError, ModelFolderError, TrainingError,
-                          FloatingPointError, FileNotFoundError)):
-        return str(error)
-    if isinstance(error, (ValueError, RuntimeError)) and _ours(error):
+    if isinstance(error, (UserError, FloatingPointError, FileNotFoundError)):
         return str(error)
     return None
-
-
-def _ours(error: BaseException) -> bool:
-    """Raised by crossmodalseg's own argument checks (not deep inside a library)."""
-    tb = error.__traceback__
-    last = None
-    while tb is not None:
-        last = tb.tb_frame.f_code.co_filename
-        tb = tb.tb_next
-    return last is not None and "crossmodalseg" in last

@@ -142,6 +142,7 @@ def same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
 
 
 def group_processes(pgid: int) -> list[int]:
-    from crossmodalseg.service.jobs import processes_in_group
+    """The live processes of a worker's tree (its process group on POSIX)."""
+    from crossmodalseg.service.processes import tree
 
-    return processes_in_group(pgid)
+    return [p.pid for p in tree(pgid)]

@@ -10,7 +10,12 @@ import pytest
 import SimpleITK as sitk
 
 from crossmodalseg.data import check
-from crossmodalseg.data.check import Problem, check_dataset, dataset_warnings, format_report
+from crossmodalseg.data.check import (
+    Problem,
+    check_dataset,
+    dataset_warnings,
+    format_report,
+)
 from crossmodalseg.data.io import Geometry
 
 SIZE_ZYX = (8, 16, 16)  # a 16x16x8 (x, y, z) volume

@@ -8,7 +8,11 @@ import json
 import pytest
 import torch
 
-from crossmodalseg.nets.fusion import ChannelAttention, ModalityAwareFusion, UnifiedFusion
+from crossmodalseg.nets.fusion import (
+    ChannelAttention,
+    ModalityAwareFusion,
+    UnifiedFusion,
+)
 from crossmodalseg.nets.translator import Discriminator, Generator, TranslatorConfig
 
 B, C, S, CLASSES = 2, 4, (8, 8, 8), 3

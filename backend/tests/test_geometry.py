@@ -9,8 +9,19 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from crossmodalseg.data.geometry import grid_with_spacing, index_to_world, resample_to_grid, world_to_index
-from crossmodalseg.data.io import Geometry, from_array, read_image, to_array, write_image
+from crossmodalseg.data.geometry import (
+    grid_with_spacing,
+    index_to_world,
+    resample_to_grid,
+    world_to_index,
+)
+from crossmodalseg.data.io import (
+    Geometry,
+    from_array,
+    read_image,
+    to_array,
+    write_image,
+)
 from crossmodalseg.data.plan import Normalisation, Plan
 from crossmodalseg.data.transforms import load_case_arrays
 from crossmodalseg.engine.inferer import back_to_grid

@@ -11,8 +11,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from crossmodalseg.losses.consistency import (channel_semantic_consistency, cycle_loss, lsgan_loss,
-                                              soft_dice_consistency)
+from crossmodalseg.losses.consistency import (
+    channel_semantic_consistency,
+    cycle_loss,
+    lsgan_loss,
+    soft_dice_consistency,
+)
 from crossmodalseg.losses.distillation import kd_loss, sigmoid_rampup
 
 

@@ -265,3 +265,19 @@ def test_cli_predict_members_and_uncertainty_for_an_ensemble(paired, tmp_path: P
     assert set(pair) == {"liver", "kidney", "spleen"}
     disagreement = to_array(read_image(tmp_path / "p" / "segmentation_disagreement.nii.gz"))
     assert disagreement.min() >= 0 and disagreement.max() > 0  # two barely trained members do disagree
+
+    # `evaluate --members` scores each member against the reference: the same Dice as counted by hand from the
+    # member files that `predict --members` wrote.
+    results = evaluate_model(model, test, cases=[case.id], device="cpu", members=True)
+    assert set(results["members"]) == {"seg_target", "seg_assistant"}
+    reference = to_array(read_image(case.label_for("ct")))
+    for member in ("seg_target", "seg_assistant"):
+        predicted = to_array(read_image(tmp_path / "p" / f"segmentation_member_{member}.nii.gz"))
+        for structure, value in test.labels.items():
+            if value == 0:
+                continue
+            p, r = predicted == value, reference == value
+            expected = None if p.sum() + r.sum() == 0 else 2 * (p & r).sum() / (p.sum() + r.sum())
+            got = results["members"][member]["cases"][case.id][structure]["dice"]
+            assert (got is None) == (expected is None) and (got is None or abs(got - expected) < 1e-3)
+    assert "member seg_assistant" in format_table(results)

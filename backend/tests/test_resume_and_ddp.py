@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from crossmodalseg.data.phantom import make_phantom_dataset
-
 from crossmodalseg.engine.checkpoint import latest_checkpoint, read_model_meta
 from crossmodalseg.engine.events import read_events
 from crossmodalseg.engine.inferer import Predictor
@@ -62,15 +61,22 @@ def ddp_data(tmp_path_factory) -> Path:
     spec = make_phantom_dataset(root / "all", n_cases=5, seed=11, size=(40, 40, 24), spacing=(4.5, 4.5, 6.0))
     for case in spec.cases:
         case.labels = {"ct": case.labels["ct"]} if case.id < "case003" else {}
+        case.co_registered = False  # so the CT label does not serve the MR image
     spec.root = root / "data"
     spec.save()
-    return spec.root
+    # MKD learns from labelled images of both modalities: the same cases, with case003's MR labelled.
+    mkd_case = next(c for c in spec.cases if c.id == "case003")
+    mkd_case.labels = {"mr": root / "all" / "case003" / "mr_label.nii.gz"}
+    spec.root = root / "data_mkd"
+    spec.save()
+    return root / "data"
 
 
 @pytest.mark.parametrize("method,assistants", DDP_CASES, ids=[c[0] for c in DDP_CASES])
 def test_torchrun_two_cpu_processes_train_every_method(ddp_data: Path, tmp_path: Path, method: str,
                                                        assistants: list[str]):
-    common = ["train", str(ddp_data), "--method", method, "--target", "ct",
+    data = ddp_data.parent / "data_mkd" if method == "mkd" else ddp_data
+    common = ["train", str(data), "--method", method, "--target", "ct",
               *[a for m in assistants for a in ("--assistant", m)], "--epochs", "2", "--iterations-per-epoch", "2",
               "--device", "cpu", "--val-every", "1"]
     if method == "mkd":

@@ -306,6 +306,17 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(server: Server, trained
 
     before = _state(server)
     m = trained["model"]
+    malformed = malformed_archives(client.get(f"/models/{m}/archive").content)
+    wrong_type = io.BytesIO()  # a real model whose model.json has a field of the wrong type
+    with zipfile.ZipFile(io.BytesIO(client.get(f"/models/{m}/archive").content)) as src, \
+            zipfile.ZipFile(wrong_type, "w") as dst:
+        for entry in src.namelist():
+            data = src.read(entry)
+            if entry == "model.json":
+                meta = json.loads(data)
+                meta["training"] = "x"
+                data = json.dumps(meta).encode()
+            dst.writestr(entry, data)
     requests = [
         ("GET", "/datasets/nope", {}, 404, "no dataset"),
         ("GET", "/jobs/nope", {}, 404, "no job"),
@@ -340,10 +351,21 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(server: Server, trained
          "modality 'pet'"),
         ("POST", "/jobs", {"json": {"kind": "predict", "model": m, "dataset": "loop", "case": "nope"}}, 400,
          "none of the model's modalities"),
+        # Options must be flat, known and of the right type: refused at submission, never stored (a deeply
+        # nested one used to be stored and started, and made every later GET /jobs answer 500).
+        ("POST", "/jobs", {"json": {"kind": "train", "dataset": "loop", "method": "single", "target": "ct",
+                                    "options": {"width": nested(300)}}}, 422, "options"),
+        ("POST", "/jobs", {"json": {"kind": "train", "dataset": "loop", "method": "single", "target": "ct",
+                                    "options": {"depth": 3}}}, 400, "no option 'depth'"),
+        ("POST", "/jobs", {"json": {"kind": "train", "dataset": "loop", "method": "mkd", "target": "ct",
+                                    "assistants": ["mr"], "options": {"temperature": "hot"}}}, 400,
+         "option 'temperature' must be a number"),
         ("POST", "/jobs/nope/resume", {}, 404, "no job"),
         ("POST", "/models", {"content": b"PK not really"}, 422, "not a zip"),
         ("POST", "/models", {"content": evil_zip.getvalue()}, 422, "only model.json"),
         ("POST", "/models", {"content": pickle_zip.getvalue()}, 422, "only model.json"),
+        ("POST", "/models", {"content": wrong_type.getvalue()}, 422, "training has the wrong type"),
+        *[("POST", "/models", {"content": body}, 422, message) for body, message in malformed],
         ("POST", "/predict", {"data": {"model": m}, "files": {"pet": ("x.nrrd", ct)}}, 400, "not one of them"),
         ("POST", "/predict", {"data": {"model": m}, "files": {"ct": ("x.nrrd", b"garbage" * 9)}}, 415,
          "not an image"),
@@ -356,6 +378,56 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(server: Server, trained
         assert message.lower() in detail.lower(), f"{method} {path}: {detail}"
     assert _state(server) == before
     assert not list((server.home / "tmp").glob("upload.*")), "refused uploads must not leave files behind"
+    for listing in ("/jobs", "/models", "/datasets"):
+        assert client.get(listing).status_code == 200, listing
+
+
+def malformed_archives(good: bytes) -> list[tuple[bytes, str]]:
+    """Broken variants of a real model archive, each with the words its refusal must contain."""
+    def rebuilt(replace_json: bytes | None = None, duplicate: bool = False, stored: bool = False) -> bytes:
+        out = io.BytesIO()
+        with zipfile.ZipFile(io.BytesIO(good)) as src, zipfile.ZipFile(out, "w") as dst:
+            for entry in src.namelist():
+                data = src.read(entry)
+                if entry == "model.json" and replace_json is not None:
+                    data = replace_json
+                dst.writestr(entry, data, zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
+                if duplicate and entry == "model.json":
+                    import warnings
+
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        dst.writestr(entry, data)
+        return out.getvalue()
+
+    stored = rebuilt(stored=True)
+    with zipfile.ZipFile(io.BytesIO(stored)) as z:
+        info = z.getinfo("model.json")
+    local = info.header_offset
+    start = local + 30 + len(info.filename.encode()) + len(info.extra)  # the stored model.json bytes
+    bad_crc = stored[:start] + bytes([stored[start] ^ 0x20]) + stored[start + 1:]
+    encrypted = bytearray(stored)
+    encrypted[local + 6] |= 0x1  # general-purpose flag bit 0 in the local header ...
+    offset = stored.find(b"PK\x01\x02")  # ... and in model.json's central-directory entry
+    while offset >= 0:
+        if stored[offset + 46:offset + 56] == b"model.json":
+            encrypted[offset + 8] |= 0x1
+        offset = stored.find(b"PK\x01\x02", offset + 4)
+    deflated = rebuilt()
+    with zipfile.ZipFile(io.BytesIO(deflated)) as z:
+        info = z.getinfo("model.json")
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    corrupt_deflate = deflated[:start] + b"\xff" * 8 + deflated[start + 8:]
+    return [(bad_crc, "cannot be unpacked"), (bytes(encrypted), "encrypted"), (corrupt_deflate, "cannot be unpacked"),
+            (rebuilt(duplicate=True), "holds a file twice"), (rebuilt(b"[1, 2]"), "must hold a json object"),
+            (rebuilt(b"[" * 100_000), "not valid json")]
+
+
+def nested(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth):
+        value = {"x": value}
+    return value
 
 
 def test_openapi_schema_lists_every_route_with_its_body(server: Server):
@@ -398,6 +470,20 @@ def test_refuses_a_public_address_without_a_token(tmp_path: Path):
     assert "without a token" in run.stderr and "Traceback" not in run.stderr
 
 
+def test_a_nearly_full_disk_refuses_new_work_with_507_but_reads_and_deletes_go_on(tmp_path: Path):
+    # The disk is not really full here: the server is told to keep more free space than any disk has, so the real
+    # check (shutil.disk_usage of its home) refuses, exactly as on a full disk.
+    srv = Server(tmp_path / "home", env={"CROSSMODALSEG_MIN_FREE_MB": str(2**40)}).start()
+    try:
+        r = srv.client.post("/datasets", json={"name": "x", "labels": {"background": 0}, "modalities": {"ct": "CT"}})
+        assert r.status_code == 507 and "disk is nearly full" in r.json()["detail"]
+        assert srv.client.put("/datasets/x/cases/c/images/ct", content=b"x").status_code == 507
+        assert srv.client.get("/datasets").status_code == 200
+        assert srv.client.delete("/datasets/x/cases/c").status_code == 404  # DELETE passes the check
+    finally:
+        srv.stop()
+
+
 def test_gpu_out_of_memory_is_a_clear_job_error_and_the_server_goes_on(tmp_path: Path, cases):
     # No GPU here: the trainer's test hook raises torch.cuda.OutOfMemoryError for the dataset named below, where a
     # real GPU would run out of memory. Everything around it (worker, error path, server) is the real one.
@@ -426,3 +512,52 @@ def test_a_training_job_runs_under_torchrun_with_two_processes(server: Server, t
     assert start["world_size"] == 2
     model = server.client.get(f"/models/{job['model']}").json()
     assert model["state"] == "ready"
+
+
+def test_head_answers_like_get_without_a_body(server: Server):
+    for path in ("/health", "/datasets", "/models"):
+        r = server.client.head(path)
+        assert r.status_code == 200 and r.content == b"", path
+        assert int(r.headers["content-length"]) > 0, path
+    assert server.client.head("/datasets/nope").status_code == 404
+
+
+def test_concurrent_image_and_label_uploads_never_leave_a_label_on_a_wrong_grid(server: Server, cases,
+                                                                                  tmp_path: Path):
+    """An image on a new grid and a label on the old grid, uploaded to one case at the same moment: at most one of
+    them may win, and the case's stored label always lies on its stored image's grid (issue 11: both used to pass
+    their checks against the state before the other, 13 of 20 tries)."""
+    import threading
+
+    import httpx
+
+    server.create_dataset("race")
+    original = cases[0].images["ct"].read_bytes()
+    label = cases[0].labels["ct"].read_bytes()
+    moved = sitk.ReadImage(str(cases[0].images["ct"]))
+    moved.SetOrigin([o + 25 for o in moved.GetOrigin()])
+    sitk.WriteImage(moved, str(tmp_path / "moved.nrrd"))
+    moved_bytes = (tmp_path / "moved.nrrd").read_bytes()
+    headers = dict(server.client.headers)
+    for attempt in range(12):
+        case = f"c{attempt}"
+        assert server.client.put(f"/datasets/race/cases/{case}/images/ct", content=original).status_code == 201
+        start = threading.Barrier(2)
+        answers: dict[str, int] = {}
+
+        def put(kind: str, body: bytes) -> None:
+            with httpx.Client(base_url=server.url, headers=headers, timeout=120) as client:
+                start.wait()
+                answers[kind] = client.put(f"/datasets/race/cases/{case}/{kind}/ct", content=body).status_code
+
+        threads = [threading.Thread(target=put, args=("images", moved_bytes)),
+                   threading.Thread(target=put, args=("labels", label))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert set(answers.values()) <= {201, 422}, answers
+        view = next(c for c in server.client.get("/datasets/race").json()["cases"] if c["id"] == case)
+        if "ct" in view["labels"]:
+            for entry in view["labels"]["ct"].values():
+                assert entry["geometry"] == view["images"]["ct"]["geometry"], (attempt, answers)

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,7 +16,11 @@ from crossmodalseg.data.loaders import patch_stream
 from crossmodalseg.data.phantom import make_phantom_dataset
 from crossmodalseg.data.plan import make_plan
 from crossmodalseg.data.spec import DatasetSpec, load_spec
-from crossmodalseg.data.transforms import LoadCased, labelled_patch_transform, patch_ready
+from crossmodalseg.data.transforms import (
+    LoadCased,
+    labelled_patch_transform,
+    patch_ready,
+)
 from crossmodalseg.engine.checkpoint import read_model_meta
 from crossmodalseg.engine.events import EventLog, read_events
 from crossmodalseg.engine.trainer import TrainConfig, train

@@ -76,10 +76,17 @@ def check_dataset(path: str | Path) -> tuple[DatasetSpec | None, list[Problem]]:
 
 
 def dataset_warnings(spec: DatasetSpec) -> list[Problem]:
-    """Oddities that do not stop training: modalities declared in the spec but used by no case."""
+    """Oddities that do not stop training: modalities declared in the spec but used by no case, and images that
+    count as unlabelled because their case's label belongs to another, not co-registered, image."""
     used = {m for c in spec.cases for m in c.images}
-    return [Problem(None, m, f"modality {m!r} is declared in 'modalities' but no case has a {m!r} image")
-            for m in spec.modalities if m not in used]
+    warnings = [Problem(None, m, f"modality {m!r} is declared in 'modalities' but no case has a {m!r} image")
+                for m in spec.modalities if m not in used]
+    for case in spec.cases:
+        for m in case.unshared_labels():
+            warnings.append(Problem(case.id, m, f"no {m!r} label: the case's label ({', '.join(case.labels)}) is "
+                                                f"not shared, so this image counts as unlabelled; if the case's "
+                                                f"images are co-registered, add \"co_registered\": true to the case"))
+    return warnings
 
 
 def format_report(spec: DatasetSpec | None, problems: list[Problem], warnings: list[Problem] | None = None) -> str:
@@ -93,6 +100,9 @@ def format_report(spec: DatasetSpec | None, problems: list[Problem], warnings: l
         for m, kind in spec.modalities.items():
             lines.append(f"  {m} ({kind}): {len(spec.cases_with(m, labelled=True))} labelled, "
                          f"{len(spec.cases_with(m, labelled=False))} unlabelled")
+        shared = sum(1 for c in spec.cases if c.co_registered and len(c.images) > 1)
+        if shared:
+            lines.append(f"  {shared} case(s) declare co-registered images: one label serves all their modalities")
         if warnings is None:
             warnings = dataset_warnings(spec)
     if problems:

@@ -28,12 +28,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UserError
+
 CHUNK = 1 << 20
 INFLATE_MARGIN = 1 << 16  # bytes a compressed stream may hold past the voxels (NIfTI extensions, padding)
 DEFAULT_MAX_VOXELS = 1 << 28  # 268 M voxels: a 512 x 512 x 1024 CT
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image file that cannot be used; the message names the file and the problem."""
 
 

@@ -18,7 +18,15 @@ import numpy as np
 import SimpleITK as sitk
 
 from .io import write_image
-from .spec import MODALITY_TYPES, SPEC_FILE, Case, DatasetError, DatasetSpec, load_spec, parse_spec
+from .spec import (
+    MODALITY_TYPES,
+    SPEC_FILE,
+    Case,
+    DatasetError,
+    DatasetSpec,
+    load_spec,
+    parse_spec,
+)
 
 # Single-file 3D formats only: a header/data pair (.mhd/.nhdr) would lose its data file when copied alone.
 _FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -131,7 +139,7 @@ def _plan_case(plan: _Plan, dst: Path, cid: str, files: dict[str, Path], ending:
                modalities: dict[str, tuple[str, str]]) -> None:
     images = {modalities[key][0]: dst / cid / f"{modalities[key][0]}{ending}" for key in files}
     plan.copies += [(files[key], images[modalities[key][0]]) for key in files]
-    case = Case(cid, images)
+    case = Case(cid, images, co_registered=True)  # nnU-Net's channels share one grid
     if label is not None:  # one label file, listed under every channel
         target = dst / cid / f"{_LABEL_STEM}{ending}"
         plan.copies.append((label, target))
@@ -196,7 +204,7 @@ def import_msd(src: str | Path, dst: str | Path, modality_types: dict[str, str] 
             case = Case(cid, {names[0]: dst / cid / f"{names[0]}{_suffix(image)}"})
             plan.copies.append((image, case.images[names[0]]))
         else:
-            case = Case(cid, {m: dst / cid / f"{m}.nii.gz" for m in names})
+            case = Case(cid, {m: dst / cid / f"{m}.nii.gz" for m in names}, co_registered=True)  # 4D channels
             plan.splits.append((image, list(case.images.values())))
         if label is not None:
             target = dst / cid / f"{_LABEL_STEM}{_suffix(label)}"

@@ -17,6 +17,7 @@ import torch
 from monai.data import MetaTensor, list_data_collate
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import UserError
 from .transforms import CLASS_INDICES
 
 
@@ -31,7 +32,7 @@ class PatchBatches(Dataset):
 
     def __init__(self, items: Sequence[dict], transform: Callable, seed: int, keys: Sequence[str]):
         if not items:
-            raise ValueError("no training cases for this data stream")
+            raise UserError("no training cases for this data stream")
         # Only the arrays (and the class positions) travel through the transforms and the collate.
         self.items = [{k: item[k] for k in (*keys, CLASS_INDICES) if k in item} for item in items]
         self.transform = copy.deepcopy(transform)  # its random state is ours to set

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..errors import UserError
 from .io import Geometry, from_array, write_image
 from .spec import Case, DatasetSpec
 
@@ -86,11 +87,11 @@ def make_phantom_dataset(out_dir: str | Path, n_cases: int = 8, seed: int = 0,
     modalities = tuple(modalities)
     unknown = [m for m in modalities if m not in MODALITIES]
     if not modalities or unknown or len(set(modalities)) != len(modalities):
-        raise ValueError(f"modalities must be distinct names out of {sorted(MODALITIES)}, got {modalities!r}")
+        raise UserError(f"modalities must be distinct names out of {sorted(MODALITIES)}, got {modalities!r}")
     if n_cases < 1:
-        raise ValueError(f"n_cases must be at least 1, got {n_cases}")
+        raise UserError(f"n_cases must be at least 1, got {n_cases}")
     if int(seed) < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        raise UserError(f"seed must be a non-negative integer, got {seed}")
     geometry = _geometry(size, spacing, direction)
 
     root = Path(out_dir).resolve()
@@ -108,7 +109,7 @@ def make_phantom_dataset(out_dir: str | Path, n_cases: int = 8, seed: int = 0,
             volume = render(tissue, _rng(seed, index, modality))
             images[modality] = write_image(from_array(volume, geometry), root / case_id / f"{modality}.nii.gz")
             labels[modality] = write_image(from_array(label, geometry), root / case_id / f"{modality}_label.nii.gz")
-        cases.append(Case(id=case_id, images=images, labels=labels))
+        cases.append(Case(id=case_id, images=images, labels=labels, co_registered=paired and len(images) > 1))
 
     spec = DatasetSpec(name=DATASET_NAME, labels=dict(LABELS),
                        modalities={m: MODALITIES[m] for m in modalities}, cases=cases, root=root)
@@ -121,12 +122,12 @@ def _geometry(size, spacing, direction) -> Geometry:
     size = tuple(int(s) for s in size)
     spacing = tuple(float(s) for s in spacing)
     if len(size) != 3 or min(size) < 4:
-        raise ValueError(f"size must be 3 numbers (x, y, z), each at least 4, got {size}")
+        raise UserError(f"size must be 3 numbers (x, y, z), each at least 4, got {size}")
     if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing must be 3 positive numbers (x, y, z), got {spacing}")
+        raise UserError(f"spacing must be 3 positive numbers (x, y, z), got {spacing}")
     matrix = np.eye(3) if direction is None else np.asarray(direction, float)
     if matrix.size != 9 or not np.allclose(matrix.reshape(3, 3) @ matrix.reshape(3, 3).T, np.eye(3), atol=1e-6):
-        raise ValueError(f"direction must be a row-major orthonormal 3x3 matrix (9 numbers), got {direction!r}")
+        raise UserError(f"direction must be a row-major orthonormal 3x3 matrix (9 numbers), got {direction!r}")
     matrix = matrix.reshape(3, 3)
     # Origin such that the volume's centre lies at world (0, 0, 0), as scanners roughly do.
     half = (np.array(size) - 1) * np.array(spacing) / 2.0

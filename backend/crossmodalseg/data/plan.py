@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from ..errors import UserError
 from .io import read_image, to_array
 from .spec import DatasetSpec
 
@@ -57,7 +58,7 @@ PRESETS: dict[str, Preset] = {
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
@@ -163,7 +164,7 @@ def collect_statistics(spec: DatasetSpec, modalities: list[str], max_samples_per
                 values = rng.choice(values, max_samples_per_case, replace=False)
             intensities[m].append(values)
     if not spacings:
-        raise ValueError(f"no case has a {reference!r} image to plan from")
+        raise UserError(f"no case has a {reference!r} image to plan from")
     stats: dict[str, Any] = {"spacings": spacings, "sizes": sizes, "intensity": {}}
     for m, chunks in intensities.items():
         values = np.concatenate(chunks) if chunks else np.zeros(1, np.float32)

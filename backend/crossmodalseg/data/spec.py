@@ -1,7 +1,9 @@
 """The dataset spec (`dataset.json`): structures, modalities and cases.
 
 A case maps modality -> image file and modality -> label file (a label lives in the space of its image). Unpaired
-data are cases with one modality each; unlabelled cases have no labels. Label values on disk may be anything
+data are cases with one modality each; unlabelled cases have no labels. A label is shared with the case's other
+modalities only where the case says its images are co-registered (`"co_registered": true`): resampling a label by
+world coordinates onto a misaligned or another patient's image would teach wrong anatomy. Label values on disk may be anything
 (MM-WHS uses 205, 420, ...): `labels` maps structure names to those values, and training works on contiguous class
 indices 0..K in the order of `labels` (background first).
 """
@@ -16,12 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+
 MODALITY_TYPES = ("CT", "MR")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 SPEC_FILE = "dataset.json"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset spec that cannot be used; the message says what to fix."""
 
 
@@ -30,17 +34,27 @@ class Case:
     id: str
     images: dict[str, Path]
     labels: dict[str, Path] = field(default_factory=dict)
+    co_registered: bool = False  # the images show the same anatomy at the same world positions
 
     @property
     def labelled(self) -> bool:
         return bool(self.labels)
 
     def label_for(self, modality: str) -> Path | None:
-        """The label drawn on `modality`'s image, else another label of the case (co-registered images may share
-        one label; it is resampled onto the image's grid by world coordinates)."""
+        """The label drawn on `modality`'s image; for co-registered images, else another label of the case (it is
+        resampled onto the image's grid by world coordinates)."""
         if modality in self.labels:
             return self.labels[modality]
-        return next(iter(self.labels.values()), None)
+        if self.co_registered:
+            return next(iter(self.labels.values()), None)
+        return None
+
+    def unshared_labels(self) -> list[str]:
+        """Modalities with an image but no label of their own, in a case where another modality is labelled and
+        the images are not declared co-registered: those images count as unlabelled."""
+        if self.co_registered or not self.labels:
+            return []
+        return [m for m in self.images if m not in self.labels]
 
 
 class LabelSet:
@@ -97,7 +111,8 @@ class DatasetSpec(LabelSet):
             "modalities": dict(self.modalities),
             "cases": [
                 {"id": c.id, "images": {m: rel(p) for m, p in c.images.items()},
-                 **({"labels": {m: rel(p) for m, p in c.labels.items()}} if c.labels else {})}
+                 **({"labels": {m: rel(p) for m, p in c.labels.items()}} if c.labels else {}),
+                 **({"co_registered": True} if c.co_registered else {})}
                 for c in self.cases
             ],
         }
@@ -179,10 +194,15 @@ def parse_spec(data: Any, root: Path) -> DatasetSpec:
         for m in case_labels:
             if m not in images:
                 problems.append(f"case {cid!r}: a label for {m!r} but no {m!r} image")
+        co_registered = raw.get("co_registered", False)
+        if not isinstance(co_registered, bool):
+            problems.append(f"case {cid!r}: 'co_registered' must be true or false")
+            co_registered = False
         cases.append(Case(
             id=cid,
             images={m: _resolve(root, p) for m, p in images.items()},
             labels={m: _resolve(root, p) for m, p in case_labels.items()},
+            co_registered=co_registered,
         ))
     if problems:
         raise DatasetError("dataset.json: " + "; ".join(problems))

@@ -28,13 +28,14 @@ from monai.transforms import (
     RandSpatialCropSamplesd,
 )
 
+from ..errors import UserError
 from .geometry import grid_with_spacing, resample_to_grid
 from .io import Geometry, ImageError, read_image, to_array
 from .plan import Plan
 from .spec import Case
 
 
-class LabelValueError(ValueError):
+class LabelValueError(UserError):
     """A label holds values that the dataset spec does not name."""
 
 

@@ -13,6 +13,8 @@ import math
 import os
 import time
 
+from ..errors import UserError
+
 SAFETY_S = 1.0  # slack for the process exit and whatever is not measured
 
 
@@ -38,7 +40,7 @@ class Budget:
     def __init__(self, epochs: int | None, minutes: float | None, iterations_per_epoch: int,
                  started_at: float | None = None, elapsed_before_s: float = 0.0):
         if epochs is None and minutes is None:
-            raise ValueError("a budget needs epochs or minutes")
+            raise UserError("a budget needs epochs or minutes")
         self.epochs, self.minutes = epochs, minutes
         self.iterations_per_epoch = iterations_per_epoch
         self.started_at = time.time() if started_at is None else started_at

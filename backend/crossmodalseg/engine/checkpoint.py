@@ -19,12 +19,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..data.spec import write_json_atomic
+from ..errors import UserError
 
 FORMAT_VERSION = 2  # 2: one U-Net class for every method (networks of version 1 do not load)
 MODEL_FILE = "model.json"
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(UserError):
     """A model folder that cannot be loaded; the message says why."""
 
 

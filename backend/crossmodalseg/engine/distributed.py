@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
+
 
 @dataclass
 class DistContext:
@@ -102,9 +104,9 @@ def resolve_device(name: str = "auto") -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+            raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
         local = int(os.environ.get("LOCAL_RANK", "0"))
         return torch.device("cuda", local)
     if name != "cpu":
-        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
+        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda")
     return torch.device("cpu")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,8 +49,10 @@ def score(prediction: np.ndarray, reference: np.ndarray, structures: Sequence[st
 
 def evaluate_model(model_dir: str | Path, dataset: str | Path | DatasetSpec, cases: Sequence[str] | None = None,
                    device: str = "auto", regions: Mapping[str, Sequence[int]] | None = None,
-                   out_json: Path | None = None) -> dict[str, Any]:
-    """Predicts every labelled case that has the model's target modality and scores it against its label."""
+                   out_json: Path | None = None, members: bool = False) -> dict[str, Any]:
+    """Predicts every labelled case that has the model's target modality and scores it against its label.
+    `members`: also score each ensemble member on its own (results["members"][name] with "cases" and "mean"), so
+    "the ensemble beats each member" can be measured."""
     spec = dataset if isinstance(dataset, DatasetSpec) else load_spec(dataset)
     predictor = Predictor(model_dir, device=device)
     task = predictor.task
@@ -64,16 +65,25 @@ def evaluate_model(model_dir: str | Path, dataset: str | Path | DatasetSpec, cas
         if task.target not in case.images or label_path is None:
             continue
         images = {m: p for m, p in case.images.items() if m in task.modalities}
-        prediction = predictor.predict(images)
+        prediction = predictor.predict(images, members=members)
         target_image = read_image(case.images[task.target])
         reference = resample_to_grid(read_image(label_path), target_image, "nearest")
         ref_index = values_to_indices(to_array(reference, np.float64), task.label_values, str(label_path))
-        pred_index = values_to_indices(to_array(prediction.label, np.float64), task.label_values)
-        results["cases"][case.id] = score(pred_index, ref_index, task.structures,
-                                          list(target_image.GetSpacing())[::-1], regions)
+        spacing = list(target_image.GetSpacing())[::-1]
+
+        def scored(label) -> dict[str, dict]:
+            return score(values_to_indices(to_array(label, np.float64), task.label_values), ref_index,
+                         task.structures, spacing, regions)
+
+        results["cases"][case.id] = scored(prediction.label)
+        if members and len(prediction.members) > 1:
+            for name, label in prediction.members.items():
+                results.setdefault("members", {}).setdefault(name, {"cases": {}})["cases"][case.id] = scored(label)
     if not results["cases"]:
         raise DatasetError(f"no case of {spec.name!r} has a labelled {task.target!r} image to evaluate")
     results["mean"] = _means(results["cases"])
+    for member in results.get("members", {}).values():
+        member["mean"] = _means(member["cases"])
     if out_json:
         write_json_atomic(Path(out_json), results)
     return results
@@ -101,4 +111,9 @@ def format_table(results: dict[str, Any]) -> str:
     for case, metrics in rows.items():
         cells = [f"{fmt(metrics[n]['dice'], 3)} | {fmt(metrics[n]['hd95'], 1)}" for n in names]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    if results.get("members"):  # mean Dice of the ensemble and of each member alone
+        lines += ["", "| mean Dice | " + " | ".join(names) + " |", "|" + "---|" * (1 + len(names))]
+        for who, mean in [("ensemble", results["mean"])] + [(f"member {m}", r["mean"])
+                                                            for m, r in results["members"].items()]:
+            lines.append(f"| {who} | " + " | ".join(fmt(mean[n]["dice"], 3) for n in names) + " |")
     return "\n".join(lines)

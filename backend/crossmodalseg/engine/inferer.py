@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from contextlib import nullcontext
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from ..data.geometry import resample_to_grid
 from ..data.io import Geometry, ImageError, from_array, read_image, write_image
 from ..data.plan import Plan
 from ..data.transforms import load_case_arrays
+from ..errors import UserError
 from ..methods import Method, Task, get_method
 from .checkpoint import load_weights, read_model_meta
 from .distributed import autocast_dtype, resolve_device
@@ -129,7 +130,7 @@ class Predictor:
                  sw_batch_size: int | None = None, precision: str = "auto"):
         """`precision`: "auto" (bfloat16 where the device has it natively, else float32) or "float32"."""
         if precision not in ("auto", "float32"):
-            raise ValueError(f"precision {precision!r}: use auto or float32")
+            raise UserError(f"precision {precision!r}: use auto or float32")
         self.model_dir = Path(model_dir)
         self.meta = read_model_meta(self.model_dir)
         self.device = resolve_device(device)

@@ -35,6 +35,7 @@ from ..data.check import check_dataset
 from ..data.plan import Plan, make_plan
 from ..data.spec import DatasetError, DatasetSpec, load_spec, write_json_atomic
 from ..data.transforms import LoadCased, patch_ready
+from ..errors import UserError
 from ..methods import Method, StepContext, Task, get_method
 from .budget import Budget
 from .checkpoint import (
@@ -46,7 +47,13 @@ from .checkpoint import (
     save_checkpoint,
     write_model_folder,
 )
-from .distributed import DistContext, autocast_dtype, init_distributed, resolve_device, shutdown_distributed
+from .distributed import (
+    DistContext,
+    autocast_dtype,
+    init_distributed,
+    resolve_device,
+    shutdown_distributed,
+)
 from .events import EventLog
 from .inferer import build_method
 from .validation import Validation
@@ -56,7 +63,7 @@ DEFAULT_EPOCHS = {"fast": 40, "full": 200}
 POLY_EXPONENT = 0.9
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """Training cannot start or go on; the message says what to change."""
 
 

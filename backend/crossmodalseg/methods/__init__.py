@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
 from .base import Method, StepContext, Task
 from .cmc import CMC
 from .maml import MAML
@@ -13,7 +14,7 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Single, MKD, MAML,
 
 def get_method(name: str) -> type[Method]:
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+        raise UserError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
     return METHODS[name]
 
 

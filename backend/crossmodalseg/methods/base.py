@@ -18,6 +18,7 @@ from torch import nn
 
 from ..data.plan import Plan
 from ..data.spec import Case, DatasetSpec, LabelSet
+from ..errors import UserError
 
 
 @dataclass
@@ -34,10 +35,10 @@ class Task(LabelSet):
     def from_spec(cls, spec: DatasetSpec, target: str, assistants: Sequence[str] = ()) -> "Task":
         for m in [target, *assistants]:
             if m not in spec.modalities:
-                raise ValueError(f"modality {m!r} is not in dataset {spec.name!r} (it has "
+                raise UserError(f"modality {m!r} is not in dataset {spec.name!r} (it has "
                                  f"{', '.join(spec.modalities)})")
         if target in assistants:
-            raise ValueError(f"{target!r} is the target; it cannot also be an assistant")
+            raise UserError(f"{target!r} is the target; it cannot also be an assistant")
         ordered = {n: v for n, v in sorted(spec.labels.items(), key=lambda kv: kv[1])}
         return cls(ordered, {m: spec.modalities[m] for m in [target, *assistants]}, target, list(assistants))
 
@@ -88,21 +89,43 @@ class Stream:
     required: bool = True  # an optional stream (e.g. unlabelled pairs) may be empty
 
 
+_KIND_NAMES = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}
+
+
 class Method(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     default_hparams: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, task: Task, plan: Plan, hparams: Mapping[str, Any] | None = None):
-        unknown = set(hparams or {}) - set(self.default_hparams)
-        if unknown:
-            raise ValueError(f"method {self.name!r} has no option {', '.join(sorted(unknown))} "
-                             f"(it has: {', '.join(self.default_hparams) or 'none'})")
         self.task, self.plan = task, plan
-        self.hparams = {**self.default_hparams, **(hparams or {})}
+        self.hparams = {**self.default_hparams, **self.check_options(hparams or {})}
         self.nets: dict[str, nn.Module] = self.build_networks()
         # What training steps call: the networks themselves, or their DDP wrappers under torchrun.
         self.train_nets: dict[str, nn.Module] = dict(self.nets)
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The options with the types of their defaults (an int where a float is expected becomes a float), or a
+        UserError naming each unknown option and each value of the wrong type. The CLI, the service (at
+        submission, before a job is stored) and the constructor all pass through here."""
+        if not isinstance(options, Mapping):
+            raise UserError(f"options of {cls.name!r} must map names to values")
+        problems, out = [], {}
+        for key, value in options.items():
+            if key not in cls.default_hparams:
+                problems.append(f"no option {key!r} (it has: {', '.join(cls.default_hparams) or 'none'})")
+                continue
+            kind = type(cls.default_hparams[key])
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                problems.append(f"option {key!r} must be {_KIND_NAMES.get(kind, kind.__name__)}, got {value!r:.60}")
+                continue
+            out[key] = value
+        if problems:
+            raise UserError(f"method {cls.name!r}: " + "; ".join(problems))
+        return out
 
     # ---- networks -----------------------------------------------------------------------------------------
     @abstractmethod

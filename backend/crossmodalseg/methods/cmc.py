@@ -9,6 +9,11 @@ when loaded (b resampled onto a's grid by world coordinates), so one crop gives 
 their patches are cropped without reading any label. Both consistency terms start after a supervised warm-up
 (default 30 % of training) and ramp as exp(-5 (1 - e/E)^2).
 
+The supervised pass fuses a labelled a-image with its own b-image where the case has one (loaded on a's grid, as at
+inference), so the voxel-wise fusion trains on true pairs; a labelled a-image without a b-image meets another case's
+b-image. Decoder b learns from labelled b-images on their own grid (a pass of its own when the a-image came with its
+pair). A b-image counts as labelled only with its own label or a co-registered case's (`Case.label_for`).
+
 Differences from the official code, on purpose (METHODS.md): the consistency terms carry gradient, L_CAC is
 1 - similarity, CSC is computed over channels (never an N^2 matrix), and unlabelled crops never look at labels.
 """
@@ -23,9 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.loaders import patch_stream
+from ..data.loaders import batch_seed, patch_stream
 from ..data.spec import DatasetSpec
 from ..data.transforms import labelled_patch_transform, unlabelled_patch_transform
+from ..errors import UserError
 from ..losses.consistency import channel_semantic_consistency, soft_dice_consistency
 from ..losses.supervision import DeepSupervisionLoss
 from ..nets.fusion import ChannelAttention, UnifiedFusion
@@ -73,7 +79,7 @@ class CMC(Method):
 
     def __init__(self, task, plan, hparams=None):
         if len(task.assistants) != 1:
-            raise ValueError("cmc pairs two modalities: give exactly one --assistant")
+            raise UserError("cmc pairs two modalities: give exactly one --assistant")
         super().__init__(task, plan, hparams)
 
     @property
@@ -95,7 +101,12 @@ class CMC(Method):
     def streams(self, spec: DatasetSpec) -> dict[str, Stream]:
         a, b = self.a, self.b
         return {
-            "labelled_a": Stream([c for c in spec.cases if a in c.images and c.label_for(a)], [a]),
+            # A labelled a-image with its own b-image: the true pair, b on a's grid, as at inference, so the
+            # voxel-wise fusion learns from what it will see. Labelled a-images without a b-image stand alone.
+            "labelled_pairs": Stream([c for c in spec.cases if a in c.images and b in c.images and c.label_for(a)],
+                                     [a, b], required=False),
+            "labelled_a": Stream([c for c in spec.cases if a in c.images and b not in c.images and c.label_for(a)],
+                                 [a], required=False),
             "labelled_b": Stream([c for c in spec.cases if b in c.images and c.label_for(b)], [b], required=False),
             # Both images on a's grid: predictions of a crop are on one physical grid.
             "unlabelled": Stream([c for c in spec.cases if a in c.images and b in c.images and not c.labels],
@@ -103,8 +114,10 @@ class CMC(Method):
         }
 
     def prepare(self, items: dict[str, list[dict]], fresh: bool) -> None:
-        if not items.get("labelled_b") and not items.get("unlabelled"):
-            raise ValueError(f"cmc needs {self.b!r} images: labelled ones, or unlabelled {self.a}+{self.b} pairs")
+        if not items.get("labelled_pairs") and not items.get("labelled_a"):
+            raise UserError(f"cmc needs labelled {self.a!r} images")
+        if not items.get("labelled_b") and not items.get("labelled_pairs") and not items.get("unlabelled"):
+            raise UserError(f"cmc needs {self.b!r} images: labelled ones, or unlabelled {self.a}+{self.b} pairs")
         path = str(self.hparams["encoder_weights"] or "")
         if path and fresh:
             load_encoder_weights(self.nets["cmc"], Path(path))
@@ -112,14 +125,25 @@ class CMC(Method):
     def batches(self, items: dict[str, list[dict]], seed: int, device: torch.device, start: int = 0
                 ) -> Iterator[Batch]:
         labelled = labelled_patch_transform(self.plan, self.task.num_classes)
-        labelled_a = patch_stream(items["labelled_a"], labelled, seed, device, start=start)
-        labelled_b = (patch_stream(items["labelled_b"], labelled, seed + 1, device, start=start)
-                      if items.get("labelled_b") else itertools.repeat(None))
-        unlabelled = (patch_stream(items["unlabelled"], unlabelled_patch_transform(self.plan), seed + 2, device,
-                                   keys=("image",), start=start) if items.get("unlabelled")
-                      else itertools.repeat(None))
-        for la, lb, u in zip(labelled_a, labelled_b, unlabelled):
-            batch = {"x_a": la["image"], "y_a": la["label"]}
+
+        def stream(name: str, offset: int, transform=labelled, keys=("image", "label")) -> Iterator[dict | None]:
+            if not items.get(name):
+                return itertools.repeat(None)
+            return patch_stream(items[name], transform, seed + offset, device, keys=keys, start=start)
+
+        pairs, alone = stream("labelled_pairs", 3), stream("labelled_a", 0)
+        labelled_b = stream("labelled_b", 1)
+        unlabelled = stream("unlabelled", 2, unlabelled_patch_transform(self.plan), ("image",))
+        # Pairs and lone a-images are drawn in proportion to their case counts; step k's choice is a function of
+        # (seed, k), so a resumed run makes the same choices.
+        n_pairs, n_alone = len(items.get("labelled_pairs") or []), len(items.get("labelled_a") or [])
+        for k, (pair, la, lb, u) in enumerate(zip(pairs, alone, labelled_b, unlabelled), start=start):
+            use_pair = pair is not None and (la is None or
+                                             batch_seed(seed + 3, k).random() < n_pairs / (n_pairs + n_alone))
+            if use_pair:
+                batch = {"x_a": pair["image"][:, 0:1], "x_pair": pair["image"][:, 1:2], "y_a": pair["label"]}
+            else:
+                batch = {"x_a": la["image"], "y_a": la["label"]}
             if lb is not None:
                 batch.update(x_b=lb["image"], y_b=lb["label"])
             if u is not None:
@@ -136,13 +160,14 @@ class CMC(Method):
         temperature = float(self.hparams["temperature"])
         logs: dict[str, float] = {}
         with ctx.autocast():
-            # Labelled pair: images of different cases (and spaces) may meet here; CSC compares channels, not voxels.
-            x_b = batch.get("x_b", batch["u"][:, 1:2] if "u" in batch else None)
+            # The a-image meets its own b-image where the case has one (as at inference); otherwise another
+            # case's b-image (CSC compares channels, not voxels, so that still teaches it).
+            x_b = batch.get("x_pair", batch.get("x_b", batch["u"][:, 1:2] if "u" in batch else None))
             logits_a, logits_b, f_a, f_b = net(batch["x_a"], x_b)
             loss = self.loss(logits_a, batch["y_a"])
-            if "y_b" in batch:
-                loss = loss + self.loss(logits_b, batch["y_b"])
-            else:  # no labelled assistant image in this batch: decoder b still takes part (DDP)
+            if "y_b" in batch:  # decoder b learns from its own labelled images, on their own grid
+                loss = loss + self.loss(net(None, batch["x_b"])[1] if "x_pair" in batch else logits_b, batch["y_b"])
+            if "y_b" not in batch or "x_pair" in batch:  # decoder b's output in the fused pass takes part (DDP)
                 loss = loss + keep_in_graph(*logits_b)
             logs["sup"] = float(loss.detach())
             if lam > 0:
@@ -186,4 +211,4 @@ def load_encoder_weights(net: CrossModalityNet, path: Path) -> None:
         try:
             branch.encoder.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise ValueError(f"{path} does not fit the cmc encoder: {str(e).splitlines()[0][:300]}") from None
+            raise UserError(f"{path} does not fit the cmc encoder: {str(e).splitlines()[0][:300]}") from None

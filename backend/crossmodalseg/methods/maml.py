@@ -19,6 +19,7 @@ from torch import nn
 from ..data.loaders import patch_stream
 from ..data.spec import DatasetSpec
 from ..data.transforms import labelled_patch_transform
+from ..errors import UserError
 from ..losses.distillation import kd_loss
 from ..losses.supervision import DeepSupervisionLoss, SegLoss
 from ..nets.fusion import ModalityAwareFusion
@@ -36,7 +37,7 @@ class MAML(Method):
 
     def __init__(self, task, plan, hparams=None):
         if not task.assistants:
-            raise ValueError("maml fuses several co-registered modalities: give at least one --assistant")
+            raise UserError("maml fuses several co-registered modalities: give at least one --assistant")
         super().__init__(task, plan, hparams)
 
     def build_networks(self) -> dict[str, nn.Module]:

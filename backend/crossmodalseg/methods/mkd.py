@@ -2,7 +2,11 @@
 
 An image alignment module (IAM) makes assistant images look like target images: a 3D CycleGAN-style translator
 (`iam=cyclegan`), non-learned histogram matching (`iam=histogram`: per structure, using the assistant's own label,
-since the IAM only runs in training where that label exists) or nothing (`iam=none`, an ablation). Two
+since the IAM only runs in training where that label exists) or nothing (`iam=none`). The default is `none`
+because that is what measured best: at CPU budgets of minutes a 3D CycleGAN iteration costs ~5x a segmentor
+iteration and its half-trained translations fed the assistant member worse images than the raw ones (BraTS T1c
+target + FLAIR assistant, backend/benchmarks/RESULTS.md: WT/TC/ET 0.257/0.074/0.158 with CycleGAN against
+0.296/0.176/0.335 without; the same order in issue 10's 4-minute runs). Two
 segmentors of the same architecture teach each other: `seg_target` learns from real target images, `seg_assistant`
 from aligned assistant images; each distils into the other (KD with temperature T, sigmoid ramp-up). One iteration
 updates discriminators, then generators (adversarial + cycle + the assistant's segmentation loss, so the label stays
@@ -21,6 +25,7 @@ from torch import nn
 from ..data.loaders import patch_stream
 from ..data.spec import DatasetSpec
 from ..data.transforms import labelled_patch_transform
+from ..errors import UserError
 from ..losses.consistency import cycle_loss, lsgan_loss
 from ..losses.distillation import kd_loss, sigmoid_rampup
 from ..losses.supervision import DeepSupervisionLoss
@@ -37,7 +42,7 @@ class MKD(Method):
     description = ("unpaired target + assistant: image alignment module and two segmentors with mutual knowledge "
                    "distillation; ensemble on the target modality")
     default_hparams = {
-        "iam": "cyclegan",  # cyclegan | histogram | none
+        "iam": "none",  # none | histogram | cyclegan (see the module docstring for why none is the default)
         "temperature": 2.0,
         "kd_a2t": 1.0,  # lambda1: KD from seg_assistant into seg_target (0 = ablation "no KD a->t")
         "kd_t2a": 1.0,  # lambda2: KD from seg_target into seg_assistant (0 = ablation "no KD t->a")
@@ -51,10 +56,10 @@ class MKD(Method):
 
     def __init__(self, task, plan, hparams=None):
         if len(task.assistants) != 1:
-            raise ValueError("mkd needs exactly one --assistant modality (the unpaired modality that helps)")
+            raise UserError("mkd needs exactly one --assistant modality (the unpaired modality that helps)")
         super().__init__(task, plan, hparams)
         if self.hparams["iam"] not in IAM_CHOICES:
-            raise ValueError(f"mkd option iam={self.hparams['iam']!r}; choose one of {', '.join(IAM_CHOICES)}")
+            raise UserError(f"mkd option iam={self.hparams['iam']!r}; choose one of {', '.join(IAM_CHOICES)}")
 
     @property
     def assistant(self) -> str:
@@ -184,7 +189,7 @@ class MKD(Method):
     # ---- inference ----------------------------------------------------------------------------------------
     def member_logits(self, x: torch.Tensor, available: Sequence[str]) -> dict[str, torch.Tensor]:
         if list(available) != [self.task.target]:
-            raise ValueError(f"mkd segments the target modality {self.task.target!r}; give that image")
+            raise UserError(f"mkd segments the target modality {self.task.target!r}; give that image")
         return {"seg_target": self.nets["seg_target"](x), "seg_assistant": self.nets["seg_assistant"](x)}
 
 

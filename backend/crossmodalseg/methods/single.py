@@ -11,6 +11,7 @@ from torch import nn
 from ..data.loaders import patch_stream
 from ..data.spec import DatasetSpec
 from ..data.transforms import labelled_patch_transform
+from ..errors import UserError
 from ..losses.supervision import DeepSupervisionLoss
 from ..nets.unet import UNet, UNetConfig
 from .base import Batch, Method, StepContext, Stream
@@ -49,5 +50,5 @@ class Single(Method):
         needed = self.input_modalities()
         if list(available) != needed:
             missing = [m for m in needed if m not in available]
-            raise ValueError(f"the single-model baseline needs {', '.join(needed)}; missing {', '.join(missing)}")
+            raise UserError(f"the single-model baseline needs {', '.join(needed)}; missing {', '.join(missing)}")
         return {"unet": self.nets["unet"](x)}

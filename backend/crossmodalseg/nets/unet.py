@@ -19,7 +19,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 from monai.networks.blocks import Convolution
-from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, get_conv_layer
+from monai.networks.blocks.dynunet_block import (
+    UnetBasicBlock,
+    UnetOutBlock,
+    get_conv_layer,
+)
 from torch import nn
 
 from ..data.plan import Plan

@@ -8,18 +8,20 @@ a synchronous /predict for one case. Errors are JSON `{"detail": "..."}` with a 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
 import tempfile
 import zipfile
+import zlib
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
@@ -27,13 +29,28 @@ from .. import __version__
 from ..data.io import Geometry, ImageError
 from ..data.spec import DatasetError, parse_spec
 from ..engine.checkpoint import MODEL_FILE, ModelFolderError
+from ..errors import UserError, user_message
 from .auth import check_bind, token_matches
-from ..errors import user_message
 from .jobs import JobRunner, append_event, job_progress
 from .predictor_pool import PredictorPool, predict_in_worker, validate_model_in_worker
+from .processes import hold_home
 from .store import LABEL_TAGS, Conflict, NotFound, Store, StoredFile, check_id, new_id
-from .uploads import UploadError, check_same_grid, load_checked, receive, store_image, stream_to_file
+from .uploads import (
+    UploadError,
+    check_same_grid,
+    load_checked,
+    receive,
+    store_image,
+    stream_to_file,
+)
 
+logger = logging.getLogger("crossmodalseg.service")
+
+
+async def _drain(response) -> None:
+    """Runs a GET response's body to its end unsent (its own background tasks, e.g. removing a temporary file)."""
+    async for _ in response.body_iterator:
+        pass
 MAX_ARCHIVE_FILES = 64
 EVENTS_PAGE = 500
 # Bodies read as streams are declared here, so that the OpenAPI schema says what to send.
@@ -65,7 +82,8 @@ class JobIn(BaseModel):
     epochs: int | None = Field(None, ge=1)
     minutes: float | None = Field(None, gt=0)
     iterations_per_epoch: int | None = Field(None, ge=1)
-    options: dict[str, Any] = {}
+    options: dict[str, float | int | bool | str] = Field(
+        {}, description="the method's options (see GET /info), each a number, string or boolean")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     processes: int = Field(1, ge=1, le=64, description="DDP processes (one per GPU) under torchrun")
     seed: int = 0
@@ -75,8 +93,35 @@ class JobIn(BaseModel):
     uncertainty: bool = False
 
 
+def model_summary(meta: Any) -> dict[str, Any]:
+    """What GET /models shows of a model.json; ModelFolderError naming the first field of the wrong shape."""
+    def field(container: Any, key: str, kind: type | tuple[type, ...], where: str, required: bool = True) -> Any:
+        if not isinstance(container, dict):
+            raise ModelFolderError(f"model.json: {where or 'the file'} must be an object")
+        if key not in container:
+            if required:
+                raise ModelFolderError(f"model.json: {where + '.' if where else ''}{key} is missing")
+            return None
+        value = container[key]
+        if value is not None and not isinstance(value, kind):
+            raise ModelFolderError(f"model.json: {where + '.' if where else ''}{key} has the wrong type")
+        return value
+
+    method, task = field(meta, "method", dict, ""), field(meta, "task", dict, "")
+    training = field(meta, "training", dict, "", required=False) or {}
+    return {"method": field(method, "name", str, "method"), "hparams": field(method, "hparams", dict, "method", False),
+            "labels": field(task, "labels", dict, "task"), "modalities": field(task, "modalities", dict, "task"),
+            "target": field(task, "target", str, "task"), "members": field(method, "members", dict, "method", False),
+            "training": {k: training.get(k) for k in ("epochs", "seconds", "val_dice", "init_from", "device")}}
+
+
 def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int = 2 << 30,
-               devices: list[str] | None = None) -> FastAPI:
+               devices: list[str] | None = None, min_free_bytes: int | None = None) -> FastAPI:
+    """`min_free_bytes`: requests that store something (PUT, POST) are refused with 507 while the home's disk has
+    less free space (default: $CROSSMODALSEG_MIN_FREE_MB, else 1 GiB); reads and DELETE always work, so space can
+    be freed through the API."""
+    if min_free_bytes is None:
+        min_free_bytes = int(float(os.environ.get("CROSSMODALSEG_MIN_FREE_MB", 1024)) * 2**20)
     store = Store(home)
     runner = JobRunner(store, devices)
     pool = PredictorPool()
@@ -109,22 +154,42 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
     async def _refused_upload(_: Request, e: UploadError):
         return error(e.status, str(e))
 
+    def internal(request: Request, e: BaseException) -> JSONResponse:
+        """A bug: logged with its traceback (the answer names no server path)."""
+        logger.error("internal error on %s %s", request.method, request.url.path, exc_info=e)
+        return error(500, f"internal error ({type(e).__name__}); see the server log")
+
     @app.exception_handler(ValueError)  # ids, dataset specs, images, model folders: the request is at fault
-    async def _invalid(_: Request, e: ValueError):
+    async def _invalid(request: Request, e: ValueError):
         message = user_message(e)
         if message is None:  # a ValueError from deep inside a library is our bug, not the client's
-            return error(500, f"internal error ({type(e).__name__}); see the server log")
+            return internal(request, e)
         return error(422 if isinstance(e, (ImageError, ModelFolderError, DatasetError)) else 400, message)
 
     @app.exception_handler(RuntimeError)  # GPU out of memory, a prediction worker that died
-    async def _unavailable(_: Request, e: RuntimeError):
+    async def _unavailable(request: Request, e: RuntimeError):
         message = user_message(e)
-        return error(503, message) if message else error(500, f"internal error ({type(e).__name__})")
+        return error(503, message) if message else internal(request, e)
+
+    @app.middleware("http")
+    async def head_like_get(request: Request, call_next):
+        """HEAD on any GET route: the GET's status and headers, no body (HTTP requires HEAD wherever GET is)."""
+        if request.method != "HEAD":
+            return await call_next(request)
+        request.scope["method"] = "GET"
+        response = await call_next(request)
+        return Response(status_code=response.status_code, headers=dict(response.headers),
+                        background=BackgroundTask(_drain, response))
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if token and not token_matches(request.headers.get("authorization"), token):
             return error(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'")
+        if request.method in ("PUT", "POST") and shutil.disk_usage(store.home).free < min_free_bytes:
+            free = shutil.disk_usage(store.home).free
+            return error(507, f"the server's disk is nearly full ({free / 2**20:.0f} MiB free, {min_free_bytes / 2**20:.0f} "
+                              f"MiB needed to accept work): delete cases (DELETE /datasets/{{id}}/cases/{{case}}) or "
+                              f"free space on the server")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > max_upload_bytes + (1 << 20)):
             return error(413, f"request body larger than the server's limit of {max_upload_bytes / 2**20:.0f} MiB "
@@ -142,6 +207,7 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
 
         return {"version": __version__, "devices": runner.devices, "methods": {n: m.description for n, m in
                                                                                METHODS.items()},
+                "method_options": {n: dict(m.default_hparams) for n, m in METHODS.items()},
                 "presets": ["fast", "full"], "label_tags": list(LABEL_TAGS), "max_upload_bytes": max_upload_bytes}
 
     # ---- datasets -------------------------------------------------------------------------------------------
@@ -184,21 +250,25 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
                          tmp: Path) -> StoredFile:
         label_values = sorted(dataset["labels"].values())
         image = load_checked(tmp, kind, label_values)
-        others = {(f["kind"], f["tag"]): f for f in store.files(dataset["id"], case_id) if f["modality"] == modality}
         geometry = Geometry.of(image)
-        if kind == "label":
-            if ("image", "") not in others:
-                raise UploadError(f"case {case_id!r} has no {modality!r} image yet; upload the image before its label")
-            check_same_grid(geometry, Geometry.from_json(others["image", ""]["geometry"]),
-                            f"{modality} label of case {case_id!r}")
-        else:
-            for (other_kind, other_tag), f in others.items():
-                if other_kind == "label":
-                    check_same_grid(Geometry.from_json(f["geometry"]), geometry,
-                                    f"new {modality} image of case {case_id!r} vs its stored {other_tag} label")
         folder = store.dataset_folder(dataset["id"], case_id)
         name = f"image_{modality}" if kind == "image" else f"label_{modality}_{tag}"
         with store.file_lock:
+            # The grid check and the commit under one lock: an image and a label uploaded to one case at the same
+            # moment cannot both pass against the state before the other (which left labels on a wrong grid).
+            others = {(f["kind"], f["tag"]): f for f in store.files(dataset["id"], case_id)
+                      if f["modality"] == modality}
+            if kind == "label":
+                if ("image", "") not in others:
+                    raise UploadError(f"case {case_id!r} has no {modality!r} image yet; upload the image before its "
+                                      f"label")
+                check_same_grid(geometry, Geometry.from_json(others["image", ""]["geometry"]),
+                                f"{modality} label of case {case_id!r}")
+            else:
+                for (other_kind, other_tag), f in others.items():
+                    if other_kind == "label":
+                        check_same_grid(Geometry.from_json(f["geometry"]), geometry,
+                                        f"new {modality} image of case {case_id!r} vs its stored {other_tag} label")
             path, sha = store_image(image, folder / name)
             stored = StoredFile(path, sha, geometry.to_json())
             store.put_file(dataset["id"], case_id, kind, modality, tag, stored)
@@ -229,9 +299,10 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
 
     @app.delete("/datasets/{dataset_id}/cases/{case_id}")
     def delete_case(dataset_id: str, case_id: str) -> dict[str, Any]:
-        paths = store.delete_case(check_id(dataset_id, "dataset id"), check_id(case_id, "case id"))
-        for p in paths:  # after the commit: a crash in between leaves only unreferenced files
-            p.unlink(missing_ok=True)
+        with store.file_lock:  # not between an upload's (or a finished job's) check and its commit
+            paths = store.delete_case(check_id(dataset_id, "dataset id"), check_id(case_id, "case id"))
+            for p in paths:  # after the commit: a crash in between leaves only unreferenced files
+                p.unlink(missing_ok=True)
         return {"deleted": case_id}
 
     # ---- jobs -----------------------------------------------------------------------------------------------
@@ -254,21 +325,22 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
             from ..methods import METHODS
 
             if params["method"] not in METHODS:
-                raise ValueError(f"unknown method {params['method']!r}; choose one of {', '.join(METHODS)}")
+                raise UserError(f"unknown method {params['method']!r}; choose one of {', '.join(METHODS)}")
+            params["options"] = METHODS[params["method"]].check_options(params["options"])
             for m in [params["target"], *params["assistants"]]:
                 if m not in dataset["modalities"]:
-                    raise ValueError(f"modality {m!r} is not in dataset {dataset['id']!r} (it has "
+                    raise UserError(f"modality {m!r} is not in dataset {dataset['id']!r} (it has "
                                      f"{', '.join(dataset['modalities'])}); set `target` (and `assistants`)")
             model_id = new_id()
         else:
             model = store.ready_model(check_id(body.model or "", "model id"))
             if not (body.dataset and body.case):
-                raise ValueError("a predict job needs `dataset` and `case` (or use POST /predict with the images)")
+                raise UserError("a predict job needs `dataset` and `case` (or use POST /predict with the images)")
             files = store.files(check_id(body.dataset, "dataset id"), check_id(body.case, "case id"))
             wanted = model["meta"]["task"]["modalities"]
             images = {f["modality"]: str(f["path"]) for f in files if f["kind"] == "image" and f["modality"] in wanted}
             if not images:
-                raise ValueError(f"case {body.case!r} has none of the model's modalities ({', '.join(wanted)})")
+                raise UserError(f"case {body.case!r} has none of the model's modalities ({', '.join(wanted)})")
             params["images"] = images
         job_id = store.create_job(body.kind, params, model=model_id)
         folder = store.job_folder(job_id)
@@ -311,16 +383,14 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
 
     # ---- models ---------------------------------------------------------------------------------------------
     def _model_view(model: dict[str, Any]) -> dict[str, Any]:
-        meta = model["meta"] or {}
-        summary = {}
-        if meta:
-            summary = {"method": meta["method"]["name"], "hparams": meta["method"].get("hparams"),
-                       "labels": meta["task"]["labels"], "modalities": meta["task"]["modalities"],
-                       "target": meta["task"]["target"], "members": meta["method"].get("members"),
-                       "training": {k: meta.get("training", {}).get(k) for k in ("epochs", "seconds", "val_dice",
-                                                                                  "init_from", "device")}}
-        return {"id": model["id"], "name": model["name"], "state": model["state"], "job": model["job"],
-                "created": model["created"], **summary}
+        view = {"id": model["id"], "name": model["name"], "state": model["state"], "job": model["job"],
+                "created": model["created"]}
+        if not model["meta"]:
+            return view
+        try:
+            return {**view, **model_summary(model["meta"])}
+        except ModelFolderError as e:  # stored before imports were checked: listed as unusable, never a 500
+            return {**view, "state": "unreadable", "error": str(e)}
 
     @app.get("/models")
     def list_models() -> list[dict[str, Any]]:
@@ -352,6 +422,7 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
         try:
             await run_in_threadpool(_extract_model_archive, tmp, staging, max_upload_bytes)
             meta = await pool.run(validate_model_in_worker, str(staging))
+            model_summary(meta)  # what GET /models shows must be readable, or the archive is refused
             os.replace(staging, store.model_folder(model_id))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -381,14 +452,14 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
                 if key in ("model", "members", "uncertainty"):
                     continue
                 if not hasattr(value, "read"):
-                    raise ValueError(f"form field {key!r}: expected an image file for modality {key!r}")
+                    raise UserError(f"form field {key!r}: expected an image file for modality {key!r}")
                 if key not in wanted:
-                    raise ValueError(f"this model uses modalities {', '.join(wanted)}; {key!r} is not one of them")
+                    raise UserError(f"this model uses modalities {', '.join(wanted)}; {key!r} is not one of them")
                 tmp = await receive(_chunks(value), work, max_upload_bytes)
                 await run_in_threadpool(load_checked, tmp, "image")
                 images[key] = str(tmp)
             if not images:
-                raise ValueError(f"no image given: add a file field named after a modality ({', '.join(wanted)})")
+                raise UserError(f"no image given: add a file field named after a modality ({', '.join(wanted)})")
             flag = lambda k: str(form.get(k, "")).lower() in ("1", "true", "yes")  # noqa: E731
             outputs = await pool.run(predict_in_worker, str(store.model_folder(model_id)), images, str(work / "out"),
                                      flag("members"), flag("uncertainty"), "auto")
@@ -431,15 +502,26 @@ def _extract_model_archive(archive: Path, folder: Path, limit_bytes: int) -> Non
         if bad or len(entries) > MAX_ARCHIVE_FILES:
             raise UploadError(f"a model archive may hold only {MODEL_FILE} and *.safetensors files; found "
                               f"{', '.join(bad[:5]) or f'{len(entries)} files'}")
+        if len(set(names)) != len(names):
+            raise UploadError("the archive holds a file twice; export it again with GET /models/{id}/archive")
         if sum(e.file_size for e in entries) > 4 * limit_bytes:
             raise UploadError("the archive unpacks to more than the server accepts")
         for e in entries:
-            with z.open(e) as src, open(folder / e.filename, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            if e.flag_bits & 0x1:
+                raise UploadError(f"{e.filename} in the archive is encrypted; export the model without a password")
+            try:
+                with z.open(e) as src, open(folder / e.filename, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as error:
+                # A bad CRC, corrupt deflate data, a compression method zipfile cannot read: the client's file.
+                raise UploadError(f"{e.filename} in the archive cannot be unpacked ({type(error).__name__}: "
+                                  f"{str(error)[:120]}); export the model again") from None
     try:
-        json.loads((folder / MODEL_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = json.loads((folder / MODEL_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise UploadError(f"{MODEL_FILE} in the archive is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise UploadError(f"{MODEL_FILE} in the archive must hold a JSON object")
 
 
 def serve(home: Path, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
@@ -454,8 +536,9 @@ def serve(home: Path, host: str = "127.0.0.1", port: int = 8765, token: str | No
     sock.bind((host, port))
     sock.listen(2048)  # clients that connect before uvicorn is up wait in the backlog instead of being refused
     bound = sock.getsockname()[1]
-    app = create_app(home, token, max_upload_bytes)
     url = f"http://{host if family == socket.AF_INET else f'[{host}]'}:{bound}"
+    lock = hold_home(home, {"pid": os.getpid(), "url": url})  # noqa: F841 - held until this function returns
+    app = create_app(home, token, max_upload_bytes)
     print(json.dumps({"event": "listening", "url": url, "home": str(Path(home).resolve()), "pid": os.getpid()}),
           flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)).run(sockets=[sock])

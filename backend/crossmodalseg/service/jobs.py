@@ -20,6 +20,7 @@ from typing import Any
 from ..data.io import Geometry, read_image
 from ..engine.checkpoint import MODEL_FILE, latest_checkpoint, read_model_meta
 from ..engine.events import read_events
+from . import processes
 from .store import Conflict, Store, StoredFile
 from .uploads import store_image
 
@@ -61,55 +62,18 @@ def job_progress(events: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def worker_error(log: Path, returncode: int) -> str:
-    """The worker's own one-line message (the CLI prints `error: ...`), else the end of its log."""
+    """The worker's own message (the CLI prints `error: ...` last, with the list of problems where there are
+    several), else the end of its log."""
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-    for line in reversed(lines):
-        if line.startswith("error: "):
-            return line[len("error: "):]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("error: "):
+            return "\n".join([lines[i][len("error: "):], *lines[i + 1:i + 60]])
     if returncode < 0:
         name = signal.Signals(-returncode).name
         hint = " (the system may have run out of memory)" if returncode == -signal.SIGKILL else ""
         return f"the worker was killed by {name}{hint}"
     tail = "\n".join(lines[-15:])
     return f"the worker failed with exit code {returncode}:\n{tail}"
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
-def processes_in_group(pgid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # Fields after the command name (which may hold spaces): state ppid pgrp ...
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":  # a zombie has ended; only its exit status remains
-                pids.append(int(entry.name))
-    return pids
-
-
-def kill_group(pgid: int, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM to the process group, then SIGKILL to whatever is left after `grace_s`."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.time() + grace_s
-    while time.time() < deadline and group_alive(pgid):
-        time.sleep(0.1)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 class JobRunner:
@@ -135,7 +99,7 @@ class JobRunner:
         self.thread.join(timeout=10)
         with self.lock:
             for job_id, proc in list(self.procs.items()):
-                kill_group(proc.pid)
+                processes.end_tree(proc.pid, STOP_GRACE_S)
                 proc.wait()
                 self._finish(job_id, "interrupted", error="the server stopped while this job ran; resume it")
             self.procs.clear()
@@ -144,21 +108,12 @@ class JobRunner:
         """After a crash: jobs that were running have no worker any more (it died with the server; a DDP rank
         that outlived it is ended here) and become `interrupted`."""
         for job in self.store.jobs(("running",)):
-            pgid = job["pgid"]
-            if pgid and group_alive(pgid) and self._group_is_job(pgid, job["id"]):
-                kill_group(pgid, grace_s=1.0)
+            pid = job["pgid"]  # the worker's pid (also its process group on POSIX)
+            if pid and processes.runs_job(pid, job["id"]):
+                processes.end_tree(pid, grace_s=1.0)
             self._finish(job["id"], "interrupted",
                          error="the server stopped while this job ran; resume it to continue from its last checkpoint"
                          if job["kind"] in TRAIN_KINDS else "the server stopped while this job ran; submit it again")
-
-    def _group_is_job(self, pgid: int, job_id: str) -> bool:
-        for pid in processes_in_group(pgid):
-            try:
-                if job_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    return True
-            except OSError:
-                continue
-        return False
 
     # ---- requests ------------------------------------------------------------------------------------------------
     def cancel(self, job_id: str) -> dict[str, Any]:
@@ -168,7 +123,7 @@ class JobRunner:
                 raise Conflict(f"job {job_id} has already finished ({job['state']})")
             proc = self.procs.pop(job_id, None)
             if proc is not None:
-                kill_group(proc.pid)
+                processes.end_tree(proc.pid, STOP_GRACE_S)
                 proc.wait()
             self._finish(job_id, "cancelled", error="cancelled by the user")
             return self.store.job(job_id)
@@ -259,9 +214,9 @@ class JobRunner:
         env.setdefault("PYTHONUNBUFFERED", "1")
         append_event(folder / "events.jsonl", "started", devices=devices)
         with open(folder / "events.jsonl", "ab") as stdout, open(folder / "worker.log", "ab") as stderr:
-            proc = subprocess.Popen([sys.executable, "-m", "crossmodalseg.service.worker", str(os.getpid()), runner,
-                                     *args], stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=env,
-                                    cwd=folder, start_new_session=True)
+            proc = processes.spawn([sys.executable, "-m", "crossmodalseg.service.worker", str(os.getpid()), runner,
+                                    *args], stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=env,
+                                   cwd=folder)
         self.procs[job["id"]] = proc
         self.store.update_job(job["id"], state="running", started=time.time(), pgid=proc.pid, devices=devices)
 
@@ -320,6 +275,13 @@ class JobRunner:
             destination = self.store.dataset_folder(p["dataset"], p["case"]) / f"label_{target}_original"
             image = read_image(out / "segmentation.nrrd")
             with self.store.file_lock:
+                # The case may have been deleted while the job ran: its result then stays with the job only,
+                # never bringing the case back as a label without an image.
+                still_there = any(f["kind"] == "image" and f["modality"] == target
+                                  for f in self.store.files(p["dataset"], p["case"]))
+                if not still_there:
+                    return {"files": files, "note": f"case {p['case']!r} was deleted while the job ran; the "
+                                                    f"segmentation is only in this job's files"}
                 path, sha = store_image(image, destination)
                 self.store.put_file(p["dataset"], p["case"], "label", target, "original",
                                     StoredFile(path, sha, Geometry.of(image).to_json()))

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.io import Geometry
 from ..data.spec import ID_PATTERN, Case, DatasetSpec
+from ..errors import UserError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets (
@@ -60,7 +62,7 @@ def new_id() -> str:
 def check_id(value: str, what: str) -> str:
     """Ids become folder names: letters, digits, '_', '-', '.', starting with a letter or digit (no '/', no '..')."""
     if not isinstance(value, str) or not ID_PATTERN.match(value):
-        raise ValueError(f"invalid {what} {value!r}: use 1-128 letters, digits, '_', '-' or '.', starting with a "
+        raise UserError(f"invalid {what} {value!r}: use 1-128 letters, digits, '_', '-' or '.', starting with a "
                          f"letter or digit")
     return value
 
@@ -183,14 +185,20 @@ class Store:
         Model outputs (`original`) never train a model: they would teach it its own mistakes."""
         meta = self.dataset(dataset_id)
         cases: dict[str, Case] = {}
+        grids: dict[str, list[Geometry]] = {}
         for f in self.files(dataset_id):
             case = cases.setdefault(f["case"], Case(f["case"], {}, {}))
             if f["kind"] == "image":
                 case.images[f["modality"]] = f["path"]
+                grids.setdefault(f["case"], []).append(Geometry.from_json(f["geometry"]))
             elif f["tag"] == "final":
                 case.labels[f["modality"]] = f["path"]
         for case in cases.values():  # a label whose image is missing cannot be used
             case.labels = {m: p for m, p in case.labels.items() if m in case.images}
+            # Images uploaded on one voxel grid are co-registered by construction (a paired study resampled in
+            # Slicer); images on different grids may be another patient's or misaligned: their labels stay apart.
+            first, *rest = grids.get(case.id) or [None]
+            case.co_registered = bool(rest) and all(first.matches(g) for g in rest)
         spec = DatasetSpec(meta["name"], meta["labels"], meta["modalities"],
                            [c for c in cases.values() if c.images], folder)
         spec.save(folder)

@@ -3,9 +3,11 @@ image, finite voxels; labels also integer values that the dataset names and the 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,11 +15,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..data.io import Geometry, ImageError, read_image, write_image
+from ..errors import UserError
 
 STORED_SUFFIX = ".nrrd"  # NRRD keeps spacing, origin and direction in double precision (NIfTI's sform is float32)
 
 
-class UploadError(ValueError):
+class UploadError(UserError):
     """An upload that is refused; `status` is the HTTP status to answer with."""
 
     def __init__(self, message: str, status: int = 422):
@@ -39,14 +42,42 @@ def sniff_suffix(head: bytes) -> str:
                       "data in the same file) or MetaImage (.mha)", status=415)
 
 
+IDLE_TIMEOUT_S = 30.0  # longest wait for the next piece of a body
+MIN_RATE_BYTES_S = 64 * 1024  # a body slower than this on average (after a grace period) is a trickle
+GRACE_S = 30.0
+
+
+async def _paced(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The body's chunks, or UploadError 408 when the client stalls or trickles: a slow client must not hold a
+    worker thread and a temporary file open for minutes."""
+    started = time.monotonic()
+    received = 0
+    iterator = chunks.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(iterator.__anext__(), IDLE_TIMEOUT_S)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise UploadError(f"the upload stalled (nothing for {IDLE_TIMEOUT_S:.0f} s); send it again",
+                              status=408) from None
+        received += len(chunk)
+        elapsed = time.monotonic() - started
+        if elapsed > GRACE_S and received < MIN_RATE_BYTES_S * (elapsed - GRACE_S):
+            raise UploadError(f"the upload is too slow ({received / elapsed / 1024:.1f} KiB/s); send it again over a "
+                              f"faster connection", status=408)
+        yield chunk
+
+
 async def stream_to_file(chunks: AsyncIterator[bytes], tmp_dir: Path, limit_bytes: int,
                          suffix: str = ".part") -> Path:
-    """Streams a request body into a temporary file, refusing it past `limit_bytes` (nothing is left behind)."""
+    """Streams a request body into a temporary file, refusing it past `limit_bytes` or when the client stalls or
+    trickles (nothing is left behind)."""
     fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload.", suffix=suffix)
     size = 0
     try:
         with os.fdopen(fd, "wb") as f:
-            async for chunk in chunks:
+            async for chunk in _paced(chunks):
                 size += len(chunk)
                 if size > limit_bytes:
                     raise UploadError(f"upload larger than the server's limit of {limit_bytes / 2**20:.0f} MiB "
