@@ -23,13 +23,15 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from CrossModalSegLib.client import BackendError
+from CrossModalSegLib.install import install_backend, missing_requirements, read_requirements, torch_installed
 from CrossModalSegLib.logic import CrossModalSegLogic as WorkflowLogic
+from CrossModalSegLib.logic import correction_volumes
 from CrossModalSegLib.scene import SceneError
 
 POLL_MS = 1000
 METHOD_CHOICES = ["auto", "single", "mkd", "maml", "cmc"]  # order of the method combo box
 # Slicer's own packages stay as they are: the backend must not replace them.
-SLICER_OWNED = ["SimpleITK", "requests", "numpy"]
+BACKEND_SOURCE = Path(__file__).parent / "backend"  # the crossmodalseg package, shipped beside the module
 
 
 class CrossModalSeg(ScriptedLoadableModule):
@@ -167,22 +169,29 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onInstallBackend(self):
-        """Installs the backend's packages into Slicer's Python; PyTorch itself comes from the PyTorch extension."""
-        requirements = Path(self.resourcePath("requirements.txt"))
+        """Installs what the backend needs into Slicer's Python: PyTorch through the PyTorch extension (only when it
+        is missing), then only the missing packages, after the user agreed to the list."""
+        requirements = read_requirements(Path(self.resourcePath("requirements.txt")))
         try:
-            import PyTorchUtils  # the PyTorch extension (EXTENSION_DEPENDS)
-
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
+            if not torch_installed():
+                try:
+                    import PyTorchUtils  # the PyTorch extension (EXTENSION_DEPENDS)
+                except ImportError:
+                    slicer.util.errorDisplay("Install the PyTorch extension from the Extension Manager first.")
+                    return
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
+                    self.log("PyTorch installation cancelled")
+                    return
+            missing = missing_requirements(requirements)
+            if missing and not slicer.util.confirmOkCancelDisplay(
+                    "CrossModalSeg will install these packages into Slicer's Python:\n" + "\n".join(missing)):
+                self.log("backend installation cancelled")
                 return
-        except ImportError:
-            slicer.util.errorDisplay("Install the PyTorch extension from the Extension Manager first.")
+            installed = install_backend(requirements, BACKEND_SOURCE, slicer.util.pip_install)
+        except Exception as e:  # noqa: BLE001 - pip or the PyTorch installer failed or was declined: say so
+            slicer.util.errorDisplay(f"Installing the backend failed: {e}")
             return
-        slicer.packaging.pip_ensure(slicer.packaging.load_requirements(requirements), requester="CrossModalSeg",
-                                    skip_packages=SLICER_OWNED)
-        backend = Path(__file__).parent / "backend"  # the crossmodalseg package, shipped beside the module
-        if backend.exists():
-            slicer.util.pip_install(["--no-deps", str(backend)])
-        self.log("backend installed")
+        self.log(f"backend installed ({', '.join(installed) or 'all packages were already there'})")
 
     # ---- cases and training ------------------------------------------------------------------------------------
     def onAddCase(self):
@@ -281,7 +290,8 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         def submit():
             segmentation = self.ui.correctionSelector.currentNode()
             modality = self.result.modality if self.result else list(self.volumes())[0]
-            case = self.logic.submit_correction(segmentation, self.volumes(), modality)
+            volumes = correction_volumes(self.volumes(), modality, self.ui.pairedCheckBox.checked)
+            case = self.logic.submit_correction(segmentation, volumes, modality)
             self.log(f"correction of case {case} stored as its final label")
             self.logic.finetune(max(1, self.ui.epochsSpinBox.value // 4))
             self.log(f"fine-tuning job {self.logic.job_id} submitted")

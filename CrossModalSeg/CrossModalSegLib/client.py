@@ -3,6 +3,7 @@ and its `requests` must not be touched)."""
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import mimetypes
@@ -24,15 +25,26 @@ class BackendError(RuntimeError):
         self.status = status
 
 
+STATUS_TIMEOUT_S = 15.0  # status calls (health, jobs, events, datasets): a live backend answers at once
+TRANSFER_TIMEOUT_S = 600.0  # uploads, downloads and synchronous prediction
+
+
 class BackendClient:
-    def __init__(self, url: str, token: str | None = None, timeout: float = 600):
+    """`status_timeout` bounds the small calls that the panel makes often (a poll tick never blocks longer);
+    `timeout` the transfers of images and results."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = TRANSFER_TIMEOUT_S,
+                 status_timeout: float = STATUS_TIMEOUT_S):
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.status_timeout = status_timeout
 
     # ---- transport -------------------------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
-                 params: dict[str, Any] | None = None) -> tuple[bytes, str]:
+                 params: dict[str, Any] | None = None, transfer: bool = False) -> tuple[bytes, str]:
+        """One request; every failure (refused, timed out, dropped, an HTTP error) becomes one BackendError."""
+        timeout = self.timeout if transfer else self.status_timeout
         url = self.url + path
         if params:
             url += "?" + urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
@@ -42,7 +54,7 @@ class BackendClient:
         if content_type:
             request.add_header("Content-Type", content_type)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.read(), response.headers.get("Content-Type", "")
         except urllib.error.HTTPError as e:
             raw = e.read()
@@ -54,7 +66,16 @@ class BackendClient:
                 detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
             raise BackendError(f"{detail} (HTTP {e.code})", e.code) from None
         except urllib.error.URLError as e:
+            if isinstance(e.reason, TimeoutError):
+                raise BackendError(f"the CrossModalSeg backend at {self.url} did not answer within {timeout:g} s "
+                                   f"(a slow or dropped connection?)") from None
             raise BackendError(f"cannot reach the CrossModalSeg backend at {self.url}: {e.reason}") from None
+        except TimeoutError:  # the connection was made but the answer stopped coming
+            raise BackendError(f"the CrossModalSeg backend at {self.url} did not answer within {timeout:g} s (a slow "
+                               f"or dropped connection?)") from None
+        except (ConnectionError, http.client.HTTPException) as e:  # reset, closed mid-answer, a garbled answer
+            raise BackendError(f"the connection to the CrossModalSeg backend at {self.url} broke: "
+                               f"{type(e).__name__}: {e}") from None
 
     def get_json(self, path: str, **params: Any) -> Any:
         return json.loads(self._request("GET", path, params=params)[0])
@@ -83,16 +104,17 @@ class BackendClient:
 
     def put_image(self, dataset_id: str, case_id: str, modality: str, path: Path) -> dict[str, Any]:
         return json.loads(self._request("PUT", f"/datasets/{_q(dataset_id)}/cases/{_q(case_id)}/images/{_q(modality)}",
-                                        Path(path).read_bytes(), "application/octet-stream")[0])
+                                        Path(path).read_bytes(), "application/octet-stream", transfer=True)[0])
 
     def put_label(self, dataset_id: str, case_id: str, modality: str, path: Path, tag: str = "final") -> dict[str, Any]:
         return json.loads(self._request("PUT", f"/datasets/{_q(dataset_id)}/cases/{_q(case_id)}/labels/{_q(modality)}",
-                                        Path(path).read_bytes(), "application/octet-stream", {"tag": tag})[0])
+                                        Path(path).read_bytes(), "application/octet-stream", {"tag": tag},
+                                        transfer=True)[0])
 
     def label(self, dataset_id: str, case_id: str, modality: str, tag: str = "final") -> bytes:
         """A stored label map (NRRD bytes)."""
         return self._request("GET", f"/datasets/{_q(dataset_id)}/cases/{_q(case_id)}/labels/{_q(modality)}",
-                             params={"tag": tag})[0]
+                             params={"tag": tag}, transfer=True)[0]
 
     def submit_job(self, **job: Any) -> dict[str, Any]:
         return self.send_json("POST", "/jobs", job)
@@ -117,7 +139,7 @@ class BackendClient:
         """Segments one case; the answer's files are extracted into `out_dir`: name -> path."""
         fields = {"model": model_id, "members": str(members).lower(), "uncertainty": str(uncertainty).lower()}
         body, content_type = _multipart(fields, {m: Path(p) for m, p in images.items()})
-        content, _ = self._request("POST", "/predict", body, content_type)
+        content, _ = self._request("POST", "/predict", body, content_type, transfer=True)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         out = {}

@@ -9,6 +9,7 @@ Editor -> submit the correction (`final` label) -> fine-tune -> segment again.
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -117,9 +118,7 @@ class CrossModalSegLogic:
             if e.status != 404:
                 raise
             existing = client.create_dataset(dataset_id, name or dataset_id, labels, modalities)
-        if existing["labels"] != labels:
-            raise ValueError(f"dataset {dataset_id!r} has structures {existing['labels']}, this segmentation "
-                             f"{labels}; rename the segments to match or use another dataset")
+        structures_fit(existing["labels"], labels, dataset_id)
         missing = {m: t for m, t in modalities.items() if m not in existing["modalities"]}
         if missing:
             raise ValueError(f"dataset {dataset_id!r} has modalities {list(existing['modalities'])}, not "
@@ -142,18 +141,21 @@ class CrossModalSegLogic:
                 raise ValueError(f"modality {modality!r} is not in dataset {self.dataset_id!r} "
                                  f"({', '.join(self.modalities)})")
         case_id = case_id or self._new_case_id(volumes)
-        folder = self.work / "upload" / case_id
-        folder.mkdir(parents=True, exist_ok=True)
-        for modality, volume in volumes.items():
-            client.put_image(self.dataset_id, case_id, modality, mrml.write_volume(volume, folder / f"{modality}.nrrd"))
-        for modality, segmentation in (segmentations or {}).items():
-            if segmentation is None:
-                continue
-            if modality not in volumes:
-                raise ValueError(f"a {modality} segmentation needs its {modality} volume in the same case")
-            path = mrml.write_segmentation(segmentation, volumes[modality], self.labels,
-                                           folder / f"{modality}_label.nrrd")
-            client.put_label(self.dataset_id, case_id, modality, path, "final")
+        folder = Path(tempfile.mkdtemp(prefix=f"upload-{case_id}-", dir=self.work))
+        try:  # the copies of the patient's volumes live only as long as the upload
+            for modality, volume in volumes.items():
+                client.put_image(self.dataset_id, case_id, modality,
+                                 mrml.write_volume(volume, folder / f"{modality}.nrrd"))
+            for modality, segmentation in (segmentations or {}).items():
+                if segmentation is None:
+                    continue
+                if modality not in volumes:
+                    raise ValueError(f"a {modality} segmentation needs its {modality} volume in the same case")
+                path = mrml.write_segmentation(segmentation, volumes[modality], self.labels,
+                                               folder / f"{modality}_label.nrrd")
+                client.put_label(self.dataset_id, case_id, modality, path, "final")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         self._case_of_volumes[self._volume_key(volumes)] = case_id
         return case_id
 
@@ -252,15 +254,16 @@ class CrossModalSegLogic:
         if model_id is None:
             raise ValueError("no model yet: train one first (or choose one)")
         model = client.model(model_id)
-        volumes = {m: v for m, v in volumes.items() if v is not None}
-        unknown = [m for m in volumes if m not in model["modalities"]]
-        if unknown or not volumes:
-            raise ValueError(f"this model takes {', '.join(model['modalities'])}; got {', '.join(volumes) or 'nothing'}")
+        volumes = prediction_inputs(model, volumes)
         modality = model["target"] if model["target"] in volumes else next(iter(volumes))
         reference = volumes[modality]
         folder = Path(tempfile.mkdtemp(prefix="segment-", dir=self.work))
         inputs = {m: mrml.write_volume(v, folder / f"input_{m}.nrrd") for m, v in volumes.items()}
-        files = client.predict(model_id, inputs, folder / "result", members=members, uncertainty=uncertainty)
+        try:
+            files = client.predict(model_id, inputs, folder / "result", members=members, uncertainty=uncertainty)
+        finally:  # the copies of the patient's volumes are not kept
+            for path in inputs.values():
+                path.unlink(missing_ok=True)
         labels = model["labels"]
         base = reference.GetName()
         result = SegmentationResult(
@@ -315,3 +318,38 @@ def describe_event(event: dict[str, Any]) -> str | None:
     if kind == "started":
         return "job started on " + ", ".join(event.get("devices") or [])
     return None
+
+
+# ---- the panel's decisions, as pure functions ----------------------------------------------------------------------
+def prediction_inputs(model: dict[str, Any], volumes: dict[str, Any]) -> dict[str, Any]:
+    """The selected volumes a model reads at inference: `mkd` only its target (its ensemble runs on the target
+    image), the others the modalities they use. Other selected volumes are not sent (an assistant still selected
+    for a `single` model, the MR of an unpaired MKD workflow)."""
+    given = {m: v for m, v in volumes.items() if v is not None}
+    wanted = [model["target"]] if model.get("method") == "mkd" else list(model["modalities"])
+    chosen = {m: given[m] for m in wanted if m in given}
+    if not chosen:
+        raise ValueError(f"this model takes {', '.join(wanted)}; got {', '.join(given) or 'nothing'}")
+    return chosen
+
+
+def correction_volumes(volumes: dict[str, Any], modality: str, paired: bool) -> dict[str, Any]:
+    """The volumes a correction of `volumes[modality]` belongs with: all of them for a paired case (one patient,
+    co-registered), only that volume otherwise (unpaired volumes are different patients: pairing them would make a
+    case of two patients)."""
+    given = {m: v for m, v in volumes.items() if v is not None}
+    if modality not in given:
+        raise ValueError(f"select the {modality} volume that the correction was drawn on")
+    return dict(given) if paired else {modality: given[modality]}
+
+
+def structures_fit(existing: dict[str, int], labels: dict[str, int], dataset_id: str) -> None:
+    """A segmentation fits a dataset when each of its segments names one of the dataset's structures (letter case,
+    order and a subset do not matter: segments are matched by name when exported); else ValueError naming those
+    that do not."""
+    known = {name.lower() for name, value in existing.items() if value != 0}
+    unknown = [name for name, value in labels.items() if value != 0 and name.lower() not in known]
+    if unknown:
+        raise ValueError(f"dataset {dataset_id!r} has the structures {', '.join(n for n in existing if existing[n])}; "
+                         f"segment(s) {', '.join(map(repr, unknown))} are not among them: rename them, or use "
+                         f"another dataset")

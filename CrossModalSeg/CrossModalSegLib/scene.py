@@ -8,6 +8,7 @@ Uses only MRML classes (no Qt), so it runs in the Slicer application and on `sli
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,11 @@ import vtk
 PALETTE = [(0.902, 0.624, 0.0), (0.337, 0.706, 0.914), (0.0, 0.620, 0.451), (0.941, 0.894, 0.259),
            (0.0, 0.447, 0.698), (0.835, 0.369, 0.0), (0.800, 0.475, 0.655), (0.737, 0.741, 0.133),
            (0.090, 0.745, 0.812), (0.549, 0.337, 0.294)]
-DISAGREEMENT_COLORS = "vtkMRMLColorTableNodeRainbow"
+DISAGREEMENT_COLORS = "CrossModalSeg disagreement"  # the colour table's name (one per scene)
+# Dark violet -> red -> orange -> pale yellow: brightness rises with disagreement (readable in grey levels too).
+DISAGREEMENT_RAMP = [(0.0, (0.20, 0.05, 0.35)), (0.35, (0.60, 0.10, 0.40)), (0.65, (0.90, 0.35, 0.10)),
+                     (1.0, (1.00, 0.95, 0.55))]
+DISAGREEMENT_LEVELS = 256
 
 
 class SceneError(ValueError):
@@ -70,8 +75,8 @@ def write_segmentation(segmentation_node, reference_volume, labels: dict[str, in
         raise SceneError(f"segment(s) {', '.join(map(repr, unknown))} of {segmentation_node.GetName()!r} are not "
                          f"structures of this dataset ({', '.join(by_name.values())}); rename or delete them")
     scene = segmentation_node.GetScene()
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__crossmodalseg_export")
-    try:
+    with scratch_nodes(scene):
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__crossmodalseg_export")
         if ids.GetNumberOfValues() == 0:  # an empty segmentation is a valid "nothing here" label
             labelmap.SetAndObserveImageData(_blank_like(reference_volume))
             labelmap.CopyOrientation(reference_volume)
@@ -84,8 +89,23 @@ def write_segmentation(segmentation_node, reference_volume, labels: dict[str, in
             remapped[array == index] = value
         slicer.util.updateVolumeFromArray(labelmap, remapped)
         return write_volume(labelmap, path)
+
+
+@contextmanager
+def scratch_nodes(scene, keep: tuple = ()):
+    """Removes every node added to `scene` inside the block except those in `keep` (checked at the end): the
+    temporary label map and what Slicer adds around it (its display node, the `_ColorTable` an export creates), so
+    that no step leaves nodes behind in the user's scene (and in the scene file they save)."""
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    kept: list = list(keep)
+    try:
+        yield kept
     finally:
-        scene.RemoveNode(labelmap)
+        keep_ids = {n.GetID() for n in kept if n is not None}
+        for node in [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]:
+            if (node is not None and node.GetID() not in before and node.GetID() not in keep_ids
+                    and not node.GetSingletonTag()):  # scene-wide singletons are shared, not ours to remove
+                scene.RemoveNode(node)
 
 
 def _blank_like(volume):
@@ -110,17 +130,17 @@ def read_volume(scene, path: Path, name: str, labelmap: bool = False):
 def add_segmentation(scene, label_path: Path, reference_volume, labels: dict[str, int], name: str):
     """A segmentation node from a label map: one segment per structure (empty ones too, ready to be painted), named
     and coloured, with `reference_volume` as its reference geometry, beside that volume in the subject hierarchy."""
-    labelmap = read_volume(scene, label_path, "__crossmodalseg_import", labelmap=True)
-    try:
+    with scratch_nodes(scene) as keep:
+        labelmap = read_volume(scene, label_path, "__crossmodalseg_import", labelmap=True)
         segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        keep.append(segmentation)
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
         # Voxels are the source representation (what the Segment Editor paints); also lets empty segments exist.
         segmentation.GetSegmentation().SetSourceRepresentationName(
             slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation):
+            keep.remove(segmentation)
             raise SceneError(f"could not import {label_path}")
-    finally:
-        scene.RemoveNode(labelmap)
     s = segmentation.GetSegmentation()
     imported = {s.GetNthSegment(i).GetLabelValue(): s.GetNthSegmentID(i) for i in range(s.GetNumberOfSegments())}
     structures = [n for n in labels if labels[n] != 0]
@@ -147,17 +167,43 @@ def _order_segments(segmentation, structures: list[str]) -> None:
         s.SetSegmentIndex(by_name[structure], index)
 
 
+def disagreement_colors(scene):
+    """The scene's disagreement colour table (made once): entry 0 fully transparent, then a ramp of rising
+    brightness, so that where the members agree the slice shows the image alone."""
+    existing = scene.GetFirstNodeByName(DISAGREEMENT_COLORS)
+    if existing is not None and existing.IsA("vtkMRMLColorTableNode"):
+        return existing
+    table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", DISAGREEMENT_COLORS)
+    table.SetTypeToUser()
+    table.SetNumberOfColors(DISAGREEMENT_LEVELS)
+    positions = [p for p, _ in DISAGREEMENT_RAMP]
+    channels = [np.interp(np.linspace(0, 1, DISAGREEMENT_LEVELS), positions, [c[k] for _, c in DISAGREEMENT_RAMP])
+                for k in range(3)]
+    for i in range(DISAGREEMENT_LEVELS):
+        table.SetColor(i, "", float(channels[0][i]), float(channels[1][i]), float(channels[2][i]),
+                       0.0 if i == 0 else 1.0)
+    return table
+
+
 def add_disagreement_volume(scene, path: Path, reference_volume, name: str):
-    """The members' disagreement (mutual information, nats) as a scalar volume with a colour map."""
+    """The members' disagreement (mutual information, nats) as a scalar volume: the colour table above, voxels
+    where the members agree transparent (display threshold), window from 0 to the largest value. None where the
+    map is zero everywhere (a one-member model, or members that agree on every voxel): nothing to show."""
     node = read_volume(scene, path, name)
+    array = slicer.util.arrayFromVolume(node)
+    high = float(array.max()) if array.size else 0.0
+    if not high > 0:
+        scene.RemoveNode(node)
+        return None
     node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
-    if scene.GetNodeByID(DISAGREEMENT_COLORS) is not None:
-        display.SetAndObserveColorNodeID(DISAGREEMENT_COLORS)
-    array = slicer.util.arrayFromVolume(node)
+    display.SetAndObserveColorNodeID(disagreement_colors(scene).GetID())
     display.AutoWindowLevelOff()
-    high = float(array.max()) if array.size else 1.0
-    display.SetWindowLevelMinMax(0.0, high if high > 0 else 1.0)
+    display.SetWindowLevelMinMax(0.0, high)
+    display.AutoThresholdOff()
+    display.SetLowerThreshold(high * 1e-3)  # below it: transparent where shown as a layer
+    display.SetUpperThreshold(high)
+    display.ApplyThresholdOn()
     place_beside(node, reference_volume)
     return node
 

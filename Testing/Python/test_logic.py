@@ -17,7 +17,13 @@ from vtk.util import numpy_support
 from conftest import make_scene, shared_data
 from CrossModalSegLib import scene as mrml
 from CrossModalSegLib.client import BackendError
-from CrossModalSegLib.logic import CrossModalSegLogic, safe_id
+from CrossModalSegLib.logic import (
+    CrossModalSegLogic,
+    correction_volumes,
+    prediction_inputs,
+    safe_id,
+    structures_fit,
+)
 
 STRUCTURES = ["liver", "kidney_right", "kidney_left", "spleen"]
 # MKD as suggested, with the non-learned alignment: a 3D CycleGAN costs ~25 s per iteration on 2 CPU cores, and
@@ -140,8 +146,8 @@ def test_add_cases_train_segment_correct_and_finetune(session, tmp_path: Path):
     # QA: members, disagreement with a colour map, agreement table.
     assert set(result.members) == {"seg_target", "seg_assistant"}
     assert all(m.GetName().startswith("CT member ") for m in result.members.values())
-    assert result.disagreement is not None and result.disagreement.GetDisplayNode().GetColorNodeID() == \
-        mrml.DISAGREEMENT_COLORS
+    assert result.disagreement is not None
+    assert result.disagreement.GetDisplayNode().GetColorNode().GetName() == mrml.DISAGREEMENT_COLORS
     assert slicer.util.arrayFromVolume(result.disagreement).shape == slicer.util.arrayFromVolume(ct).shape
     table = result.agreement_table
     assert table.GetNumberOfRows() == len(STRUCTURES) and table.GetNumberOfColumns() == 2
@@ -199,6 +205,94 @@ def test_structures_missing_from_a_label_map_still_get_their_segment(session, tm
     s = seg.GetSegmentation()
     assert [s.GetNthSegment(i).GetName() for i in range(s.GetNumberOfSegments())] == STRUCTURES
     assert not exported_on(seg, ct).any()
+
+
+def added_since(scene, before: set[str]) -> list:
+    nodes = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+    return [n for n in nodes if n.GetID() not in before]
+
+
+def node_ids(scene) -> set[str]:
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def test_writing_and_reading_segmentations_leaves_no_nodes_behind(session, tmp_path: Path):
+    """Issue 12: each labelled *Add case* and each correction left a `_ColorTable` node and an orphan display node
+    in the scene (saved with it)."""
+    scene, ct, ct_labels = session["scene"], session["ct"], session["ct_labels"]
+    labels = {"background": 0, **{s: i for i, s in enumerate(STRUCTURES, start=1)}}
+    before = node_ids(scene)
+    mrml.write_segmentation(ct_labels, ct, labels, tmp_path / "exported.nrrd")
+    assert added_since(scene, before) == []
+    segmentation = mrml.add_segmentation(scene, tmp_path / "exported.nrrd", ct, labels, "read back")
+    added = added_since(scene, before)
+    assert segmentation in added
+    assert {n.GetClassName() for n in added} <= {"vtkMRMLSegmentationNode", "vtkMRMLSegmentationDisplayNode"}
+    scene.RemoveNode(segmentation)
+
+
+def test_the_disagreement_map_is_transparent_where_members_agree_and_absent_when_zero(session, tmp_path: Path):
+    """Issue 12: the map used a colour table that shows 0 as opaque red, washing every slice red where members
+    agree (and the whole view for one-member models, whose map is all zero)."""
+    scene, ct = session["scene"], session["ct"]
+    grid = sitk.ReadImage(str(session["folder"] / "example_ct_sm.nii.gz"))
+    zero = sitk.Cast(grid * 0, sitk.sitkFloat32)
+    sitk.WriteImage(zero, str(tmp_path / "zero.nrrd"))
+    before = node_ids(scene)
+    assert mrml.add_disagreement_volume(scene, tmp_path / "zero.nrrd", ct, "nothing to show") is None
+    assert added_since(scene, before) == []
+    blob = sitk.GetArrayFromImage(zero)
+    blob[10:20, 20:40, 20:40] = 0.3
+    image = sitk.GetImageFromArray(blob)
+    image.CopyInformation(grid)
+    sitk.WriteImage(image, str(tmp_path / "blob.nrrd"))
+    maps = [mrml.add_disagreement_volume(scene, tmp_path / "blob.nrrd", ct, f"map {i}") for i in range(2)]
+    display = maps[0].GetDisplayNode()
+    colors = display.GetColorNode()
+    rgba = [0.0] * 4
+    colors.GetColor(0, rgba)
+    assert rgba[3] == 0.0  # agreement is transparent ...
+    assert display.GetApplyThreshold() and 0 < display.GetLowerThreshold() < 0.3  # ... and below the threshold
+    colors.GetColor(colors.GetNumberOfColors() - 1, rgba)
+    assert rgba[3] == 1.0 and sum(rgba[:3]) > 2.0  # the most disagreement: opaque and bright
+    assert maps[1].GetDisplayNode().GetColorNode() is colors  # one colour table per scene
+    assert len([n for n in added_since(scene, before) if n.IsA("vtkMRMLColorTableNode")]) == 1
+    for node in maps:
+        scene.RemoveNode(node)
+
+
+def test_a_segmentation_sends_only_what_the_model_reads():
+    """Issue 12: a `single` model failed while an assistant volume was still selected, and MKD uploaded the MR on
+    every *Segment* for nothing (its ensemble runs on the target image)."""
+    mkd = {"method": "mkd", "target": "ct", "modalities": {"ct": "CT", "mr": "MR"}}
+    assert prediction_inputs(mkd, {"ct": "CT volume", "mr": "MR volume"}) == {"ct": "CT volume"}
+    single = {"method": "single", "target": "ct", "modalities": {"ct": "CT"}}
+    assert prediction_inputs(single, {"ct": "CT volume", "mr": "MR volume"}) == {"ct": "CT volume"}
+    maml = {"method": "maml", "target": "flair", "modalities": {"flair": "MR", "t1c": "MR"}}
+    assert prediction_inputs(maml, {"flair": "F", "t1c": "T"}) == {"flair": "F", "t1c": "T"}
+    assert prediction_inputs(maml, {"flair": "F", "t1c": None}) == {"flair": "F"}  # a missing modality
+    with pytest.raises(ValueError, match="this model takes ct; got mr"):
+        prediction_inputs(single, {"mr": "MR volume"})
+
+
+def test_a_correction_in_an_unpaired_workflow_belongs_to_its_own_volume_only():
+    """Issue 12: *Submit correction* in the MKD workflow sent the CT and the MR together, which made a new case
+    pairing the CT with another patient's MR."""
+    volumes = {"ct": "CT volume", "mr": "MR volume"}
+    assert correction_volumes(volumes, "ct", paired=False) == {"ct": "CT volume"}
+    assert correction_volumes(volumes, "ct", paired=True) == volumes
+    with pytest.raises(ValueError, match="select the ct volume"):
+        correction_volumes({"mr": "MR volume", "ct": None}, "ct", paired=False)
+
+
+def test_a_second_cases_segments_may_come_in_another_order_letter_case_or_as_a_subset():
+    """Issue 12: a second case was refused when its segments came in another order, were a subset, or differed in
+    letter case (segments are matched to structures by name when exported)."""
+    dataset = {"background": 0, "liver": 1, "kidney_right": 2, "spleen": 3}
+    structures_fit(dataset, {"background": 0, "Spleen": 1, "LIVER": 2}, "abdomen")
+    structures_fit(dataset, {"background": 0, "kidney_right": 1}, "abdomen")
+    with pytest.raises(ValueError, match="'pancreas' are not among them"):
+        structures_fit(dataset, {"background": 0, "liver": 1, "pancreas": 2}, "abdomen")
 
 
 def test_case_ids_are_safe():

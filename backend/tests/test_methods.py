@@ -132,7 +132,8 @@ def test_cmc_learns_from_few_labelled_cases_plus_unlabelled_pairs(paired, tmp_pa
     assert mean_dice(results) >= 0.75, format_table(results)
     events = [json.loads(line) for line in (tmp_path / "cmc" / "events.jsonl").read_text().splitlines()]
     start = next(e for e in events if e["event"] == "start")
-    assert start["train_cases"] == {"labelled_a": 3, "labelled_b": 3, "unlabelled": 5}
+    # Labelled CT images with their own MR train as true pairs; the MR label is shared (co-registered phantoms).
+    assert start["train_cases"] == {"labelled_pairs": 3, "labelled_a": 0, "labelled_b": 3, "unlabelled": 5}
 
 
 # ---- ensemble rules and QA outputs -------------------------------------------------------------------------
@@ -172,6 +173,17 @@ def test_maml_uses_the_fused_head_when_all_modalities_are_there(paired_spec: Dat
     assert torch.equal(method.ensemble(probs), probs["fused"])
     branch_mean = (probs["branch_ct"] + probs["branch_mr"]) / 2
     assert not torch.allclose(probs["fused"], branch_mean, atol=1e-3)
+    # The fused head is its own output: a branch head returned under the fused key fails here.
+    for name in ("branch_ct", "branch_mr"):
+        assert not torch.allclose(probs["fused"], probs[name], atol=1e-3), name
+    # ... and it is the fusion network's: with the fusion's output layer zeroed it predicts a uniform softmax,
+    # while the branches do not change.
+    with torch.no_grad():
+        for p in method.nets["fusion"].parameters():
+            p.zero_()
+    zeroed = predict_probabilities(method, item["image"], ["ct", "mr"], torch.device("cpu"))
+    assert torch.allclose(zeroed["fused"], torch.full_like(zeroed["fused"], 1 / zeroed["fused"].shape[0]), atol=1e-4)
+    assert torch.equal(zeroed["branch_ct"], probs["branch_ct"])
     # With a modality missing, a model trained without dropout never feeds the fusion: mean of what is there.
     one = predict_probabilities(method, item["image"][:1], ["ct"], torch.device("cpu"))
     assert set(one) == {"branch_ct"}
@@ -229,6 +241,21 @@ def test_one_step_trains_every_network(paired_spec: DatasetSpec, name: str, hpar
     logs = one_step(method, items, progress=0.9)
     assert changed_networks(before, method) == expected
     assert all(np.isfinite(v) for v in logs.values())
+
+
+def test_maml_modality_dropout_really_drops_a_branch(paired_spec: DatasetSpec):
+    """With dropout certain (p = 1), a step trains the fusion and one branch; the dropped branch takes part with a
+    zero gradient only (DDP needs every parameter in the graph)."""
+    torch.manual_seed(0)
+    method = tiny_method("maml", paired_spec, "ct", ["mr"], modality_dropout=1.0)
+    one_step(method, load_items(method, paired_spec), progress=0.5)
+    silent = {name: all(float(p.grad.abs().sum()) == 0 for p in method.nets[name].parameters() if p.grad is not None)
+              for name in ("branch_ct", "branch_mr")}
+    assert sorted(silent.values()) == [False, True], silent
+    method.hparams["modality_dropout"] = 0.0
+    one_step(method, load_items(method, paired_spec), progress=0.5)
+    assert not any(all(float(p.grad.abs().sum()) == 0 for p in method.nets[name].parameters() if p.grad is not None)
+                   for name in ("branch_ct", "branch_mr"))
 
 
 def test_cmc_consistency_terms_switch_on_after_warm_up(paired_spec: DatasetSpec):

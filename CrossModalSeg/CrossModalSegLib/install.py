@@ -1,0 +1,61 @@
+"""What *Install backend* puts into Slicer's Python, decided without Qt (so it is tested outside the application).
+
+Only what is missing or too old is installed, with `slicer.util.pip_install` (present in every Slicer 5.x; the
+newer `slicer.packaging` exists only from 5.12); Slicer's own packages are never replaced, and PyTorch is left to
+the PyTorch extension when it is already importable.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+SLICER_OWNED = frozenset({"simpleitk", "requests", "numpy"})  # never replaced: Slicer itself depends on them
+
+
+def read_requirements(path: Path) -> list[str]:
+    """The requirement lines of a requirements file (comments and blank lines dropped)."""
+    lines = (line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0]
+
+
+def _satisfied(requirement: str) -> bool:
+    try:
+        installed = importlib.metadata.version(_name(requirement))
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # no `packaging`: present is good enough
+        return True
+    return Requirement(requirement).specifier.contains(installed, prereleases=True)
+
+
+def missing_requirements(requirements: Iterable[str], skip: Iterable[str] = SLICER_OWNED) -> list[str]:
+    """The requirements that are not installed, or installed in a version the specifier refuses; never those whose
+    (case-insensitive) name is in `skip`."""
+    skipped = {s.lower() for s in skip}
+    return [r for r in requirements if _name(r).lower() not in skipped and not _satisfied(r)]
+
+
+def torch_installed() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def install_backend(requirements: list[str], backend: Path | None, pip_install: Callable[[list[str]], None]
+                    ) -> list[str]:
+    """Installs the missing requirements in one pip call, then the backend package itself without dependencies
+    (so pip never touches Slicer's packages); returns what was installed."""
+    missing = missing_requirements(requirements)
+    if missing:
+        pip_install(missing)
+    if backend is not None and backend.exists():
+        pip_install(["--no-deps", str(backend)])
+    return missing
