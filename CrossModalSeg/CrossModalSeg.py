@@ -31,6 +31,7 @@ from CrossModalSegLib.scene import SceneError
 POLL_MS = 1000
 METHOD_CHOICES = ["auto", "single", "mkd", "maml", "cmc"]  # order of the method combo box
 # Slicer's own packages stay as they are: the backend must not replace them.
+SEGMENT_POLL_MS = 200
 BACKEND_SOURCE = Path(__file__).parent / "backend"  # the crossmodalseg package, shipped beside the module
 
 
@@ -65,6 +66,11 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(self.onPoll)
+        # A segmentation's request runs in a worker thread; this timer hands its result to the GUI thread.
+        self.pendingSegmentation = None
+        self.segmentTimer = qt.QTimer()
+        self.segmentTimer.setInterval(SEGMENT_POLL_MS)
+        self.segmentTimer.timeout.connect(self.onSegmentPoll)
         self.fineTuneAfterCorrection = False
 
     def setup(self):
@@ -95,6 +101,7 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.timer.stop()
+        self.segmentTimer.stop()
         self.removeObservers()
         if self.logic is not None:
             self.logic.cleanup()
@@ -141,7 +148,8 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainButton.enabled = connected and not busy and self.logic.dataset_id is not None
         self.ui.finetuneButton.enabled = has_model and not busy
         self.ui.cancelButton.enabled = busy
-        self.ui.segmentButton.enabled = has_model and has_target and not busy
+        self.ui.segmentButton.enabled = (has_model and has_target and not busy
+                                         and self.pendingSegmentation is None)
         self.ui.submitCorrectionButton.enabled = has_model and not busy
 
     def updateMethodHint(self, *_):
@@ -263,9 +271,26 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- segmentation, QA, correction ---------------------------------------------------------------------------
     def onSegment(self):
+        """Starts the segmentation and returns: the backend works while the panel and the views stay usable."""
+        def start():
+            self.pendingSegmentation = self.logic.start_segment(
+                self.volumes(), members=self.ui.membersCheckBox.checked,
+                uncertainty=self.ui.uncertaintyCheckBox.checked)
+            self.segmentTimer.start()
+            self.log("segmenting (the backend works; Slicer stays usable)")
+
+        self.run(start)
+        self.updateButtons()
+
+    def onSegmentPoll(self):
+        pending = self.pendingSegmentation
+        if pending is None or not pending.done():
+            return
+        self.segmentTimer.stop()
+        self.pendingSegmentation = None
+
         def segment():
-            self.result = self.logic.segment(self.volumes(), members=self.ui.membersCheckBox.checked,
-                                             uncertainty=self.ui.uncertaintyCheckBox.checked)
+            self.result = self.logic.finish_segment(pending)
             self.ui.correctionSelector.setCurrentNode(self.result.segmentation)
             self.onShowMembers(self.ui.showMembersCheckBox.checked)
             self.onShowDisagreement(self.ui.showDisagreementCheckBox.checked)
@@ -273,6 +298,7 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.log(f"segmented {self.result.segmentation.GetName()!r}")
 
         self.run(segment)
+        self.updateButtons()
 
     def onShowMembers(self, show):
         if self.result is not None:

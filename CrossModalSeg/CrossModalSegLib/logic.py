@@ -12,6 +12,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,28 @@ class SegmentationResult:
     files: dict[str, Path] = field(default_factory=dict)
     case_id: str | None = None
     modality: str = ""
+
+
+@dataclass
+class PendingSegmentation:
+    """A segmentation whose request runs in a worker thread (see CrossModalSegLogic.start_segment)."""
+
+    model: dict[str, Any]
+    volumes: dict[str, Any]
+    modality: str
+    members: bool
+    uncertainty: bool
+    thread: threading.Thread | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+    error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self.thread is not None and not self.thread.is_alive()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        if self.thread is not None:
+            self.thread.join(timeout_s)
+        return self.done()
 
 
 def safe_id(text: str, fallback: str = "case") -> str:
@@ -145,7 +168,7 @@ class CrossModalSegLogic:
         try:  # the copies of the patient's volumes live only as long as the upload
             for modality, volume in volumes.items():
                 client.put_image(self.dataset_id, case_id, modality,
-                                 mrml.write_volume(volume, folder / f"{modality}.nrrd"))
+                                 mrml.write_volume(volume, folder / f"{modality}.nrrd", compress=False))
             for modality, segmentation in (segmentations or {}).items():
                 if segmentation is None:
                     continue
@@ -247,8 +270,17 @@ class CrossModalSegLogic:
     # ---- segmentation and QA ---------------------------------------------------------------------------------
     def segment(self, volumes: dict[str, Any], members: bool = False, uncertainty: bool = False,
                 model_id: str | None = None) -> SegmentationResult:
-        """Segments the given volumes (modality -> node) with the current model; the result is a segmentation node
-        named after the input volume, on its grid, beside it in the subject hierarchy, plus QA nodes on request."""
+        """Segments the given volumes (modality -> node) with the current model and waits; the panel uses
+        `start_segment` / `finish_segment` instead, so that its GUI thread never waits for the backend."""
+        pending = self.start_segment(volumes, members, uncertainty, model_id)
+        pending.wait()
+        return self.finish_segment(pending)
+
+    def start_segment(self, volumes: dict[str, Any], members: bool = False, uncertainty: bool = False,
+                      model_id: str | None = None) -> PendingSegmentation:
+        """Writes the inputs (uncompressed: no gzip pass) and sends them to the backend from a worker thread;
+        returns at once. Poll `done()` (e.g. from a timer), then call `finish_segment` on the thread that owns the
+        scene: MRML nodes are only ever made there."""
         client = self._backend()
         model_id = model_id or self.model_id
         if model_id is None:
@@ -256,19 +288,38 @@ class CrossModalSegLogic:
         model = client.model(model_id)
         volumes = prediction_inputs(model, volumes)
         modality = model["target"] if model["target"] in volumes else next(iter(volumes))
-        reference = volumes[modality]
         folder = Path(tempfile.mkdtemp(prefix="segment-", dir=self.work))
-        inputs = {m: mrml.write_volume(v, folder / f"input_{m}.nrrd") for m, v in volumes.items()}
-        try:
-            files = client.predict(model_id, inputs, folder / "result", members=members, uncertainty=uncertainty)
-        finally:  # the copies of the patient's volumes are not kept
-            for path in inputs.values():
-                path.unlink(missing_ok=True)
-        labels = model["labels"]
+        inputs = {m: mrml.write_volume(v, folder / f"input_{m}.nrrd", compress=False) for m, v in volumes.items()}
+        pending = PendingSegmentation(model, volumes, modality, members, uncertainty)
+
+        def predict() -> None:
+            try:
+                pending.files = client.predict(model_id, inputs, folder / "result", members=members,
+                                               uncertainty=uncertainty)
+            except BaseException as e:  # noqa: BLE001 - handed to finish_segment, raised on the scene's thread
+                pending.error = e
+            finally:  # the copies of the patient's volumes are not kept
+                for path in inputs.values():
+                    path.unlink(missing_ok=True)
+
+        pending.thread = threading.Thread(target=predict, name="crossmodalseg-segment", daemon=True)
+        pending.thread.start()
+        return pending
+
+    def finish_segment(self, pending: PendingSegmentation) -> SegmentationResult:
+        """The result nodes of a finished `start_segment`: a segmentation node named after the input volume, on its
+        grid, beside it in the subject hierarchy, plus the QA nodes asked for; the backend's error, if any."""
+        if not pending.done():
+            raise RuntimeError("the segmentation is still running; call finish_segment once done() is true")
+        if pending.error is not None:
+            raise pending.error
+        files, labels = pending.files, pending.model["labels"]
+        reference = pending.volumes[pending.modality]
         base = reference.GetName()
         result = SegmentationResult(
             mrml.add_segmentation(self.scene, files["segmentation.nrrd"], reference, labels, f"{base} segmentation"),
-            files=files, case_id=self._case_of_volumes.get(self._volume_key(volumes)), modality=modality)
+            files=files, case_id=self._case_of_volumes.get(self._volume_key(pending.volumes)),
+            modality=pending.modality)
         for name, path in files.items():
             if name.startswith("segmentation_member_"):
                 member = name[len("segmentation_member_"):].split(".")[0]
@@ -277,7 +328,7 @@ class CrossModalSegLogic:
         if "segmentation_disagreement.nrrd" in files:
             result.disagreement = mrml.add_disagreement_volume(self.scene, files["segmentation_disagreement.nrrd"],
                                                                reference, f"{base} disagreement")
-        if uncertainty and "segmentation.json" in files:
+        if pending.uncertainty and "segmentation.json" in files:
             structures = [n for n in labels if labels[n] != 0]
             result.agreement_table = mrml.add_agreement_table(self.scene, files["segmentation.json"], structures,
                                                               f"{base} member agreement")

@@ -34,9 +34,10 @@ def structure_color(index: int) -> tuple[float, float, float]:
     return PALETTE[index % len(PALETTE)]
 
 
-def write_volume(node, path: Path) -> Path:
+def write_volume(node, path: Path, compress: bool = True) -> Path:
     """Writes a scalar or label map volume (NRRD keeps its geometry in double precision); refuses a transformed
-    volume, whose voxels would not be where the scene shows them."""
+    volume, whose voxels would not be where the scene shows them. `compress=False` for a temporary copy that is
+    sent at once: no gzip pass (seconds for a large CT on the thread that writes it)."""
     if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.GetImageData() is None:
         raise SceneError("select a loaded volume")
     if node.GetParentTransformNode() is not None:
@@ -45,7 +46,7 @@ def write_volume(node, path: Path) -> Path:
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetScene(node.GetScene())
     storage.SetFileName(str(path))
-    storage.SetUseCompression(1)
+    storage.SetUseCompression(1 if compress else 0)
     if not storage.WriteData(node):
         raise SceneError(f"could not write {node.GetName()!r} to {path}")
     return Path(path)
