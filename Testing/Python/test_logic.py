@@ -173,6 +173,7 @@ def test_add_cases_train_segment_correct_and_finetune(session, tmp_path: Path):
     assert exported_on(again.segmentation, ct).shape == exported_on(seg, ct).shape
 
 
+@pytest.mark.slow  # segments with the model that the (slow) workflow test above trains
 def test_a_segmentation_runs_in_a_worker_thread_and_makes_nodes_only_when_finished(session):
     """Issue 12: *Segment* was a synchronous request on the GUI thread (about 20 s frozen for a CT on a CPU). Now
     the request runs in a worker thread that never touches the scene; the nodes are made by `finish_segment` on the

@@ -39,7 +39,7 @@ def brats(tmp_path_factory) -> tuple[DatasetSpec, DatasetSpec]:
                   for m, f in FILES.items()}
         label = write_image(resample_to_spacing(read_image(folder / "OTMultiClass.nii.gz"), (3.0, 3.0, 3.0),
                                                 "nearest"), out / "seg.nii.gz")
-        cases.append(Case(folder.name, images, {"flair": label}))
+        cases.append(Case(folder.name, images, {"flair": label}, co_registered=True))  # BraTS: one grid
     assert len(cases) == 4
     modalities = {"flair": "MR", "t1c": "MR"}
     train_spec = DatasetSpec("brats-train", BRATS_LABELS, modalities, cases[:3], root / "train")
