@@ -33,30 +33,28 @@ class DistContext:
         """Rank 0's decision (e.g. 'the time budget is spent') for every rank."""
         if not self.enabled:
             return flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.broadcast(t, src=0)
-        return bool(t.item())
+        return self.broadcast_value(1.0 if flag else 0.0) != 0.0
 
     def broadcast_value(self, value: float) -> float:
         """Rank 0's value (e.g. the training progress that sets the learning rate) for every rank."""
         if not self.enabled:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
+        t = self._tensor(value)
         dist.broadcast(t, src=0)
         return float(t.item())
 
     def mean(self, value: float) -> float:
         if not self.enabled:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
+        t = self._tensor(value)
         dist.all_reduce(t)
         return float(t.item()) / self.world_size
+
+    @staticmethod
+    def _tensor(value: float) -> torch.Tensor:
+        """A one-element float64 tensor where the process group's backend wants it (NCCL: on the GPU)."""
+        t = torch.tensor([value], dtype=torch.float64)
+        return t.cuda() if dist.get_backend() == "nccl" else t
 
 
 def init_distributed(device: torch.device) -> DistContext:

@@ -185,8 +185,8 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
     async def guard(request: Request, call_next):
         if token and not token_matches(request.headers.get("authorization"), token):
             return error(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'")
-        if request.method in ("PUT", "POST") and shutil.disk_usage(store.home).free < min_free_bytes:
-            free = shutil.disk_usage(store.home).free
+        free = shutil.disk_usage(store.home).free if request.method in ("PUT", "POST") else None
+        if free is not None and free < min_free_bytes:
             return error(507, f"the server's disk is nearly full ({free / 2**20:.0f} MiB free, {min_free_bytes / 2**20:.0f} "
                               f"MiB needed to accept work): delete cases (DELETE /datasets/{{id}}/cases/{{case}}) or "
                               f"free space on the server")
