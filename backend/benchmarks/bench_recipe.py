@@ -1,7 +1,7 @@
 """Accuracy per minute: the product's `single` against a plain MONAI recipe, at equal wall time, on real BraTS cases.
 
 The plain recipe lives here, not in the product. It is what a MONAI tutorial would do:
-- MONAI `UNet` with channels 16-32-64-128 and strides 2-2-2 (default residual units);
+- MONAI `UNet` with channels 16-32-64-128 and strides 2-2-2 (defaults: `num_res_units=0`, one convolution per level);
 - images resampled to 2 mm, each channel z-scored with MONAI's `NormalizeIntensity`;
 - batches of 4 patches of 48³ from `RandCropByPosNegLabeld` (pos 1 : neg 1);
 - `DiceCELoss`, AdamW at a constant 1e-3;

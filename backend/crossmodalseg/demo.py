@@ -23,7 +23,6 @@ from .data.transforms import values_to_indices
 from .engine.checkpoint import read_model_meta
 from .engine.evaluate import evaluate_model, format_table
 from .engine.events import EventLog
-from .engine.inferer import Predictor
 from .engine.trainer import TrainConfig, train
 from .report import save_overlay
 
@@ -61,12 +60,13 @@ def run_demo(out: str | Path, minutes: float = 1.5, device: str = "auto", seed: 
         train(train_spec.root, out / name / "model", config, events=events)
         iterations[name] = int(read_model_meta(out / name / "model")["training"]["iterations"])
         say(f"[demo] segmenting the held-out CT cases with `{method}` and scoring them")
-        results[name] = evaluate_model(out / name / "model", test_spec, device=device, members=True)
+        results[name] = evaluate_model(out / name / "model", test_spec, device=device, members=True,
+                                       save_predictions=out / "predictions" / name)
         write_json_atomic(out / name / "metrics.json", results[name])
 
     report = _report(results, iterations, n_ct, n_mr, minutes)
     (out / "metrics.md").write_text(report)
-    overlays = _pictures(out, test_spec, results, device)
+    overlays = _pictures(out, test_spec, results)
     summary = {"seconds": round(time.time() - started, 1), "minutes_per_model": minutes,
                "models": {name: str(out / name / "model") for name in MODELS},
                "mean": {name: r["mean"] for name, r in results.items()},
@@ -100,27 +100,23 @@ def _report(results: dict[str, dict], iterations: dict[str, int], n_ct: int, n_m
     return "\n".join(lines)
 
 
-def _pictures(out: Path, test_spec: DatasetSpec, results: dict[str, dict], device: str) -> list[Path]:
-    baseline = Predictor(out / "baseline" / "model", device=device)
-    mkd = Predictor(out / "mkd" / "model", device=device)
-    task = baseline.task
+def _pictures(out: Path, test_spec: DatasetSpec, results: dict[str, dict]) -> list[Path]:
+    """One overlay per held-out case, from the predictions evaluate_model saved (nothing is predicted twice)."""
     overlays = []
     for case in test_spec.cases:
-        single = baseline.predict({"ct": case.images["ct"]})
-        ensemble = mkd.predict({"ct": case.images["ct"]}, members=True, uncertainty=True)
-        ensemble.save(out / "predictions" / case.id)
-        single.save(out / "predictions" / case.id, stem="baseline")
+        saved = {name: out / "predictions" / name / case.id for name in MODELS}
+        index = lambda path: values_to_indices(to_array(read_image(path), np.float64), test_spec.label_values)  # noqa: E731
         image = to_array(read_image(case.images["ct"]))
-        index = lambda label: values_to_indices(to_array(label, np.float64), task.label_values)  # noqa: E731
-        reference = index(read_image(case.labels["ct"]))
         dice = {name: np.mean([v["dice"] for v in r["cases"][case.id].values() if v["dice"] is not None])
                 for name, r in results.items()}
-        heatmap = ("member disagreement", to_array(ensemble.disagreement)) if ensemble.disagreement else None
+        disagreement = saved["mkd"] / "segmentation_disagreement.nii.gz"
+        heatmap = ("member disagreement", to_array(read_image(disagreement))) if disagreement.exists() else None
         overlays.append(save_overlay(
             out / f"overlay_{case.id}.png", image,
-            [("reference", reference), (f"CT only: Dice {dice['baseline']:.2f}", index(single.label)),
-             (f"MKD ensemble: Dice {dice['mkd']:.2f}", index(ensemble.label))],
-            task.structures, window=CT_SOFT_TISSUE_WINDOW, heatmap=heatmap, title=f"{case.id} (held-out CT)"))
+            [("reference", index(case.labels["ct"])),
+             (f"CT only: Dice {dice['baseline']:.2f}", index(saved["baseline"] / "segmentation.nii.gz")),
+             (f"MKD ensemble: Dice {dice['mkd']:.2f}", index(saved["mkd"] / "segmentation.nii.gz"))],
+            test_spec.structures, window=CT_SOFT_TISSUE_WINDOW, heatmap=heatmap, title=f"{case.id} (held-out CT)"))
     return overlays
 
 

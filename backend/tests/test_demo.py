@@ -36,7 +36,7 @@ def test_demo_writes_a_complete_report(tmp_path: Path):
     for png in summary["overlays"]:
         with Image.open(png) as image:
             assert image.size[0] > 900 and image.size[1] > 200  # image, reference, baseline, ensemble, disagreement
-    predictions = out / "predictions" / "case006"
-    for name in ("segmentation.nii.gz", "segmentation_disagreement.nii.gz", "baseline.nii.gz",
-                 "segmentation_member_seg_target.nii.gz", "segmentation_member_seg_assistant.nii.gz"):
-        assert (predictions / name).exists(), name
+    for name in ("mkd/case006/segmentation.nii.gz", "mkd/case006/segmentation_disagreement.nii.gz",
+                 "mkd/case006/segmentation_member_seg_target.nii.gz",
+                 "mkd/case006/segmentation_member_seg_assistant.nii.gz", "baseline/case006/segmentation.nii.gz"):
+        assert (out / "predictions" / name).exists(), name

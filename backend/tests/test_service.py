@@ -447,6 +447,24 @@ def test_openapi_schema_lists_every_route_with_its_body(server: Server):
     assert {"kind", "dataset", "method", "target", "assistants", "processes", "members"} <= set(job)
 
 
+def test_job_errors_and_4xx_messages_never_name_the_servers_folders(server: Server, trained, cases):
+    """A stored image lost on the server's disk makes a predict job fail; the reason reaches the client without
+    the server's folders in it (they are none of a client's business)."""
+    client = server.client
+    server.create_dataset("paths", {"ct": "CT"})
+    r = client.put("/datasets/paths/cases/lost/images/ct", content=cases[0].images["ct"].read_bytes())
+    assert r.status_code == 201, r.text
+    stored = [p for p in (server.home / "datasets").rglob("*") if p.is_file() and "lost" in str(p)]
+    assert stored
+    for p in stored:
+        p.unlink()
+    job = server.wait(server.submit(kind="predict", model=trained["model"], dataset="paths", case="lost")["id"])
+    assert job["state"] == "failed" and "not found" in job["error"], job["error"]
+    assert str(server.home) not in job["error"] and "<server>" in job["error"], job["error"]
+    listed = client.get("/jobs").json()
+    assert all(str(server.home) not in json.dumps(j) for j in listed)
+
+
 def test_token_is_required_on_every_request_when_set(tmp_path: Path):
     srv = Server(tmp_path / "home", token="s3cret-token").start()
     try:

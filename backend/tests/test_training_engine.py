@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,3 +152,19 @@ def test_minutes_bound_the_whole_run(tiny: DatasetSpec, tmp_path: Path):
     training = read_model_meta(tmp_path / "m")["training"]
     assert training["seconds"] >= 0.6 * minutes * 60, training  # not stopped needlessly early
     assert training["wall_seconds"] <= minutes * 60 * 1.05
+
+
+def test_fast_topology_has_an_unstrided_bottom_level_and_full_keeps_nnunets():
+    """`fast` follows MONAI's UNet: one convolution per level, and when the patch cannot be halved again the last
+    filter count still gets a level, unstrided, on the coarsest grid. `full` stays nnU-Net's (no such level)."""
+    from crossmodalseg.data.plan import PRESETS, network_topology
+    from crossmodalseg.nets.unet import UNet, UNetConfig
+
+    shape, spacing = np.array([78, 123, 123]), np.array([1.95, 1.95, 1.95])  # BraTS at the fast plan's spacing
+    patch, strides, kernels = network_topology(shape, spacing, PRESETS["fast"])
+    assert patch == [48, 48, 48]
+    assert strides == [[2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 1, 1]] and len(kernels) == 4
+    net = UNet(UNetConfig(2, 5, list(PRESETS["fast"].filters), strides, kernels, PRESETS["fast"].convs_per_level))
+    assert net(torch.zeros(1, 2, *patch)).shape == (1, 5, *patch)
+    _, full_strides, _ = network_topology(np.array([155, 240, 240]), np.array([1.0, 1.0, 1.0]), PRESETS["full"])
+    assert [1, 1, 1] not in full_strides[1:]

@@ -40,6 +40,7 @@ class Preset:
     restore_channels: int  # channels brought back to full resolution when first_stride > 1
     augment: bool  # spatial and intensity augmentation of patches
     foreground_fraction: float  # patches centred on a structure (equally often per structure); the rest anywhere
+    bottom_level: bool = False  # one more level, not strided, on the coarsest grid (as MONAI's UNet has)
 
 
 STRIDED_STEM_MAX_SPACING_MM = 2.5
@@ -47,8 +48,8 @@ STRIDED_STEM_MAX_SPACING_MM = 2.5
 PRESETS: dict[str, Preset] = {
     "fast": Preset("fast", filters=(16, 32, 64, 128), max_patch=(48, 48, 48), max_patch_voxels=48 ** 3,
                    batch_size=4, max_image_voxels=1_200_000, iterations_per_epoch=50, learning_rate=2e-3,
-                   deep_supervision_heads=0, first_stride=2, convs_per_level=2, restore_channels=8, augment=False,
-                   foreground_fraction=0.8),
+                   deep_supervision_heads=0, first_stride=2, convs_per_level=1, restore_channels=8, augment=False,
+                   foreground_fraction=0.8, bottom_level=True),
     "full": Preset("full", filters=(32, 64, 128, 256, 320, 320), max_patch=(128, 160, 160),
                    max_patch_voxels=128 * 128 * 128, batch_size=2, max_image_voxels=None, iterations_per_epoch=250,
                    learning_rate=1e-3, deep_supervision_heads=3, first_stride=1, convs_per_level=2,
@@ -259,6 +260,9 @@ def network_topology(shape: np.ndarray, spacing: np.ndarray, preset: Preset
         if level == 0:  # a strided stem only where the first feature grid still resolves small structures
             can = can & (preset.first_stride > 1) & (current_spacing <= STRIDED_STEM_MAX_SPACING_MM)
         elif level > 0 and not can.any():
+            if preset.bottom_level:  # more channels where the features are coarsest, and cheapest
+                strides.append([1, 1, 1])
+                kernels.append(list(kernels[-1]))
             break
         stride = [2 if c else 1 for c in can]
         current_spacing = current_spacing * np.asarray(stride)

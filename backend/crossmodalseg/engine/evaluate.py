@@ -49,10 +49,12 @@ def score(prediction: np.ndarray, reference: np.ndarray, structures: Sequence[st
 
 def evaluate_model(model_dir: str | Path, dataset: str | Path | DatasetSpec, cases: Sequence[str] | None = None,
                    device: str = "auto", regions: Mapping[str, Sequence[int]] | None = None,
-                   out_json: Path | None = None, members: bool = False) -> dict[str, Any]:
+                   out_json: Path | None = None, members: bool = False,
+                   save_predictions: Path | None = None) -> dict[str, Any]:
     """Predicts every labelled case that has the model's target modality and scores it against its label.
     `members`: also score each ensemble member on its own (results["members"][name] with "cases" and "mean"), so
-    "the ensemble beats each member" can be measured."""
+    "the ensemble beats each member" can be measured. `save_predictions`: each case's prediction (label, members,
+    disagreement map) is written to `save_predictions/<case id>/`, so nothing has to predict it again."""
     spec = dataset if isinstance(dataset, DatasetSpec) else load_spec(dataset)
     predictor = Predictor(model_dir, device=device)
     task = predictor.task
@@ -65,7 +67,9 @@ def evaluate_model(model_dir: str | Path, dataset: str | Path | DatasetSpec, cas
         if task.target not in case.images or label_path is None:
             continue
         images = {m: p for m, p in case.images.items() if m in task.modalities}
-        prediction = predictor.predict(images, members=members)
+        prediction = predictor.predict(images, members=members, uncertainty=save_predictions is not None)
+        if save_predictions is not None:
+            prediction.save(Path(save_predictions) / case.id)
         target_image = read_image(case.images[task.target])
         reference = resample_to_grid(read_image(label_path), target_image, "nearest")
         ref_index = values_to_indices(to_array(reference, np.float64), task.label_values, str(label_path))

@@ -139,8 +139,18 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
     app.state.store, app.state.runner = store, runner
 
     # ---- errors and guards ----------------------------------------------------------------------------------
+    # Where the server keeps its files is none of a client's business: any message that names them says
+    # "<server>/..." instead, whichever check or library wrote it.
+    private_roots = sorted({str(store.home), str(store.home.resolve()), tempfile.gettempdir(),
+                            str(Path(tempfile.gettempdir()).resolve())}, key=len, reverse=True)
+
+    def redact(message: str | None) -> str | None:
+        for root in private_roots:
+            message = message.replace(root, "<server>") if message else message
+        return message
+
     def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"detail": message}, status_code=status)
+        return JSONResponse({"detail": redact(message)}, status_code=status)
 
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, e: NotFound):
@@ -308,8 +318,11 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
     # ---- jobs -----------------------------------------------------------------------------------------------
     def _job_view(job: dict[str, Any]) -> dict[str, Any]:
         events = runner.events(job["id"])
-        return {**{k: job[k] for k in ("id", "kind", "state", "params", "created", "started", "finished", "error",
-                                       "model", "devices", "result")},
+        params = dict(job["params"])
+        if isinstance(params.get("images"), dict):  # the stored files a predict job reads: modality names only
+            params["images"] = sorted(params["images"])
+        return {**{k: job[k] for k in ("id", "kind", "state", "created", "started", "finished", "model", "devices",
+                                       "result")}, "params": params, "error": redact(job["error"]),
                 "resumed": job["resume"], "progress": job_progress(events), "events": len(events)}
 
     @app.post("/jobs", status_code=202)
@@ -390,7 +403,7 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
         try:
             return {**view, **model_summary(model["meta"])}
         except ModelFolderError as e:  # stored before imports were checked: listed as unusable, never a 500
-            return {**view, "state": "unreadable", "error": str(e)}
+            return {**view, "state": "unreadable", "error": redact(str(e))}
 
     @app.get("/models")
     def list_models() -> list[dict[str, Any]]:
