@@ -24,15 +24,14 @@ from slicer.util import VTKObservationMixin
 
 from CrossModalSegLib.client import BackendError
 from CrossModalSegLib.install import install_backend, missing_requirements, read_requirements, torch_installed
+from CrossModalSegLib.logic import POLL_GIVE_UP_AFTER, POLL_MS, correction_volumes, model_title, poll_interval_ms
 from CrossModalSegLib.logic import CrossModalSegLogic as WorkflowLogic
-from CrossModalSegLib.logic import correction_volumes
 from CrossModalSegLib.scene import SceneError
 
-POLL_MS = 1000
 METHOD_CHOICES = ["auto", "single", "mkd", "maml", "cmc"]  # order of the method combo box
-# Slicer's own packages stay as they are: the backend must not replace them.
 SEGMENT_POLL_MS = 200
 BACKEND_SOURCE = Path(__file__).parent / "backend"  # the crossmodalseg package, shipped beside the module
+SETTINGS = "CrossModalSeg/"  # QSettings keys: what the user typed to reach the backend (never the token)
 
 
 class CrossModalSeg(ScriptedLoadableModule):
@@ -72,6 +71,8 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.segmentTimer.setInterval(SEGMENT_POLL_MS)
         self.segmentTimer.timeout.connect(self.onSegmentPoll)
         self.fineTuneAfterCorrection = False
+        self.pollFailures = 0
+        self.listedModels: list[str] = []  # model ids in the order of the model combo box
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -88,6 +89,8 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainButton.clicked.connect(self.onTrain)
         self.ui.finetuneButton.clicked.connect(self.onFinetune)
         self.ui.cancelButton.clicked.connect(self.onCancel)
+        self.ui.resumeButton.clicked.connect(self.onResume)
+        self.ui.modelComboBox.activated.connect(self.onModelChosen)
         self.ui.segmentButton.clicked.connect(self.onSegment)
         self.ui.submitCorrectionButton.clicked.connect(self.onSubmitCorrection)
         self.ui.showMembersCheckBox.toggled.connect(self.onShowMembers)
@@ -97,7 +100,22 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selector.currentNodeChanged.connect(self.updateButtons)
         self.ui.methodComboBox.currentIndexChanged.connect(self.updateMethodHint)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneClosed)
+        self.restoreSettings()
         self.updateButtons()
+
+    def restoreSettings(self):
+        settings = qt.QSettings()
+        self.ui.urlLineEdit.text = settings.value(SETTINGS + "url", self.ui.urlLineEdit.text) or ""
+        self.ui.pythonLineEdit.text = settings.value(SETTINGS + "python", self.ui.pythonLineEdit.text) or ""
+        remote = str(settings.value(SETTINGS + "remote", "false")).lower() == "true"
+        self.ui.remoteRadioButton.checked = remote
+        self.ui.localRadioButton.checked = not remote
+
+    def saveSettings(self):
+        settings = qt.QSettings()
+        settings.setValue(SETTINGS + "url", self.ui.urlLineEdit.text.strip())
+        settings.setValue(SETTINGS + "python", self.ui.pythonLineEdit.text.strip())
+        settings.setValue(SETTINGS + "remote", "true" if self.ui.remoteRadioButton.checked else "false")
 
     def cleanup(self):
         self.timer.stop()
@@ -148,6 +166,8 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainButton.enabled = connected and not busy and self.logic.dataset_id is not None
         self.ui.finetuneButton.enabled = has_model and not busy
         self.ui.cancelButton.enabled = busy
+        self.ui.resumeButton.enabled = connected and not busy
+        self.ui.modelComboBox.enabled = connected and not busy
         self.ui.segmentButton.enabled = (has_model and has_target and not busy
                                          and self.pendingSegmentation is None)
         self.ui.submitCorrectionButton.enabled = has_model and not busy
@@ -172,8 +192,28 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             devices = ", ".join(info["devices"])
             self.ui.backendStatusLabel.text = f"connected: crossmodalseg {info['version']} on {devices}"
             self.log(f"backend ready ({devices}); methods: {', '.join(info['methods'])}")
+            self.saveSettings()
+            self.refreshModels()
 
         self.run(connect)
+        self.updateButtons()
+
+    def refreshModels(self, select: str | None = None):
+        """Lists the backend's ready models (newest first) and makes `select`, else the newest, the current one."""
+        models = self.logic.models()
+        self.listedModels = [m["id"] for m in models]
+        self.ui.modelComboBox.clear()
+        for model in models:
+            self.ui.modelComboBox.addItem(model_title(model))
+        chosen = select if select in self.listedModels else (self.listedModels[0] if self.listedModels else None)
+        if chosen is not None:
+            self.ui.modelComboBox.setCurrentIndex(self.listedModels.index(chosen))
+            self.logic.choose_model(chosen)
+            self.log(f"model: {model_title(models[self.listedModels.index(chosen)])}")
+
+    def onModelChosen(self, index):
+        if 0 <= index < len(self.listedModels):
+            self.run(self.logic.choose_model, self.listedModels[index])
         self.updateButtons()
 
     def onInstallBackend(self):
@@ -246,25 +286,53 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCancel(self):
         self.run(self.logic.cancel)
 
+    def onResume(self):
+        def resume():
+            stopped = self.logic.resumable_trainings()
+            if not stopped:
+                raise ValueError("no stopped training to resume")
+            job = stopped[0]
+            if not slicer.util.confirmOkCancelDisplay(
+                    f"Resume the {job['params'].get('method', '')} training {job['id']} ({job['state']}, "
+                    f"{round(100 * job['progress']['fraction'])} % done) from its last checkpoint?"):
+                return
+            self.logic.resume(job["id"])
+            self.log(f"training job {job['id']} resumed")
+            self.startPolling()
+
+        self.run(resume)
+
     def startPolling(self):
         self.ui.progressBar.value = 0
+        self.pollFailures = 0
+        self.timer.setInterval(POLL_MS)
         self.timer.start()
         self.updateButtons()
 
     def onPoll(self):
         try:
             progress = self.logic.poll()
-        except BackendError as e:
-            self.log(f"lost the backend: {e}")
-            self.timer.stop()
-            self.updateButtons()
+        except BackendError as e:  # a slow or lost connection: ask less often, give up after a while
+            self.pollFailures += 1
+            if self.pollFailures >= POLL_GIVE_UP_AFTER:
+                self.log(f"lost the backend: {e}; the job goes on there: Connect again to follow it")
+                self.timer.stop()
+                self.updateButtons()
+            else:
+                self.log(f"backend did not answer ({e}); retrying")
+                self.timer.setInterval(poll_interval_ms(self.pollFailures))
             return
+        if self.pollFailures:
+            self.pollFailures = 0
+            self.timer.setInterval(POLL_MS)
         self.ui.progressBar.value = int(round(100 * progress.fraction))
         self.ui.etaLabel.text = "" if progress.eta_s is None else f"ETA {format_seconds(progress.eta_s)}"
         for message in progress.messages:
             self.log(message)
         if progress.finished:
             self.timer.stop()
+            if progress.state == "succeeded" and progress.model:
+                self.run(self.refreshModels, progress.model)
             self.updateButtons()
             if progress.state != "succeeded":
                 slicer.util.errorDisplay(f"The job ended {progress.state}: {progress.error or ''}")

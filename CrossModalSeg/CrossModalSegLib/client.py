@@ -99,6 +99,9 @@ class BackendClient:
         return self.send_json("POST", "/datasets", {"id": dataset_id, "name": name, "labels": labels,
                                                     "modalities": modalities})
 
+    def datasets(self) -> list[dict[str, Any]]:
+        return self.get_json("/datasets")
+
     def dataset(self, dataset_id: str) -> dict[str, Any]:
         return self.get_json(f"/datasets/{_q(dataset_id)}")
 
@@ -119,8 +122,14 @@ class BackendClient:
     def submit_job(self, **job: Any) -> dict[str, Any]:
         return self.send_json("POST", "/jobs", job)
 
+    def jobs(self) -> list[dict[str, Any]]:
+        return self.get_json("/jobs")
+
     def job(self, job_id: str) -> dict[str, Any]:
         return self.get_json(f"/jobs/{_q(job_id)}")
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        return self.send_json("POST", f"/jobs/{_q(job_id)}/resume")
 
     def events(self, job_id: str, after: int = 0) -> dict[str, Any]:
         return self.get_json(f"/jobs/{_q(job_id)}/events", after=after)

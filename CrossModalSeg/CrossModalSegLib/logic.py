@@ -128,6 +128,17 @@ class CrossModalSegLogic:
             raise mrml.SceneError(f"{segmentation_node.GetName()!r} has two segments with one name")
         return {"background": 0, **{name: i for i, name in enumerate(names, start=1)}}
 
+    def datasets(self) -> list[dict[str, Any]]:
+        """The backend's datasets (id, name, structures, modalities, case count), to choose from after a restart."""
+        return self._backend().datasets()
+
+    def choose_dataset(self, dataset_id: str) -> dict[str, Any]:
+        """Works on an existing dataset of the backend from now on (its structures and modalities)."""
+        existing = self._backend().dataset(dataset_id)
+        self.dataset_id, self.labels = dataset_id, dict(existing["labels"])
+        self.modalities = dict(existing["modalities"])
+        return existing
+
     def use_dataset(self, dataset_id: str, labels: dict[str, int], modalities: dict[str, str],
                     name: str | None = None) -> dict[str, Any]:
         """Creates the dataset on the backend, or reuses it when it exists with the same structures."""
@@ -232,6 +243,45 @@ class CrossModalSegLogic:
             raise ValueError("no model to fine-tune: train one first (or choose one)")
         job = self._backend().submit_job(kind="finetune", dataset=self.dataset_id, model=self.model_id,
                                          epochs=epochs, minutes=minutes, iterations_per_epoch=iterations_per_epoch)
+        return self._follow(job)
+
+    def models(self) -> list[dict[str, Any]]:
+        """The backend's ready models, newest first (what the model selector lists; see `model_title`)."""
+        ready = [m for m in self._backend().models() if m.get("state") == "ready"]
+        return sorted(ready, key=lambda m: m.get("created") or 0, reverse=True)
+
+    def choose_model(self, model_id: str) -> dict[str, Any]:
+        """Segments and fine-tunes with this model from now on; its training dataset becomes the current one when
+        the backend still has it (fine-tuning trains on it)."""
+        client = self._backend()
+        model = client.model(model_id)
+        if model.get("state") != "ready":
+            raise ValueError(f"model {model_id!r} is {model.get('state')}, not ready: wait for its training or "
+                             f"choose another")
+        self.model_id = model_id
+        dataset = None
+        if model.get("job"):
+            try:
+                dataset = client.job(model["job"])["params"].get("dataset")
+            except BackendError as e:
+                if e.status != 404:  # an imported model has no job here
+                    raise
+        if dataset and any(d["id"] == dataset for d in client.datasets()):
+            self.choose_dataset(dataset)
+        return model
+
+    def resumable_trainings(self) -> list[dict[str, Any]]:
+        """Trainings that stopped before their end (interrupted by a restart, cancelled or failed), newest first:
+        `resume` continues one from its last checkpoint."""
+        jobs = [j for j in self._backend().jobs()
+                if j["kind"] in ("train", "finetune") and j["state"] in ("interrupted", "cancelled", "failed")]
+        return sorted(jobs, key=lambda j: j.get("created") or 0, reverse=True)
+
+    def resume(self, job_id: str) -> str:
+        """Continues a stopped training from its last checkpoint; poll it like a new one."""
+        job = self._backend().resume(job_id)
+        if job["params"].get("dataset"):
+            self.choose_dataset(job["params"]["dataset"])
         return self._follow(job)
 
     def _follow(self, job: dict[str, Any]) -> str:
@@ -372,6 +422,34 @@ def describe_event(event: dict[str, Any]) -> str | None:
 
 
 # ---- the panel's decisions, as pure functions ----------------------------------------------------------------------
+def model_title(model: dict[str, Any]) -> str:
+    """How the model selector names a model: its method, modalities (target first), validation Dice (and on what)
+    and date (local time), e.g. "mkd: ct + mr, Dice 0.83 (held-out), 2026-11-24 10:31"."""
+    target = model.get("target", "")
+    modalities = [target, *[m for m in model.get("modalities", {}) if m != target]]
+    text = f"{model.get('method', '?')}: {' + '.join(m for m in modalities if m)}"
+    dice = (model.get("training") or {}).get("val_dice")
+    if isinstance(dice, dict) and isinstance(dice.get("mean"), (int, float)):
+        text += f", Dice {dice['mean']:.2f}"
+        on = (model.get("training") or {}).get("val_on")
+        text += f" ({on})" if on else ""
+    created = model.get("created")
+    if isinstance(created, (int, float)):  # the backend's creation time (seconds since the epoch), shown local
+        text += ", " + time.strftime("%Y-%m-%d %H:%M", time.localtime(created))
+    return text
+
+
+POLL_MS = 1000
+POLL_MAX_MS = 30000
+POLL_GIVE_UP_AFTER = 8  # failed polls in a row (at least 1.5 minutes with the back-off) before the panel stops
+
+
+def poll_interval_ms(failures: int) -> int:
+    """Time to the next progress poll after `failures` failed polls in a row: 1 s while the backend answers,
+    then doubling up to 30 s, so a slow or unreachable backend is not hammered and the panel stays responsive."""
+    return min(POLL_MS * 2 ** max(0, failures), POLL_MAX_MS)
+
+
 def prediction_inputs(model: dict[str, Any], volumes: dict[str, Any]) -> dict[str, Any]:
     """The selected volumes a model reads at inference: `mkd` only its target (its ensemble runs on the target
     image), the others the modalities they use. Other selected volumes are not sent (an assistant still selected

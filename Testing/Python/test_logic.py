@@ -20,6 +20,8 @@ from CrossModalSegLib.client import BackendError
 from CrossModalSegLib.logic import (
     CrossModalSegLogic,
     correction_volumes,
+    model_title,
+    poll_interval_ms,
     prediction_inputs,
     safe_id,
     structures_fit,
@@ -192,6 +194,49 @@ def test_a_segmentation_runs_in_a_worker_thread_and_makes_nodes_only_when_finish
     assert not list(logic.work.rglob("input_*.nrrd"))
     for node in added:
         scene.RemoveNode(node)
+
+
+@pytest.mark.slow  # needs the models that the (slow) workflow test above trains
+def test_after_a_restart_the_models_are_listed_chosen_and_a_stopped_training_resumes(session):
+    """Issue 12 (6): after a restart or reconnect, Train, Fine-tune and Segment stayed disabled, the backend's models
+    could not be chosen and interrupted trainings not resumed. A new logic (a restarted Slicer, a fresh scene)
+    connected to the same backend lists the models newest first, chooses one (its dataset comes with it), segments
+    with it, and resumes a stopped training."""
+    first = session["logic"]
+    assert first.model_id is not None  # the fine-tuned model of the workflow test
+    restarted = CrossModalSegLogic(make_scene(), first.work / "restarted")
+    restarted.connect(first.client.url, first.client.token)
+    assert restarted.model_id is None and restarted.dataset_id is None
+    models = restarted.models()
+    assert [m["id"] for m in models][0] == first.model_id and len(models) >= 2
+    assert model_title(models[0]).startswith("mkd: ct + mr")
+    restarted.choose_model(models[0]["id"])
+    assert restarted.dataset_id == "abdomen" and restarted.labels == first.labels
+    ct = mrml.read_volume(restarted.scene, session["folder"] / "example_ct_sm.nii.gz", "CT again")
+    result = restarted.segment({"ct": ct})
+    assert result.segmentation.GetScene() is restarted.scene
+
+    restarted.train("ct", ["mr"], method="mkd", epochs=2, iterations_per_epoch=3, options=TINY["options"])
+    stopped_job = restarted.job_id
+    restarted.cancel()
+    assert restarted.wait(timeout_s=300).state == "cancelled"
+    assert [j["id"] for j in restarted.resumable_trainings()][0] == stopped_job
+    restarted.resume(stopped_job)
+    finished = restarted.wait(timeout_s=900)
+    assert finished.state == "succeeded", finished.error
+    assert restarted.models()[0]["id"] == restarted.model_id == finished.model
+
+
+def test_the_model_selector_names_method_modalities_dice_and_date():
+    model = {"method": "maml", "target": "t1c", "modalities": {"flair": "MR", "t1c": "MR"},
+             "training": {"val_dice": {"mean": 0.8312, "edema": 0.9}, "val_on": "held-out"},
+             "created": time.mktime((2026, 11, 24, 10, 31, 7, 0, 0, -1))}  # 10:31 local time
+    assert model_title(model) == "maml: t1c + flair, Dice 0.83 (held-out), 2026-11-24 10:31"
+    assert model_title({"method": "single", "target": "ct", "modalities": {"ct": "CT"}}) == "single: ct"
+
+
+def test_polling_backs_off_while_the_backend_does_not_answer():
+    assert [poll_interval_ms(n) for n in range(7)] == [1000, 2000, 4000, 8000, 16000, 30000, 30000]
 
 
 def test_clear_errors_for_wrong_inputs(session, tmp_path: Path):

@@ -112,7 +112,8 @@ def model_summary(meta: Any) -> dict[str, Any]:
     return {"method": field(method, "name", str, "method"), "hparams": field(method, "hparams", dict, "method", False),
             "labels": field(task, "labels", dict, "task"), "modalities": field(task, "modalities", dict, "task"),
             "target": field(task, "target", str, "task"), "members": field(method, "members", dict, "method", False),
-            "training": {k: training.get(k) for k in ("epochs", "seconds", "val_dice", "init_from", "device")}}
+            "training": {k: training.get(k) for k in ("epochs", "iterations", "seconds", "val_dice", "val_on",
+                                                        "init_from", "device")}}
 
 
 def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int = 2 << 30,

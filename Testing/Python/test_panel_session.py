@@ -1,0 +1,185 @@
+"""The panel itself, in a radiologist's session: `CrossModalSeg.py`'s real Widget and Logic on slicer-core's real
+MRML scene, a real backend started by the panel on 127.0.0.1, and PySide6's event loop; only the Qt, CTK and
+qMRML classes that cannot be installed here stand in (slicer_app_standin.py says which and how).
+
+Connect -> add the unpaired CT and MR -> train MKD with progress -> segment (the event loop keeps ticking) ->
+toggle members and disagreement -> correct -> fine-tune -> segment again -> a restarted panel picks the model again
+and segments. Scene nodes are counted around each step."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, make_scene, shared_data
+
+pytest.importorskip("PySide6.QtWidgets")
+import slicer_app_standin as standin  # noqa: E402
+
+MODULE_FOLDER = ROOT / "CrossModalSeg"
+
+
+def pump(app, until, timeout_s: float, tick_s: float = 0.02) -> float:
+    """Runs the Qt event loop (timers fire, the panel polls) until `until()`; returns the longest time the loop
+    went without processing events (a frozen GUI thread shows up here)."""
+    deadline = time.monotonic() + timeout_s
+    longest, last = 0.0, time.monotonic()
+    while not until():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the panel did not get there within {timeout_s} s")
+        app.qapp.processEvents()
+        now = time.monotonic()
+        longest, last = max(longest, now - last), now
+        time.sleep(tick_s)
+    return longest
+
+
+def node_ids(scene) -> set[str]:
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+@pytest.fixture(scope="module")
+def panel(tmp_path_factory):
+    """The module as Slicer loads it: a fresh scene with the CT and MR (different patients) and their labels."""
+    from test_logic import load_case
+
+    folder = shared_data("totalsegmentator_ct_mr_examples")
+    home = tmp_path_factory.mktemp("home")
+    scene = make_scene()
+    app = standin.install(scene, MODULE_FOLDER, home / "settings.ini")
+    ct, ct_labels = load_case(scene, folder, "example_ct_sm", "CT")
+    mr, mr_labels = load_case(scene, folder, "example_mr_sm", "MR")
+    sys.modules.pop("CrossModalSeg", None)
+    module = importlib.import_module("CrossModalSeg")
+    module.CrossModalSeg(standin.ModuleParent())
+    widget = module.CrossModalSegWidget()
+    widget.setup()
+    yield {"app": app, "scene": scene, "widget": widget, "module": module, "home": home, "ct": ct, "mr": mr,
+           "ct_labels": ct_labels, "mr_labels": mr_labels}
+    widget.cleanup()
+
+
+def test_the_panel_before_any_backend_says_why_it_cannot_connect_and_keeps_going(panel, caplog):
+    """Nothing that needs a backend is enabled before one answers; an unreachable server is one clear message (no
+    traceback out of a Qt slot), and the panel stays usable."""
+    widget, ui, scene = panel["widget"], panel["widget"].ui, panel["scene"]
+    assert not ui.addCaseButton.enabled and not ui.trainButton.enabled and not ui.segmentButton.enabled
+    assert not ui.resumeButton.enabled and not ui.modelComboBox.enabled
+    before = node_ids(scene)
+    ui.remoteRadioButton.checked = True
+    assert ui.urlLineEdit.enabled and not ui.pythonLineEdit.enabled  # the mode decides which fields apply
+    ui.urlLineEdit.text = "http://127.0.0.1:9"  # nothing listens there
+    caplog.clear()
+    ui.connectButton.click()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "127.0.0.1:9" in errors[0], errors
+    assert widget.logic.client is None and not ui.trainButton.enabled
+    assert node_ids(scene) == before
+    ui.localRadioButton.checked = True
+
+
+@pytest.mark.slow
+def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
+    app, scene, widget, ui = panel["app"], panel["scene"], panel["widget"], panel["widget"].ui
+    monkeypatch.setenv("HOME", str(panel["home"]))  # the local backend's home (~/.crossmodalseg) lives here
+    caplog.set_level(logging.INFO)
+
+    # Before connecting, nothing that needs a backend is enabled.
+    assert not ui.trainButton.enabled and not ui.segmentButton.enabled and not ui.addCaseButton.enabled
+
+    # Connect: the panel starts the local backend with the Python it is told to use.
+    ui.localRadioButton.checked = True
+    ui.pythonLineEdit.text = sys.executable
+    ui.connectButton.click()
+    assert ui.backendStatusLabel.text.startswith("connected: crossmodalseg"), ui.backendStatusLabel.text
+    assert ui.modelComboBox.count == 0
+
+    # Add the unpaired cases: each volume with its segmentation is its own case.
+    ui.datasetLineEdit.text = "abdomen"
+    ui.targetModalityLineEdit.text, ui.assistantModalityLineEdit.text = "ct", "mr"
+    ui.targetTypeComboBox.currentText, ui.assistantTypeComboBox.currentText = "CT", "MR"
+    ui.pairedCheckBox.checked = False
+    ui.targetVolumeSelector.setCurrentNode(panel["ct"])
+    ui.targetSegmentationSelector.setCurrentNode(panel["ct_labels"])
+    ui.assistantVolumeSelector.setCurrentNode(panel["mr"])
+    ui.assistantSegmentationSelector.setCurrentNode(panel["mr_labels"])
+    before = node_ids(scene)
+    ui.addCaseButton.click()
+    assert "2 in 'abdomen'" in ui.casesLabel.text, ui.casesLabel.text
+    assert node_ids(scene) == before  # uploading leaves nothing behind in the scene
+    assert "mkd" in ui.methodHintLabel.text and "unpaired" in ui.methodHintLabel.text
+
+    # Train MKD (as suggested) for 2 short epochs; the timer polls progress into the bar and the log.
+    ui.methodComboBox.currentIndex = panel["module"].METHOD_CHOICES.index("mkd")
+    ui.epochsSpinBox.value = 2
+    assert ui.trainButton.enabled
+    ui.trainButton.click()
+    assert ui.cancelButton.enabled and not ui.trainButton.enabled  # busy
+    pump(app, lambda: not widget.timer.isActive(), timeout_s=900)
+    assert ui.progressBar.value == 100
+    assert "epoch 2/2" in ui.logTextEdit.plainText
+    assert ui.modelComboBox.count == 1 and ui.modelComboBox.currentText.startswith("mkd: ct + mr")
+    assert ui.segmentButton.enabled and ui.finetuneButton.enabled
+
+    # Segment: the request runs off the GUI thread; the event loop keeps going meanwhile.
+    ui.membersCheckBox.checked = ui.uncertaintyCheckBox.checked = True
+    before = node_ids(scene)
+    ui.segmentButton.click()
+    assert widget.pendingSegmentation is not None and not ui.segmentButton.enabled
+    pending = widget.pendingSegmentation
+    stall = pump(app, pending.done, timeout_s=600, tick_s=0.01)
+    assert stall < 0.1, f"the Qt event loop stalled {stall:.3f} s while the segmentation ran"
+    pump(app, lambda: widget.pendingSegmentation is None, timeout_s=60)  # the nodes are made on this thread
+    result = widget.result
+    added = node_ids(scene) - before
+    assert result.segmentation.GetID() in added and result.disagreement.GetID() in added
+    assert {n.GetID() for n in result.members.values()} <= added
+    assert ui.correctionSelector.currentNode() is result.segmentation
+    assert ui.agreementLabel.text
+    views = [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(3)]
+    assert all(v.GetForegroundVolumeID() == result.disagreement.GetID() for v in views)
+    assert all(v.GetBackgroundVolumeID() == panel["ct"].GetID() for v in views)
+
+    # QA toggles: members hidden and shown, the disagreement map over the CT.
+    ui.showMembersCheckBox.checked = False
+    assert all(not m.GetDisplayNode().GetVisibility() for m in result.members.values())
+    ui.showMembersCheckBox.checked = True
+    assert all(m.GetDisplayNode().GetVisibility() for m in result.members.values())
+
+    # Correct: the segmentation goes back as the CT case's final label and fine-tuning starts by itself.
+    before_nodes = node_ids(scene)
+    ui.submitCorrectionButton.click()
+    assert widget.timer.isActive()
+    pump(app, lambda: not widget.timer.isActive(), timeout_s=900)
+    assert node_ids(scene) == before_nodes
+    assert ui.modelComboBox.count == 2  # the fine-tuned model, chosen
+    tuned = widget.logic.model_id
+    assert widget.listedModels[ui.modelComboBox.currentIndex] == tuned
+
+    # Segment again with the fine-tuned model.
+    ui.segmentButton.click()
+    pump(app, lambda: widget.pendingSegmentation is None, timeout_s=600)
+    assert widget.result.segmentation is not result.segmentation
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors
+
+    # A restarted panel (Slicer closed and opened again): URL and Python come back, the model is listed again.
+    url, token = widget.logic.client.url, widget.logic.client.token
+    again = panel["module"].CrossModalSegWidget()
+    again.setup()
+    try:
+        assert again.ui.pythonLineEdit.text == sys.executable and again.ui.localRadioButton.checked
+        assert not again.ui.segmentButton.enabled
+        again.logic.connect(url, token)  # the running backend (a second local one would refuse its home)
+        again.refreshModels()
+        assert again.logic.model_id == tuned and again.logic.dataset_id == "abdomen"
+        again.ui.targetVolumeSelector.setCurrentNode(panel["ct"])
+        again.updateButtons()
+        assert again.ui.segmentButton.enabled and again.ui.finetuneButton.enabled
+    finally:
+        again.logic.client = None  # the backend belongs to the first panel
+        again.cleanup()
