@@ -63,6 +63,19 @@ def panel(tmp_path_factory):
     widget.cleanup()
 
 
+def test_the_qt_binding_keeps_reference_counts_through_slots(panel):
+    """PySide6 6.12.0 on Python 3.11 took one reference from None at every call of a Python slot, so a long session
+    died at exit ('deallocating None'); Testing/requirements.txt pins a version that does not."""
+    from PySide6 import QtWidgets
+
+    button = QtWidgets.QPushButton()
+    button.clicked.connect(lambda *_: None)
+    before = sys.getrefcount(None), sys.getrefcount(False)
+    for _ in range(200):
+        button.click()
+    assert (sys.getrefcount(None), sys.getrefcount(False)) >= (before[0] - 20, before[1] - 20), before
+
+
 def test_the_panel_before_any_backend_says_why_it_cannot_connect_and_keeps_going(panel, caplog):
     """Nothing that needs a backend is enabled before one answers; an unreachable server is one clear message (no
     traceback out of a Qt slot), and the panel stays usable."""
