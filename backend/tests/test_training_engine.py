@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -154,17 +153,23 @@ def test_minutes_bound_the_whole_run(tiny: DatasetSpec, tmp_path: Path):
     assert training["wall_seconds"] <= minutes * 60 * 1.05
 
 
-def test_fast_topology_has_an_unstrided_bottom_level_and_full_keeps_nnunets():
-    """`fast` follows MONAI's UNet: one convolution per level, and when the patch cannot be halved again the last
-    filter count still gets a level, unstrided, on the coarsest grid. `full` stays nnU-Net's (no such level)."""
-    from crossmodalseg.data.plan import PRESETS, network_topology
+def test_fast_topology_is_monai_unets_shape_with_a_strided_stem_only():
+    """`fast` with a strided stem (BraTS at 1.95 mm) follows MONAI's UNet: one convolution per level, and the last
+    filter count still gets a level, unstrided, on the coarsest grid. Without a stem (the 4.5 mm phantom) it keeps
+    two convolutions per level and no such level; `full` stays nnU-Net's."""
+    from crossmodalseg.data.plan import PRESETS, plan_from_statistics
     from crossmodalseg.nets.unet import UNet, UNetConfig
 
-    shape, spacing = np.array([78, 123, 123]), np.array([1.95, 1.95, 1.95])  # BraTS at the fast plan's spacing
-    patch, strides, kernels = network_topology(shape, spacing, PRESETS["fast"])
-    assert patch == [48, 48, 48]
-    assert strides == [[2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 1, 1]] and len(kernels) == 4
-    net = UNet(UNetConfig(2, 5, list(PRESETS["fast"].filters), strides, kernels, PRESETS["fast"].convs_per_level))
-    assert net(torch.zeros(1, 2, *patch)).shape == (1, 5, *patch)
-    _, full_strides, _ = network_topology(np.array([155, 240, 240]), np.array([1.0, 1.0, 1.0]), PRESETS["full"])
-    assert [1, 1, 1] not in full_strides[1:]
+    brats = plan_from_statistics({"spacings": [[1.0, 1.0, 1.0]] * 2, "sizes": [[155, 240, 240]] * 2},
+                                 PRESETS["fast"], {})
+    assert brats.patch_size == [48, 48, 48] and brats.convs_per_level == 1
+    assert brats.strides == [[2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 1, 1]] and brats.filters == [16, 32, 64, 128]
+    net = UNet(UNetConfig.from_plan(brats, 2, 5))
+    assert net(torch.zeros(1, 2, *brats.patch_size)).shape == (1, 5, *brats.patch_size)
+    phantom = plan_from_statistics({"spacings": [[6.0, 4.5, 4.5]] * 2, "sizes": [[24, 40, 40]] * 2},
+                                   PRESETS["fast"], {})
+    assert phantom.strides[0] == [1, 1, 1] and phantom.convs_per_level == 2
+    assert [1, 1, 1] not in phantom.strides[1:]
+    full = plan_from_statistics({"spacings": [[1.0, 1.0, 1.0]] * 2, "sizes": [[155, 240, 240]] * 2},
+                                PRESETS["full"], {})
+    assert [1, 1, 1] not in full.strides[1:] and full.convs_per_level == 2

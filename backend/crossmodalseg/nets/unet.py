@@ -10,10 +10,10 @@ Two shapes, chosen by the plan (not by flags in the methods):
 - `strides[0] > 1` (preset `fast`): the first convolution already strides, as MONAI's `UNet` does, and a transposed
   convolution brings the last decoder features back to the input's resolution (`restore`, a few channels). Nothing
   else runs at full resolution, which is where a 3D U-Net spends most of its time on a CPU: measured in
-  `backend/benchmarks/RESULTS.md`, this is what makes `fast` train several times more iterations per minute. `fast`
-  also has one convolution per level and an unstrided last level on the coarsest grid, as MONAI's `UNet` (default
-  `num_res_units=0`): at 1500 iterations on BraTS that matched the two-convolution, three-level network's Dice or
-  beat it, at about half its FLOPs (RESULTS.md).
+  `backend/benchmarks/RESULTS.md`, this is what makes `fast` train several times more iterations per minute. With
+  that stem, `fast` also has one convolution per level and an unstrided last level on the coarsest grid, as MONAI's
+  `UNet` (default `num_res_units=0`): at 1500 iterations on BraTS that matched the two-convolution, three-level
+  network's Dice or beat it, at about two thirds of its FLOPs (RESULTS.md; the plan decides, see Preset).
 """
 
 from __future__ import annotations
