@@ -183,29 +183,3 @@ def test_default_translator_runs_on_a_cpu_patch():
         scores = Discriminator(config)(y)
     assert y.shape == x.shape and scores.shape[:2] == (1, 1)
 
-
-def test_pointwise_conv_matches_conv3d_in_values_gradients_and_parameter_names():
-    """The heads' 1x1x1 convolution is a matrix product for speed: it must compute what nn.Conv3d computes, with
-    the same gradients, and keep the parameter names and shapes that saved models were written with."""
-    from crossmodalseg.nets.unet import PointwiseConv3d, UNet, UNetConfig
-
-    fast = PointwiseConv3d(C, CLASSES)
-    reference = torch.nn.Conv3d(C, CLASSES, kernel_size=1)
-    reference.load_state_dict(fast.state_dict())
-    x = torch.randn(B, C, *S, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    out, out_ref = fast(x), reference(x_ref)
-    torch.testing.assert_close(out, out_ref)
-    weights = torch.randn_like(out)
-    (out * weights).sum().backward()
-    (out_ref * weights).sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad)
-    torch.testing.assert_close(fast.weight.grad, reference.weight.grad)
-    torch.testing.assert_close(fast.bias.grad, reference.bias.grad)
-
-    net = UNet(UNetConfig(2, CLASSES, [4, 8, 16], [[2, 2, 2]] * 3, [[3, 3, 3]] * 3, deep_supervision_heads=1))
-    names = {k: tuple(v.shape) for k, v in net.state_dict().items() if "head" in k}
-    assert names["head.conv.conv.weight"] == (CLASSES, 8, 1, 1, 1)
-    assert names["ds_heads.0.conv.conv.weight"] == (CLASSES, 8, 1, 1, 1)
-    fusion = ModalityAwareFusion(2, C, CLASSES)
-    assert tuple(fusion.state_dict()["head.conv.weight"].shape) == (CLASSES, C, 1, 1, 1)

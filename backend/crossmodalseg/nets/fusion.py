@@ -13,8 +13,6 @@ import torch
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from .unet import PointwiseConv3d
-
 _NORM = ("INSTANCE", {"affine": True})
 _LEAKY = ("LEAKYRELU", {"negative_slope": 0.01})
 
@@ -52,7 +50,6 @@ class ModalityAwareFusion(nn.Module):
             for _ in range(num_modalities)
         )
         self.head = _conv(channels, num_classes, kernel_size=1)
-        self.head.conv = PointwiseConv3d(channels, num_classes)  # same parameters, faster on a CPU
 
     def _check(self, features: Sequence[torch.Tensor]) -> None:
         if len(features) != self.num_modalities:
