@@ -205,11 +205,11 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.clear()
         for model in models:
             self.ui.modelComboBox.addItem(model_title(model))
-        chosen = select if select in self.listedModels else (self.listedModels[0] if self.listedModels else None)
-        if chosen is not None:
-            self.ui.modelComboBox.setCurrentIndex(self.listedModels.index(chosen))
-            self.logic.choose_model(chosen)
-            self.log(f"model: {model_title(models[self.listedModels.index(chosen)])}")
+        if models:
+            index = self.listedModels.index(select) if select in self.listedModels else 0
+            self.ui.modelComboBox.setCurrentIndex(index)
+            self.logic.choose_model(self.listedModels[index])
+            self.log(f"model: {model_title(models[index])}")
 
     def onModelChosen(self, index):
         if 0 <= index < len(self.listedModels):

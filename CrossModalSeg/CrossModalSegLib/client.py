@@ -99,9 +99,6 @@ class BackendClient:
         return self.send_json("POST", "/datasets", {"id": dataset_id, "name": name, "labels": labels,
                                                     "modalities": modalities})
 
-    def datasets(self) -> list[dict[str, Any]]:
-        return self.get_json("/datasets")
-
     def dataset(self, dataset_id: str) -> dict[str, Any]:
         return self.get_json(f"/datasets/{_q(dataset_id)}")
 

@@ -128,10 +128,6 @@ class CrossModalSegLogic:
             raise mrml.SceneError(f"{segmentation_node.GetName()!r} has two segments with one name")
         return {"background": 0, **{name: i for i, name in enumerate(names, start=1)}}
 
-    def datasets(self) -> list[dict[str, Any]]:
-        """The backend's datasets (id, name, structures, modalities, case count), to choose from after a restart."""
-        return self._backend().datasets()
-
     def choose_dataset(self, dataset_id: str) -> dict[str, Any]:
         """Works on an existing dataset of the backend from now on (its structures and modalities)."""
         existing = self._backend().dataset(dataset_id)
@@ -259,15 +255,13 @@ class CrossModalSegLogic:
             raise ValueError(f"model {model_id!r} is {model.get('state')}, not ready: wait for its training or "
                              f"choose another")
         self.model_id = model_id
-        dataset = None
-        if model.get("job"):
-            try:
-                dataset = client.job(model["job"])["params"].get("dataset")
-            except BackendError as e:
-                if e.status != 404:  # an imported model has no job here
-                    raise
-        if dataset and any(d["id"] == dataset for d in client.datasets()):
-            self.choose_dataset(dataset)
+        try:
+            dataset = client.job(model["job"])["params"].get("dataset") if model.get("job") else None
+            if dataset:
+                self.choose_dataset(dataset)
+        except BackendError as e:
+            if e.status != 404:  # an imported model has no job here, and a dataset may have been deleted
+                raise
         return model
 
     def resumable_trainings(self) -> list[dict[str, Any]]:

@@ -102,10 +102,12 @@ def _report(results: dict[str, dict], iterations: dict[str, int], n_ct: int, n_m
 
 def _pictures(out: Path, test_spec: DatasetSpec, results: dict[str, dict]) -> list[Path]:
     """One overlay per held-out case, from the predictions evaluate_model saved (nothing is predicted twice)."""
+    def index(path: Path) -> np.ndarray:
+        return values_to_indices(to_array(read_image(path), np.float64), test_spec.label_values)
+
     overlays = []
     for case in test_spec.cases:
         saved = {name: out / "predictions" / name / case.id for name in MODELS}
-        index = lambda path: values_to_indices(to_array(read_image(path), np.float64), test_spec.label_values)  # noqa: E731
         image = to_array(read_image(case.images["ct"]))
         dice = {name: np.mean([v["dice"] for v in r["cases"][case.id].values() if v["dice"] is not None])
                 for name, r in results.items()}

@@ -182,4 +182,3 @@ def test_default_translator_runs_on_a_cpu_patch():
         y = Generator(config)(x)
         scores = Discriminator(config)(y)
     assert y.shape == x.shape and scores.shape[:2] == (1, 1)
-
