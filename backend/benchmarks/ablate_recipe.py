@@ -9,7 +9,8 @@ Ingredients (`key=value`, none: the plain recipe):
 - `net=16-32-64` (the project's U-Net, first level strided, one level per filter; a fourth filter is an unstrided
   level on the coarsest grid), `convs=1|2` (convolutions per level, default 2);
 - `loss=product` (DiceCE without background, batch Dice), `sampler=classes fg=0.8` (class-balanced patch centres),
-  `amp=bf16`, `sched=poly lr=2e-3`, `norm=fg` (z-score inside the brain), `spacing=1.9522`.
+  `amp=bf16`, `sched=poly lr=2e-3`, `norm=fg` (z-score inside the brain), `norm=fg0` (the same, background set to
+  0), `spacing=1.9522`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def run(fold: int, iterations: int, seed: int, knobs: dict[str, str]) -> dict:
 
     from crossmodalseg.data.geometry import resample_to_spacing
     from crossmodalseg.data.io import Geometry, from_array, read_image, to_array
-    from crossmodalseg.data.plan import Normalisation
+    from crossmodalseg.data.plan import foreground_mask
     from crossmodalseg.data.transforms import class_ratios
     from crossmodalseg.engine.inferer import back_to_grid
     from crossmodalseg.nets.unet import UNet, UNetConfig
@@ -64,8 +65,13 @@ def run(fold: int, iterations: int, seed: int, knobs: dict[str, str]) -> dict:
 
     def prepare(folder: Path, with_label: bool) -> dict:
         images = [resample_to_spacing(read_image(folder / recipe.FILES[m]), (spacing,) * 3) for m in modalities]
-        if knobs.get("norm") == "fg":
-            stacked = np.stack([Normalisation(m, "MR").apply(to_array(i)) for m, i in zip(modalities, images)])
+        if knobs.get("norm") in ("fg", "fg0"):  # z-score inside the brain (the product's MR scheme before)
+            arrays = [to_array(i) for i in images]
+            masks = [foreground_mask(a) for a in arrays]
+            scored = [(a - a[m].mean()) / max(float(a[m].std()), 1e-6) for a, m in zip(arrays, masks)]
+            if knobs["norm"] == "fg0":  # ... with the background set to 0 (nnU-Net's masked z-score)
+                scored = [np.where(m, z, 0.0) for m, z in zip(masks, scored)]
+            stacked = np.stack(scored)
         else:
             stacked = np.asarray(NormalizeIntensity(channel_wise=True)(np.stack([to_array(i) for i in images])))
         out = {"image": stacked.astype(np.float32), "grid": images[0]}
