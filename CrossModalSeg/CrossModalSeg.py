@@ -22,15 +22,30 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from CrossModalSegLib import scene as mrml
 from CrossModalSegLib.client import BackendError
-from CrossModalSegLib.install import install_backend, missing_requirements, read_requirements, torch_installed
-from CrossModalSegLib.logic import POLL_GIVE_UP_AFTER, POLL_MS, correction_volumes, model_title, poll_interval_ms
+from CrossModalSegLib.install import (
+    backend_source,
+    install_backend,
+    missing_requirements,
+    read_requirements,
+    torch_installed,
+)
+from CrossModalSegLib.logic import (
+    POLL_GIVE_UP_AFTER,
+    POLL_MS,
+    BackgroundRequest,
+    PendingSegmentation,
+    PendingUpload,
+    correction_volumes,
+    model_title,
+    poll_interval_ms,
+)
 from CrossModalSegLib.logic import CrossModalSegLogic as WorkflowLogic
 from CrossModalSegLib.scene import SceneError
 
 METHOD_CHOICES = ["auto", "single", "mkd", "maml", "cmc"]  # order of the method combo box
-SEGMENT_POLL_MS = 200
-BACKEND_SOURCE = Path(__file__).parent / "backend"  # the crossmodalseg package, shipped beside the module
+REQUEST_POLL_MS = 200
 SETTINGS = "CrossModalSeg/"  # QSettings keys: what the user typed to reach the backend (never the token)
 
 
@@ -65,14 +80,17 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(self.onPoll)
-        # A segmentation's request runs in a worker thread; this timer hands its result to the GUI thread.
-        self.pendingSegmentation = None
-        self.segmentTimer = qt.QTimer()
-        self.segmentTimer.setInterval(SEGMENT_POLL_MS)
-        self.segmentTimer.timeout.connect(self.onSegmentPoll)
+        # Uploads and segmentations run in worker threads; this timer hands each finished one to the GUI thread.
+        self.pendingRequests: list[tuple[BackgroundRequest, object]] = []  # (request, its finish callback)
+        self.requestTimer = qt.QTimer()
+        self.requestTimer.setInterval(REQUEST_POLL_MS)
+        self.requestTimer.timeout.connect(self.onRequestPoll)
         self.fineTuneAfterCorrection = False
         self.pollFailures = 0
         self.listedModels: list[str] = []  # model ids in the order of the model combo box
+        self.listedDatasets: list[str] = []  # dataset ids in the order of the dataset combo box
+        self.restoring = True  # no saving into the parameter node until the saved selections are back
+        self.savedModel: str | None = None  # the parameter node's model, chosen once the backend lists it
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -91,16 +109,74 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.clicked.connect(self.onCancel)
         self.ui.resumeButton.clicked.connect(self.onResume)
         self.ui.modelComboBox.activated.connect(self.onModelChosen)
+        self.ui.datasetComboBox.activated.connect(self.onDatasetChosen)
+        self.ui.exportModelButton.clicked.connect(self.onExportModel)
+        self.ui.importModelButton.clicked.connect(self.onImportModel)
         self.ui.segmentButton.clicked.connect(self.onSegment)
         self.ui.submitCorrectionButton.clicked.connect(self.onSubmitCorrection)
         self.ui.showMembersCheckBox.toggled.connect(self.onShowMembers)
         self.ui.showDisagreementCheckBox.toggled.connect(self.onShowDisagreement)
+        self.ui.show3DCheckBox.toggled.connect(self.onShow3D)
+        self.ui.correctButton.clicked.connect(self.onCorrect)
         for selector in (self.ui.targetVolumeSelector, self.ui.assistantVolumeSelector,
-                         self.ui.targetSegmentationSelector):
+                         self.ui.targetSegmentationSelector, self.ui.assistantSegmentationSelector,
+                         self.ui.correctionSelector):
             selector.currentNodeChanged.connect(self.updateButtons)
         self.ui.methodComboBox.currentIndexChanged.connect(self.updateMethodHint)
+        self.ui.pairedCheckBox.toggled.connect(self.updateButtons)
+        for line in (self.ui.targetModalityLineEdit, self.ui.assistantModalityLineEdit):
+            line.editingFinished.connect(self.updateButtons)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneClosed)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneLoaded)
         self.restoreSettings()
+        self.restoreSelections()
+        self.updateButtons()
+
+    def enter(self):
+        self.restoreSelections()
+        self.updateButtons()
+
+    # ---- the parameter node: the panel's selections, saved with the scene -------------------------------------
+    def selectors(self) -> dict[str, object]:
+        return {"targetVolume": self.ui.targetVolumeSelector, "assistantVolume": self.ui.assistantVolumeSelector,
+                "targetSegmentation": self.ui.targetSegmentationSelector,
+                "assistantSegmentation": self.ui.assistantSegmentationSelector}
+
+    def saveSelections(self):
+        if self.restoring:
+            return
+        values = {"dataset": self.ui.datasetComboBox.currentText.strip(), "model": self.logic.model_id or "",
+                  "targetModality": self.ui.targetModalityLineEdit.text.strip(),
+                  "assistantModality": self.ui.assistantModalityLineEdit.text.strip(),
+                  "paired": "true" if self.ui.pairedCheckBox.checked else "false"}
+        mrml.save_selections(slicer.mrmlScene, values,
+                             {role: selector.currentNode() for role, selector in self.selectors().items()})
+
+    def restoreSelections(self):
+        """Brings back what the parameter node kept (the scene's, e.g. after loading a saved scene)."""
+        self.restoring = True
+        try:
+            values, nodes = mrml.load_selections(
+                slicer.mrmlScene, ("dataset", "model", "targetModality", "assistantModality", "paired"),
+                tuple(self.selectors()))
+            for role, node in nodes.items():
+                self.selectors()[role].setCurrentNode(node)
+            if "dataset" in values:
+                self.ui.datasetComboBox.currentText = values["dataset"]
+            if "targetModality" in values:
+                self.ui.targetModalityLineEdit.text = values["targetModality"]
+            if "assistantModality" in values:
+                self.ui.assistantModalityLineEdit.text = values["assistantModality"]
+            if "paired" in values:
+                self.ui.pairedCheckBox.checked = values["paired"] == "true"
+            self.savedModel = values.get("model")
+        finally:
+            self.restoring = False
+
+    def onSceneLoaded(self, *_):
+        self.restoreSelections()
+        if self.logic.client is not None and self.savedModel:
+            self.run(self.refreshModels, self.savedModel)
         self.updateButtons()
 
     def restoreSettings(self):
@@ -119,7 +195,7 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.timer.stop()
-        self.segmentTimer.stop()
+        self.requestTimer.stop()
         self.removeObservers()
         if self.logic is not None:
             self.logic.cleanup()
@@ -136,6 +212,30 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return action(*args)
         except (BackendError, SceneError, ValueError):
             return None
+
+    @property
+    def pendingSegmentation(self) -> PendingSegmentation | None:
+        return next((r for r, _ in self.pendingRequests if isinstance(r, PendingSegmentation)), None)
+
+    @property
+    def uploading(self) -> bool:
+        return any(isinstance(r, PendingUpload) for r, _ in self.pendingRequests)
+
+    def startRequest(self, request: BackgroundRequest, finish) -> BackgroundRequest:
+        """Follows a request running in a worker thread; `finish(request)` runs here once it is done."""
+        self.pendingRequests.append((request, finish))
+        self.requestTimer.start()
+        self.updateButtons()
+        return request
+
+    def onRequestPoll(self):
+        finished = [(r, finish) for r, finish in self.pendingRequests if r.done()]
+        self.pendingRequests = [p for p in self.pendingRequests if p not in finished]
+        if not self.pendingRequests:
+            self.requestTimer.stop()
+        for request, finish in finished:
+            self.run(finish, request)
+        self.updateButtons()
 
     def modalities(self) -> dict[str, str]:
         target = self.ui.targetModalityLineEdit.text.strip()
@@ -162,15 +262,21 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         busy = self.timer.isActive()
         has_target = self.ui.targetVolumeSelector.currentNode() is not None
         has_model = connected and self.logic.model_id is not None
-        self.ui.addCaseButton.enabled = connected and has_target
-        self.ui.trainButton.enabled = connected and not busy and self.logic.dataset_id is not None
+        uploading = self.uploading
+        self.ui.addCaseButton.enabled = connected and has_target and not uploading
+        self.ui.trainButton.enabled = (connected and not busy and not uploading
+                                       and self.logic.dataset_id is not None)
         self.ui.finetuneButton.enabled = has_model and not busy
         self.ui.cancelButton.enabled = busy
         self.ui.resumeButton.enabled = connected and not busy
         self.ui.modelComboBox.enabled = connected and not busy
+        self.ui.exportModelButton.enabled = has_model
+        self.ui.importModelButton.enabled = connected
         self.ui.segmentButton.enabled = (has_model and has_target and not busy
                                          and self.pendingSegmentation is None)
-        self.ui.submitCorrectionButton.enabled = has_model and not busy
+        self.ui.submitCorrectionButton.enabled = has_model and not busy and not uploading
+        self.ui.correctButton.enabled = self.ui.correctionSelector.currentNode() is not None
+        self.saveSelections()
 
     def updateMethodHint(self, *_):
         if self.logic is None or self.logic.dataset_id is None:
@@ -184,8 +290,14 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ---- backend -----------------------------------------------------------------------------------------------
     def onConnect(self):
         def connect():
+            python = self.ui.pythonLineEdit.text.strip() or sys.executable.replace("SlicerApp-real", "PythonSlicer")
+            keeps_local = (self.ui.localRadioButton.checked and self.logic.local is not None
+                           and self.logic.local.python == python)
+            if not keeps_local and self.logic.stopping_loses_work() and not slicer.util.confirmOkCancelDisplay(
+                    "The local backend is training. Connecting elsewhere stops it and its job (Resume continues the "
+                    "job from its last checkpoint later). Go on?"):
+                return
             if self.ui.localRadioButton.checked:
-                python = self.ui.pythonLineEdit.text.strip() or sys.executable.replace("SlicerApp-real", "PythonSlicer")
                 info = self.logic.start_local_backend(python=python)
             else:
                 info = self.logic.connect(self.ui.urlLineEdit.text.strip(), self.ui.tokenLineEdit.text.strip())
@@ -193,13 +305,16 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.backendStatusLabel.text = f"connected: crossmodalseg {info['version']} on {devices}"
             self.log(f"backend ready ({devices}); methods: {', '.join(info['methods'])}")
             self.saveSettings()
+            self.refreshDatasets()
             self.refreshModels()
 
         self.run(connect)
         self.updateButtons()
 
     def refreshModels(self, select: str | None = None):
-        """Lists the backend's ready models (newest first) and makes `select`, else the newest, the current one."""
+        """Lists the backend's ready models (newest first) and makes `select`, else the one the parameter node kept,
+        else the newest, the current one."""
+        select = select or self.logic.model_id or self.savedModel
         models = self.logic.models()
         self.listedModels = [m["id"] for m in models]
         self.ui.modelComboBox.clear()
@@ -210,11 +325,75 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelComboBox.setCurrentIndex(index)
             self.logic.choose_model(self.listedModels[index])
             self.log(f"model: {model_title(models[index])}")
+            self.showDataset()
 
     def onModelChosen(self, index):
         if 0 <= index < len(self.listedModels):
             self.run(self.logic.choose_model, self.listedModels[index])
+            self.showDataset()
         self.updateButtons()
+
+    def onExportModel(self):
+        path = qt.QFileDialog.getSaveFileName(self.parent, "Export model", f"crossmodalseg-{self.logic.model_id}.zip",
+                                              "Model archive (*.zip)")
+        if path:
+            self.exportModelTo(path)
+
+    def exportModelTo(self, path: str):
+        """Saves the chosen model in the background (the archive may be hundreds of MB)."""
+        if self.run(lambda: self.startRequest(self.logic.start_model_export(path), self.onModelTransferred)):
+            self.log(f"saving the model to {path}")
+
+    def onImportModel(self):
+        path = qt.QFileDialog.getOpenFileName(self.parent, "Import model", "", "Model archive (*.zip)")
+        if path:
+            self.importModelFrom(path)
+
+    def importModelFrom(self, path: str):
+        """Sends a model archive to the backend in the background; it is listed and chosen once checked there."""
+        if self.run(lambda: self.startRequest(self.logic.start_model_import(path), self.onModelTransferred)):
+            self.log(f"importing the model {path}")
+
+    def onModelTransferred(self, pending):
+        value = self.logic.finish_call(pending)
+        if isinstance(value, dict):  # an imported model
+            self.refreshModels(value["id"])
+            self.log(f"imported: {model_title(value)}")
+        else:
+            self.log(f"model saved to {value}")
+
+    def refreshDatasets(self):
+        """Lists the backend's datasets; the name in the box stays (a new name starts a new dataset at Add case)."""
+        typed = self.ui.datasetComboBox.currentText
+        self.listedDatasets = [d["id"] for d in self.logic.datasets()]
+        self.ui.datasetComboBox.clear()
+        for dataset_id in self.listedDatasets:
+            self.ui.datasetComboBox.addItem(dataset_id)
+        self.ui.datasetComboBox.currentText = typed
+
+    def onDatasetChosen(self, index):
+        """An existing dataset: its structures and modalities come from the backend; Train works on it."""
+        if 0 <= index < len(self.listedDatasets):
+            def choose():
+                dataset = self.logic.choose_dataset(self.listedDatasets[index])
+                modalities = list(dataset["modalities"])
+                if self.ui.targetModalityLineEdit.text.strip() not in modalities:
+                    self.ui.targetModalityLineEdit.text = modalities[0]
+                    self.ui.targetTypeComboBox.currentText = dataset["modalities"][modalities[0]]
+                self.showDataset()
+                self.log(f"dataset {dataset['id']!r}: {', '.join(n for n in dataset['labels'] if n != 'background')}"
+                         f" in {', '.join(modalities)}")
+
+            self.run(choose)
+        self.updateButtons()
+
+    def showDataset(self):
+        """Shows the logic's dataset (chosen, or the current model's) in the box, with its number of cases."""
+        if self.logic.dataset_id is None:
+            return
+        self.ui.datasetComboBox.currentText = self.logic.dataset_id
+        cases = self.logic.client.dataset(self.logic.dataset_id)["cases"]
+        self.ui.casesLabel.text = f"{len(cases)} in {self.logic.dataset_id!r}"
 
     def onInstallBackend(self):
         """Installs what the backend needs into Slicer's Python: PyTorch through the PyTorch extension (only when it
@@ -235,7 +414,7 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     "CrossModalSeg will install these packages into Slicer's Python:\n" + "\n".join(missing)):
                 self.log("backend installation cancelled")
                 return
-            installed = install_backend(requirements, BACKEND_SOURCE, slicer.util.pip_install)
+            installed = install_backend(requirements, backend_source(Path(__file__).parent), slicer.util.pip_install)
         except Exception as e:  # noqa: BLE001 - pip or the PyTorch installer failed or was declined: say so
             slicer.util.errorDisplay(f"Installing the backend failed: {e}")
             return
@@ -243,6 +422,7 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- cases and training ------------------------------------------------------------------------------------
     def onAddCase(self):
+        """Writes the case's files and returns: the upload runs in a worker thread while Slicer stays usable."""
         def add():
             target_seg = self.ui.targetSegmentationSelector.currentNode()
             assistant_seg = self.ui.assistantSegmentationSelector.currentNode()
@@ -250,22 +430,29 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             labels = self.logic.labels_from_segmentation(labelled) if labelled else self.logic.labels
             if not labels:
                 raise ValueError("the first case needs a segmentation: its segment names define the structures")
-            dataset = self.ui.datasetLineEdit.text.strip()
+            dataset = self.ui.datasetComboBox.currentText.strip()
             self.logic.use_dataset(dataset, labels, self.modalities())
             volumes = self.volumes()
             target, *assistant = list(volumes)
             segmentations = {target: target_seg, **({assistant[0]: assistant_seg} if assistant else {})}
             if self.ui.pairedCheckBox.checked or not assistant:
-                cases = [self.logic.add_case(volumes, segmentations)]
+                cases = [(volumes, segmentations)]
             else:  # unpaired: each volume is a different patient
-                cases = [self.logic.add_case({m: v}, {m: segmentations[m]}) for m, v in volumes.items()]
-            described = self.logic.client.dataset(dataset)
-            self.ui.casesLabel.text = f"{len(described['cases'])} in {dataset!r}"
-            self.log(f"added case(s) {', '.join(cases)} to {dataset!r}")
-            self.updateMethodHint()
+                cases = [({m: v}, {m: segmentations[m]}) for m, v in volumes.items()]
+            for case_volumes, case_segmentations in cases:
+                self.startRequest(self.logic.start_add_case(case_volumes, case_segmentations), self.onCaseAdded)
+            self.log(f"uploading {len(cases)} case(s) to {dataset!r}")
 
         self.run(add)
         self.updateButtons()
+
+    def onCaseAdded(self, pending: PendingUpload):
+        case = self.logic.finish_upload(pending)
+        self.log(f"added case {case} to {self.logic.dataset_id!r}")
+        if self.logic.dataset_id not in self.listedDatasets:
+            self.refreshDatasets()
+        self.showDataset()
+        self.updateMethodHint()
 
     def onTrain(self):
         def train():
@@ -341,32 +528,22 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegment(self):
         """Starts the segmentation and returns: the backend works while the panel and the views stay usable."""
         def start():
-            self.pendingSegmentation = self.logic.start_segment(
-                self.volumes(), members=self.ui.membersCheckBox.checked,
-                uncertainty=self.ui.uncertaintyCheckBox.checked)
-            self.segmentTimer.start()
+            self.startRequest(self.logic.start_segment(self.volumes(), members=self.ui.membersCheckBox.checked,
+                                                       uncertainty=self.ui.uncertaintyCheckBox.checked),
+                              self.onSegmented)
             self.log("segmenting (the backend works; Slicer stays usable)")
 
         self.run(start)
         self.updateButtons()
 
-    def onSegmentPoll(self):
-        pending = self.pendingSegmentation
-        if pending is None or not pending.done():
-            return
-        self.segmentTimer.stop()
-        self.pendingSegmentation = None
-
-        def segment():
-            self.result = self.logic.finish_segment(pending)
-            self.ui.correctionSelector.setCurrentNode(self.result.segmentation)
-            self.onShowMembers(self.ui.showMembersCheckBox.checked)
-            self.onShowDisagreement(self.ui.showDisagreementCheckBox.checked)
-            self.ui.agreementLabel.text = agreement_summary(self.result)
-            self.log(f"segmented {self.result.segmentation.GetName()!r}")
-
-        self.run(segment)
-        self.updateButtons()
+    def onSegmented(self, pending: PendingSegmentation):
+        self.result = self.logic.finish_segment(pending)
+        self.ui.correctionSelector.setCurrentNode(self.result.segmentation)
+        self.onShowMembers(self.ui.showMembersCheckBox.checked)
+        self.onShowDisagreement(self.ui.showDisagreementCheckBox.checked)
+        self.onShow3D(self.ui.show3DCheckBox.checked)
+        self.ui.agreementLabel.text = agreement_summary(self.result)
+        self.log(f"segmented {self.result.segmentation.GetName()!r}")
 
     def onShowMembers(self, show):
         if self.result is not None:
@@ -380,18 +557,40 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.setSliceViewerLayers(background=reference, foreground=self.result.disagreement if show else None,
                                          foregroundOpacity=0.5)
 
+    def onShow3D(self, show):
+        if self.result is not None:
+            self.run(mrml.show_in_3d, self.result.segmentation, bool(show))
+
+    def onCorrect(self):
+        """Opens the Segment Editor on the segmentation to correct, with the volume it was made from as source."""
+        def correct():
+            segmentation = self.ui.correctionSelector.currentNode()
+            if segmentation is None:
+                raise ValueError("select the segmentation to correct")
+            modality = self.result.modality if self.result else list(self.volumes())[0]
+            mrml.edit_in_segment_editor(segmentation, self.volumes()[modality])
+            slicer.util.selectModule("SegmentEditor")
+
+        self.run(correct)
+
     def onSubmitCorrection(self):
+        """Sends the correction from a worker thread; fine-tuning starts once it has arrived."""
         def submit():
             segmentation = self.ui.correctionSelector.currentNode()
             modality = self.result.modality if self.result else list(self.volumes())[0]
             volumes = correction_volumes(self.volumes(), modality, self.ui.pairedCheckBox.checked)
-            case = self.logic.submit_correction(segmentation, volumes, modality)
-            self.log(f"correction of case {case} stored as its final label")
-            self.logic.finetune(max(1, self.ui.epochsSpinBox.value // 4))
-            self.log(f"fine-tuning job {self.logic.job_id} submitted")
-            self.startPolling()
+            self.startRequest(self.logic.start_correction(segmentation, volumes, modality), self.onCorrectionSent)
+            self.log("sending the correction")
 
         self.run(submit)
+        self.updateButtons()
+
+    def onCorrectionSent(self, pending: PendingUpload):
+        case = self.logic.finish_upload(pending)
+        self.log(f"correction of case {case} stored as its final label")
+        self.logic.finetune(max(1, self.ui.epochsSpinBox.value // 4))
+        self.log(f"fine-tuning job {self.logic.job_id} submitted")
+        self.startPolling()
 
     def onSceneClosed(self, *_):
         self.result = None

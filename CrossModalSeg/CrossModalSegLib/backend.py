@@ -9,6 +9,7 @@ import os
 import queue
 import secrets
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -35,9 +36,11 @@ class LocalBackend:
         env = {**os.environ, **self.extra_env, "CROSSMODALSEG_TOKEN": token}
         log = open(self.log_path, "ab")
         try:
+            # On Windows without a console window of its own (Slicer has none to share).
+            flags = subprocess.CREATE_NO_WINDOW if sys.platform == "win32" else 0
             self.process = subprocess.Popen([self.python, "-m", "crossmodalseg.cli", "serve", "--host", "127.0.0.1",
                                              "--port", "0", "--home", str(self.home)], stdout=subprocess.PIPE,
-                                            stderr=log, stdin=subprocess.DEVNULL, env=env)
+                                            stderr=log, stdin=subprocess.DEVNULL, env=env, creationflags=flags)
         except OSError as e:
             raise BackendError(f"cannot start the local backend with {self.python}: {e}") from None
         finally:

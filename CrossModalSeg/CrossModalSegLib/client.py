@@ -7,6 +7,7 @@ import http.client
 import io
 import json
 import mimetypes
+import os
 import shutil
 import urllib.error
 import urllib.parse
@@ -99,6 +100,9 @@ class BackendClient:
         return self.send_json("POST", "/datasets", {"id": dataset_id, "name": name, "labels": labels,
                                                     "modalities": modalities})
 
+    def datasets(self) -> list[dict[str, Any]]:
+        return self.get_json("/datasets")
+
     def dataset(self, dataset_id: str) -> dict[str, Any]:
         return self.get_json(f"/datasets/{_q(dataset_id)}")
 
@@ -139,6 +143,21 @@ class BackendClient:
 
     def model(self, model_id: str) -> dict[str, Any]:
         return self.get_json(f"/models/{_q(model_id)}")
+
+    def export_model(self, model_id: str, path: Path) -> Path:
+        """Saves a model archive (zip of model.json and weights) at `path`, whole or not at all."""
+        content, _ = self._request("GET", f"/models/{_q(model_id)}/archive", transfer=True)
+        path = Path(path)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_bytes(content)
+        os.replace(partial, path)
+        return path
+
+    def import_model(self, path: Path, name: str | None = None) -> dict[str, Any]:
+        """Adds a model archive to the backend (checked there before it is listed); returns the model."""
+        content, _ = self._request("POST", "/models", Path(path).read_bytes(), "application/zip",
+                                   params={"name": name}, transfer=True)
+        return json.loads(content)
 
     def predict(self, model_id: str, images: dict[str, Path], out_dir: Path, members: bool = False,
                 uncertainty: bool = False) -> dict[str, Path]:

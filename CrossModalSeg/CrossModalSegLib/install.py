@@ -14,6 +14,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 SLICER_OWNED = frozenset({"simpleitk", "requests", "numpy"})  # never replaced: Slicer itself depends on them
+SHIPPED_BACKEND = "CrossModalSegBackend"  # the folder the extension's build puts beside the module (CMakeLists.txt)
+
+
+def backend_source(module_dir: Path) -> Path | None:
+    """The crossmodalseg package to install: the copy a built extension ships beside the module, else the
+    repository's backend/ when the module runs from a source checkout; None when neither is there."""
+    for candidate in (Path(module_dir) / SHIPPED_BACKEND, Path(module_dir).parent / "backend"):
+        if (candidate / "pyproject.toml").is_file() and (candidate / "crossmodalseg").is_dir():
+            return candidate
+    return None
 
 
 def read_requirements(path: Path) -> list[str]:

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import scene as mrml
 from .backend import LocalBackend, connect_remote
@@ -50,18 +50,22 @@ class SegmentationResult:
     modality: str = ""
 
 
-@dataclass
-class PendingSegmentation:
-    """A segmentation whose request runs in a worker thread (see CrossModalSegLogic.start_segment)."""
+class BackgroundRequest:
+    """Backend requests that run in a worker thread, so that the GUI thread never waits for the network: poll
+    `done()` (e.g. from a timer), then finish on the thread that owns the scene (MRML nodes are only made there)."""
 
-    model: dict[str, Any]
-    volumes: dict[str, Any]
-    modality: str
-    members: bool
-    uncertainty: bool
     thread: threading.Thread | None = None
-    files: dict[str, Path] = field(default_factory=dict)
     error: BaseException | None = None
+
+    def start(self, work: Callable[[], None], name: str) -> None:
+        def run() -> None:
+            try:
+                work()
+            except BaseException as e:  # noqa: BLE001 - raised again by the finish call, on the scene's thread
+                self.error = e
+
+        self.thread = threading.Thread(target=run, name=name, daemon=True)
+        self.thread.start()
 
     def done(self) -> bool:
         return self.thread is not None and not self.thread.is_alive()
@@ -70,6 +74,41 @@ class PendingSegmentation:
         if self.thread is not None:
             self.thread.join(timeout_s)
         return self.done()
+
+    def result(self) -> None:
+        """Raises the worker's error, if any (call once done)."""
+        if not self.done():
+            raise RuntimeError(f"{type(self).__name__} is still running; finish it once done() is true")
+        if self.error is not None:
+            raise self.error
+
+
+@dataclass
+class PendingSegmentation(BackgroundRequest):
+    """A segmentation request (see CrossModalSegLogic.start_segment)."""
+
+    model: dict[str, Any]
+    volumes: dict[str, Any]
+    modality: str
+    members: bool
+    uncertainty: bool
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class PendingUpload(BackgroundRequest):
+    """The uploads of one case's volumes and labels (see CrossModalSegLogic.start_add_case)."""
+
+    case_id: str
+    volume_key: tuple[str, ...]
+
+
+@dataclass
+class PendingCall(BackgroundRequest):
+    """A backend transfer whose answer is `value` (model export and import)."""
+
+    what: str
+    value: Any = None
 
 
 def safe_id(text: str, fallback: str = "case") -> str:
@@ -81,6 +120,7 @@ def safe_id(text: str, fallback: str = "case") -> str:
 class CrossModalSegLogic:
     def __init__(self, scene, work_dir: str | Path | None = None):
         self.scene = scene
+        self._own_work = work_dir is None
         self.work = Path(work_dir or tempfile.mkdtemp(prefix="crossmodalseg-"))
         self.work.mkdir(parents=True, exist_ok=True)
         self.client: BackendClient | None = None
@@ -96,9 +136,13 @@ class CrossModalSegLogic:
     # ---- backend -------------------------------------------------------------------------------------------
     def start_local_backend(self, python: str | None = None, home: str | Path | None = None,
                             env: dict[str, str] | None = None) -> dict[str, Any]:
-        """Starts `crossmodalseg serve` on 127.0.0.1 (free port, random token) with `python` (default: this one)."""
+        """Starts `crossmodalseg serve` on 127.0.0.1 (free port, random token) with `python` (default: this one).
+        The local backend this logic already runs with the same Python and home is kept, with its jobs."""
+        python, home = python or sys.executable, Path(home or Path.home() / ".crossmodalseg")
+        if self.local is not None and self.local.running() and (self.local.python, self.local.home) == (python, home):
+            return self._backend().info()
         self.stop_backend()
-        self.local = LocalBackend(python or sys.executable, home or Path.home() / ".crossmodalseg", env)
+        self.local = LocalBackend(python, home, env)
         self.client = self.local.start()
         return self.client.info()
 
@@ -106,6 +150,16 @@ class CrossModalSegLogic:
         self.stop_backend()
         self.client = connect_remote(url, token)
         return self.client.info()
+
+    def stopping_loses_work(self) -> bool:
+        """Whether stopping the backend now would stop a job: the local backend (a remote one runs on alone) has a
+        queued or running job."""
+        if self.local is None or not self.local.running() or self.client is None:
+            return False
+        try:
+            return any(j.get("state") in ("queued", "running") for j in self.client.jobs())
+        except BackendError:
+            return False
 
     def stop_backend(self) -> None:
         if self.local is not None:
@@ -127,6 +181,10 @@ class CrossModalSegLogic:
         if len({n.lower() for n in names}) != len(names):
             raise mrml.SceneError(f"{segmentation_node.GetName()!r} has two segments with one name")
         return {"background": 0, **{name: i for i, name in enumerate(names, start=1)}}
+
+    def datasets(self) -> list[dict[str, Any]]:
+        """The backend's datasets (id, name, structures, modalities), to choose from after a restart."""
+        return self._backend().datasets()
 
     def choose_dataset(self, dataset_id: str) -> dict[str, Any]:
         """Works on an existing dataset of the backend from now on (its structures and modalities)."""
@@ -158,9 +216,17 @@ class CrossModalSegLogic:
 
     def add_case(self, volumes: dict[str, Any], segmentations: dict[str, Any] | None = None,
                  case_id: str | None = None) -> str:
-        """Uploads one case: modality -> volume node (co-registered when more than one: a paired case), and
-        optional modality -> segmentation node (exported on that volume's grid, sent as the `final` label)."""
-        client = self._backend()
+        """Uploads one case and waits (see `start_add_case`, which the panel uses); returns the case id."""
+        pending = self.start_add_case(volumes, segmentations, case_id)
+        pending.wait()
+        return self.finish_upload(pending)
+
+    def start_add_case(self, volumes: dict[str, Any], segmentations: dict[str, Any] | None = None,
+                       case_id: str | None = None) -> PendingUpload:
+        """Starts uploading one case: modality -> volume node (co-registered when more than one: a paired case), and
+        optional modality -> segmentation node (exported on that volume's grid, sent as the `final` label). The
+        files are written here (uncompressed: no gzip pass) and sent from a worker thread; returns at once."""
+        self._backend()
         if self.dataset_id is None:
             raise ValueError("choose the dataset first (its structures and modalities)")
         volumes = {m: v for m, v in volumes.items() if v is not None}
@@ -170,24 +236,43 @@ class CrossModalSegLogic:
             if modality not in self.modalities:
                 raise ValueError(f"modality {modality!r} is not in dataset {self.dataset_id!r} "
                                  f"({', '.join(self.modalities)})")
-        case_id = case_id or self._new_case_id(volumes)
+        segmentations = {m: s for m, s in (segmentations or {}).items() if s is not None}
+        for modality in segmentations:
+            if modality not in volumes:
+                raise ValueError(f"a {modality} segmentation needs its {modality} volume in the same case")
+        return self._start_upload(case_id or self._new_case_id(volumes), volumes, segmentations, send_volumes=True)
+
+    def _start_upload(self, case_id: str, volumes: dict[str, Any], segmentations: dict[str, Any],
+                      send_volumes: bool) -> PendingUpload:
+        client, dataset_id, labels = self._backend(), self.dataset_id, self.labels
         folder = Path(tempfile.mkdtemp(prefix=f"upload-{case_id}-", dir=self.work))
-        try:  # the copies of the patient's volumes live only as long as the upload
-            for modality, volume in volumes.items():
-                client.put_image(self.dataset_id, case_id, modality,
-                                 mrml.write_volume(volume, folder / f"{modality}.nrrd", compress=False))
-            for modality, segmentation in (segmentations or {}).items():
-                if segmentation is None:
-                    continue
-                if modality not in volumes:
-                    raise ValueError(f"a {modality} segmentation needs its {modality} volume in the same case")
-                path = mrml.write_segmentation(segmentation, volumes[modality], self.labels,
-                                               folder / f"{modality}_label.nrrd")
-                client.put_label(self.dataset_id, case_id, modality, path, "final")
-        finally:
+        try:  # MRML is read on this thread; the copies of the patient's data live only as long as the upload
+            images = {m: mrml.write_volume(v, folder / f"{m}.nrrd", compress=False)
+                      for m, v in volumes.items()} if send_volumes else {}
+            label_files = {m: mrml.write_segmentation(s, volumes[m], labels, folder / f"{m}_label.nrrd")
+                           for m, s in segmentations.items()}
+        except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
-        self._case_of_volumes[self._volume_key(volumes)] = case_id
-        return case_id
+            raise
+
+        def upload() -> None:
+            try:
+                for modality, path in images.items():
+                    client.put_image(dataset_id, case_id, modality, path)
+                for modality, path in label_files.items():
+                    client.put_label(dataset_id, case_id, modality, path, "final")
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+        pending = PendingUpload(case_id, self._volume_key(volumes))
+        pending.start(upload, f"crossmodalseg-upload-{case_id}")
+        return pending
+
+    def finish_upload(self, pending: PendingUpload) -> str:
+        """The case id of a finished upload (the backend's error, if any, is raised here)."""
+        pending.result()
+        self._case_of_volumes[pending.volume_key] = pending.case_id
+        return pending.case_id
 
     def _new_case_id(self, volumes: dict[str, Any]) -> str:
         existing = {c["id"] for c in self._backend().dataset(self.dataset_id)["cases"]}
@@ -263,6 +348,40 @@ class CrossModalSegLogic:
             if e.status != 404:  # an imported model has no job here, and a dataset may have been deleted
                 raise
         return model
+
+    def start_model_export(self, path: str | Path) -> PendingCall:
+        """Starts saving the current model as a zip archive (model.json and weights) at `path` (.zip added)."""
+        client, model_id = self._backend(), self.model_id
+        if model_id is None:
+            raise ValueError("choose a model to export first")
+        path = Path(path) if Path(path).suffix == ".zip" else Path(str(path) + ".zip")
+        if not path.parent.is_dir():
+            raise ValueError(f"no folder {path.parent} to save the model in")
+        pending = PendingCall(f"export of model {model_id} to {path}")
+
+        def export() -> None:
+            pending.value = client.export_model(model_id, path)
+
+        pending.start(export, "crossmodalseg-export")
+        return pending
+
+    def start_model_import(self, path: str | Path) -> PendingCall:
+        """Starts adding a model archive (as exported) to the backend; `finish_call` gives the new model."""
+        client, path = self._backend(), Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path} is not a file: choose a model archive (.zip) exported by CrossModalSeg")
+        pending = PendingCall(f"import of {path.name}")
+
+        def add() -> None:
+            pending.value = client.import_model(path)
+
+        pending.start(add, "crossmodalseg-import")
+        return pending
+
+    @staticmethod
+    def finish_call(pending: PendingCall) -> Any:
+        pending.result()
+        return pending.value
 
     def resumable_trainings(self) -> list[dict[str, Any]]:
         """Trainings that stopped before their end (interrupted by a restart, cancelled or failed), newest first:
@@ -340,23 +459,17 @@ class CrossModalSegLogic:
             try:
                 pending.files = client.predict(model_id, inputs, folder / "result", members=members,
                                                uncertainty=uncertainty)
-            except BaseException as e:  # noqa: BLE001 - handed to finish_segment, raised on the scene's thread
-                pending.error = e
             finally:  # the copies of the patient's volumes are not kept
                 for path in inputs.values():
                     path.unlink(missing_ok=True)
 
-        pending.thread = threading.Thread(target=predict, name="crossmodalseg-segment", daemon=True)
-        pending.thread.start()
+        pending.start(predict, "crossmodalseg-segment")
         return pending
 
     def finish_segment(self, pending: PendingSegmentation) -> SegmentationResult:
         """The result nodes of a finished `start_segment`: a segmentation node named after the input volume, on its
         grid, beside it in the subject hierarchy, plus the QA nodes asked for; the backend's error, if any."""
-        if not pending.done():
-            raise RuntimeError("the segmentation is still running; call finish_segment once done() is true")
-        if pending.error is not None:
-            raise pending.error
+        pending.result()
         files, labels = pending.files, pending.model["labels"]
         reference = pending.volumes[pending.modality]
         base = reference.GetName()
@@ -379,19 +492,25 @@ class CrossModalSegLogic:
         return result
 
     def submit_correction(self, segmentation_node, volumes: dict[str, Any], modality: str) -> str:
-        """Sends a corrected segmentation of `volumes[modality]` as that case's `final` label (the case is added
-        first when these volumes were never sent); returns the case id."""
+        """Sends a corrected segmentation and waits (see `start_correction`, which the panel uses)."""
+        pending = self.start_correction(segmentation_node, volumes, modality)
+        pending.wait()
+        return self.finish_upload(pending)
+
+    def start_correction(self, segmentation_node, volumes: dict[str, Any], modality: str) -> PendingUpload:
+        """Starts sending a corrected segmentation of `volumes[modality]` as that case's `final` label (the case is
+        added first when these volumes were never sent); `finish_upload` gives the case id."""
         volumes = {m: v for m, v in volumes.items() if v is not None}
         case_id = self._case_of_volumes.get(self._volume_key(volumes))
         if case_id is None:
-            case_id = self.add_case(volumes)
-        path = mrml.write_segmentation(segmentation_node, volumes[modality], self.labels,
-                                       self.work / "upload" / case_id / f"{modality}_label_corrected.nrrd")
-        self._backend().put_label(self.dataset_id, case_id, modality, path, "final")
-        return case_id
+            return self.start_add_case(volumes, {modality: segmentation_node})
+        return self._start_upload(case_id, volumes, {modality: segmentation_node}, send_volumes=False)
 
     def cleanup(self) -> None:
+        """Stops the local backend and deletes the work folder this logic made (results it received included)."""
         self.stop_backend()
+        if self._own_work:
+            shutil.rmtree(self.work, ignore_errors=True)
 
 
 def describe_event(event: dict[str, Any]) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import slicer
@@ -226,6 +227,62 @@ def add_agreement_table(scene, report_path: Path, structures: list[str], name: s
             values.InsertNextValue(float("nan") if value is None else float(value))
         table.AddColumn(values)
     return table
+
+
+def show_in_3d(segmentation_node, show: bool) -> None:
+    """Surfaces of the segments in the 3D view (made once, from the label map), or hidden again."""
+    if show and not segmentation_node.CreateClosedSurfaceRepresentation():
+        raise SceneError(f"could not make 3D surfaces of {segmentation_node.GetName()!r}")
+    display = segmentation_node.GetDisplayNode()
+    if display is not None:
+        display.SetVisibility3D(bool(show))
+
+
+def edit_in_segment_editor(segmentation_node, source_volume) -> Any:
+    """Points the Segment Editor module's parameter node (the scene's "SegmentEditor" singleton) at the segmentation
+    and its source volume, so that the editor opens on them; returns that node."""
+    scene = segmentation_node.GetScene()
+    editor = scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+    if editor is None:
+        editor = slicer.vtkMRMLSegmentEditorNode()
+        editor.SetSingletonTag("SegmentEditor")
+        editor = scene.AddNode(editor)
+    editor.SetAndObserveSegmentationNode(segmentation_node)
+    editor.SetAndObserveSourceVolumeNode(source_volume)
+    return editor
+
+
+PARAMETER_NODE_TAG = "CrossModalSeg"  # the module's parameter node: one per scene, saved with it
+
+
+def parameter_node(scene):
+    """The module's parameter node (a scripted-module node, singleton in the scene)."""
+    node = scene.GetSingletonNode(PARAMETER_NODE_TAG, "vtkMRMLScriptedModuleNode")
+    if node is None:
+        node = slicer.vtkMRMLScriptedModuleNode()
+        node.SetSingletonTag(PARAMETER_NODE_TAG)
+        node.SetModuleName(PARAMETER_NODE_TAG)
+        node = scene.AddNode(node)
+    return node
+
+
+def save_selections(scene, values: dict[str, str], nodes: dict[str, Any]) -> None:
+    """Keeps what the panel has selected (text values and node references) in the parameter node."""
+    node = parameter_node(scene)
+    for name, value in values.items():
+        node.SetParameter(name, value)
+    for role, referenced in nodes.items():
+        node.SetNodeReferenceID(role, referenced.GetID() if referenced is not None else None)
+
+
+def load_selections(scene, names: tuple[str, ...], roles: tuple[str, ...]) -> tuple[dict[str, str], dict[str, Any]]:
+    """The values and node references `save_selections` kept (only those set; nothing when the scene has none)."""
+    node = scene.GetSingletonNode(PARAMETER_NODE_TAG, "vtkMRMLScriptedModuleNode")
+    if node is None:
+        return {}, {}
+    values = {name: node.GetParameter(name) for name in names if node.GetParameter(name)}
+    nodes = {role: node.GetNodeReference(role) for role in roles if node.GetNodeReference(role) is not None}
+    return values, nodes
 
 
 def place_beside(node, reference) -> None:

@@ -160,13 +160,15 @@ def make_qt_module(settings_file: Path) -> types.ModuleType:
 # ---- slicer.app and slicer.ScriptedLoadableModule ---------------------------------------------------------------------
 class Application:
     """`slicer.app`: no main window (so message boxes are logged, as Slicer does without one); the dialogs that
-    ask the user are answered by `answers` (True: OK) and recorded in `asked`."""
+    ask the user are answered by `answers` (True: OK) and recorded in `asked`; modules the panel switches to
+    (`slicer.util.selectModule`) are recorded in `selected_modules`."""
 
     applicationName = "Slicer"
 
     def __init__(self, qapp: QtWidgets.QApplication):
         self.qapp = qapp
         self.asked: list[str] = []
+        self.selected_modules: list[str] = []
 
     def testingEnabled(self) -> bool:
         return False
@@ -238,6 +240,10 @@ def install(scene, module_folder: Path, settings_file: Path) -> Application:
     slicer.ScriptedLoadableModule = slm
     slicer.app = app
     slicer.mrmlScene = scene
+    # What the application's Segmentations module registers at start-up: label map <-> surface conversions.
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+    factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
     for view in ("Red", "Yellow", "Green"):  # what the application's three slice views keep in the scene
         composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
         composite.SetLayoutName(view)
@@ -247,4 +253,9 @@ def install(scene, module_folder: Path, settings_file: Path) -> Application:
         return QtWidgets.QMessageBox.Ok
 
     slicer.util.messageBox = message_box
+
+    def select_module(name: str) -> None:  # the application's module panel, which slicer-core does not have
+        app.selected_modules.append(name)
+
+    slicer.util.selectModule = select_module
     return app

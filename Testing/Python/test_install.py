@@ -8,7 +8,14 @@ from pathlib import Path
 
 import numpy
 
-from CrossModalSegLib.install import install_backend, missing_requirements, read_requirements, torch_installed
+from CrossModalSegLib.install import (
+    SHIPPED_BACKEND,
+    backend_source,
+    install_backend,
+    missing_requirements,
+    read_requirements,
+    torch_installed,
+)
 
 MODULE = Path(__file__).resolve().parents[2] / "CrossModalSeg"
 
@@ -36,3 +43,17 @@ def test_the_modules_requirements_hold_what_the_backend_needs_and_not_the_plotti
     assert {"monai", "safetensors", "fastapi", "uvicorn", "python-multipart"} <= names
     assert "matplotlib" not in names and "torch" not in names and not names & {"numpy", "simpleitk"}
     assert torch_installed()  # here torch is installed: the PyTorch extension's installer is not run
+
+
+def test_the_backend_to_install_is_the_shipped_copy_else_the_source_checkouts(tmp_path: Path):
+    """Issue 12 (10): the backend shipped as a folder named `backend` on Slicer's module path (importable as
+    `backend` by anything). It ships as CrossModalSegBackend; a module run from a checkout uses the repository's."""
+    root = Path(__file__).resolve().parents[2]
+    assert backend_source(root / "CrossModalSeg") == root / "backend"
+    shipped = tmp_path / "modules" / SHIPPED_BACKEND
+    (shipped / "crossmodalseg").mkdir(parents=True)
+    (shipped / "pyproject.toml").write_text("[project]\nname = 'crossmodalseg'\n")
+    assert backend_source(tmp_path / "modules") == shipped
+    assert backend_source(tmp_path / "elsewhere") is None
+    cmake = (root / "CrossModalSeg" / "CMakeLists.txt").read_text()
+    assert f"/{SHIPPED_BACKEND})" in cmake and "/backend)" not in cmake.replace("../backend)", "")

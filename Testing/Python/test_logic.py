@@ -5,6 +5,7 @@ correct -> submit as `final` -> fine-tune -> segment with the new model."""
 from __future__ import annotations
 
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,9 @@ def test_add_cases_train_segment_correct_and_finetune(session, tmp_path: Path):
     corrected_array = sitk.GetArrayFromImage(sitk.ReadImage(str(corrected)))
     assert np.array_equal(corrected_array, exported_on(seg, ct))
     assert np.array_equal(corrected_array == 1, (reference == 1) & (exported_on(seg, ct) == 1))
+    # No copy of the patient's volumes or labels is kept (issue 12): only the backend's results, which the nodes
+    # were loaded from, stay in the work folder until the module closes.
+    assert not list(logic.work.glob("upload*")) and not list(logic.work.rglob("*label*.nrrd"))
 
     logic.finetune(epochs=1, iterations_per_epoch=3)
     tuned = logic.wait(timeout_s=900)
@@ -225,6 +229,65 @@ def test_after_a_restart_the_models_are_listed_chosen_and_a_stopped_training_res
     finished = restarted.wait(timeout_s=900)
     assert finished.state == "succeeded", finished.error
     assert restarted.models()[0]["id"] == restarted.model_id == finished.model
+
+
+@pytest.mark.slow  # trains on the workflow test's dataset
+def test_connecting_again_keeps_the_local_backend_and_its_running_training(session):
+    """Issue 12 (9): *Connect* stopped the local backend, and with it a running training, without asking. Connecting
+    again with the same Python and home keeps the backend and its job; while a job runs, the panel is told that
+    stopping would lose it (and asks)."""
+    logic = session["logic"]
+    url, process = logic.client.url, logic.local.process
+    logic.train("ct", ["mr"], method="mkd", epochs=2, iterations_per_epoch=3, options=TINY["options"])
+    assert logic.stopping_loses_work()
+    assert "mkd" in logic.start_local_backend(home=logic.local.home)["methods"]
+    assert logic.client.url == url and logic.local.process is process and logic.local.running()
+    assert logic.wait(timeout_s=900).state == "succeeded"
+    assert not logic.stopping_loses_work()
+
+
+@pytest.mark.slow  # exports the workflow test's model
+def test_a_model_exported_and_imported_again_segments_the_same(session, tmp_path: Path):
+    """Issue 12 (6): model import/export had no UI. The logic moves the archives in worker threads; the imported
+    copy is a model of its own that segments voxel-for-voxel like the original; a file that is no model archive
+    is refused with the backend's reason."""
+    logic, ct = session["logic"], session["ct"]
+    original = logic.model_id
+    pending = logic.start_model_export(tmp_path / "model")
+    assert pending.wait(300)
+    archive = logic.finish_call(pending)
+    assert archive == tmp_path / "model.zip" and zipfile.is_zipfile(archive)
+    assert not list(tmp_path.glob("*.partial"))
+    pending = logic.start_model_import(archive)
+    assert pending.wait(300)
+    imported = logic.finish_call(pending)
+    assert imported["id"] != original and imported["state"] == "ready" and imported["method"] == "mkd"
+    first = exported_on(logic.segment({"ct": ct}, model_id=original).segmentation, ct)
+    again = exported_on(logic.segment({"ct": ct}, model_id=imported["id"]).segmentation, ct)
+    assert np.array_equal(first, again)
+    not_a_model = tmp_path / "notes.zip"
+    not_a_model.write_bytes(b"this is not a zip archive")
+    pending = logic.start_model_import(not_a_model)
+    assert pending.wait(60)
+    with pytest.raises(BackendError, match="HTTP 4"):
+        logic.finish_call(pending)
+    with pytest.raises(ValueError, match="not a file"):
+        logic.start_model_import(tmp_path / "missing.zip")
+    logic.choose_model(original)
+
+
+def test_the_work_folder_the_logic_made_is_deleted_when_the_module_closes(tmp_path: Path):
+    """Issue 12 (7): temporary copies of patient data were never deleted. The work folder a logic made itself goes
+    at cleanup, with whatever results it received; a folder it was given stays."""
+    logic = CrossModalSegLogic(make_scene())
+    work = logic.work
+    (work / "segment-x" / "result").mkdir(parents=True)
+    (work / "segment-x" / "result" / "segmentation.nrrd").write_bytes(b"result")
+    logic.cleanup()
+    assert not work.exists()
+    given = tmp_path / "mine"
+    CrossModalSegLogic(make_scene(), given).cleanup()
+    assert given.is_dir()
 
 
 def test_the_model_selector_names_method_modalities_dice_and_date():

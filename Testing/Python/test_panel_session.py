@@ -112,7 +112,8 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
     assert ui.modelComboBox.count == 0
 
     # Add the unpaired cases: each volume with its segmentation is its own case.
-    ui.datasetLineEdit.text = "abdomen"
+    assert ui.datasetComboBox.count == 0  # a fresh backend has no dataset yet
+    ui.datasetComboBox.currentText = "abdomen"
     ui.targetModalityLineEdit.text, ui.assistantModalityLineEdit.text = "ct", "mr"
     ui.targetTypeComboBox.currentText, ui.assistantTypeComboBox.currentText = "CT", "MR"
     ui.pairedCheckBox.checked = False
@@ -121,7 +122,10 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
     ui.assistantVolumeSelector.setCurrentNode(panel["mr"])
     ui.assistantSegmentationSelector.setCurrentNode(panel["mr_labels"])
     before = node_ids(scene)
-    ui.addCaseButton.click()
+    ui.addCaseButton.click()  # the files are written here, the uploads run in worker threads
+    assert widget.uploading and not ui.addCaseButton.enabled and not ui.trainButton.enabled
+    stall = pump(app, lambda: not widget.uploading, timeout_s=300, tick_s=0.01)
+    assert stall < 0.1, f"the Qt event loop stalled {stall:.3f} s while the cases were uploaded"
     assert "2 in 'abdomen'" in ui.casesLabel.text, ui.casesLabel.text
     assert node_ids(scene) == before  # uploading leaves nothing behind in the scene
     assert "mkd" in ui.methodHintLabel.text and "unpaired" in ui.methodHintLabel.text
@@ -163,10 +167,23 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
     ui.showMembersCheckBox.checked = True
     assert all(m.GetDisplayNode().GetVisibility() for m in result.members.values())
 
-    # Correct: the segmentation goes back as the CT case's final label and fine-tuning starts by itself.
+    # Show 3D: surfaces of the segments in the 3D view.
+    ui.show3DCheckBox.checked = True
+    assert result.segmentation.GetSegmentation().ContainsRepresentation("Closed surface")
+    assert result.segmentation.GetDisplayNode().GetVisibility3D()
+
+    # Correct: the Segment Editor opens on the result, with the CT as its source volume.
+    assert ui.correctButton.enabled
+    ui.correctButton.click()
+    assert app.selected_modules[-1] == "SegmentEditor"
+    editor = scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+    assert editor.GetSegmentationNode() is result.segmentation and editor.GetSourceVolumeNode() is panel["ct"]
+
+    # Submit: the segmentation goes back as the CT case's final label and fine-tuning starts by itself.
     before_nodes = node_ids(scene)
     ui.submitCorrectionButton.click()
-    assert widget.timer.isActive()
+    pump(app, lambda: not widget.uploading, timeout_s=300)
+    assert widget.timer.isActive()  # fine-tuning, started once the correction arrived
     pump(app, lambda: not widget.timer.isActive(), timeout_s=900)
     assert node_ids(scene) == before_nodes
     assert ui.modelComboBox.count == 2  # the fine-tuned model, chosen
@@ -177,20 +194,46 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
     ui.segmentButton.click()
     pump(app, lambda: widget.pendingSegmentation is None, timeout_s=600)
     assert widget.result.segmentation is not result.segmentation
+
+    # Export the model and import it again: both transfers run off the GUI thread; the copy is listed and chosen.
+    assert ui.exportModelButton.enabled and ui.importModelButton.enabled
+    archive = panel["home"] / "exported.zip"
+    widget.exportModelTo(str(archive))  # what Export... does with the file dialog's answer
+    pump(app, lambda: not widget.pendingRequests, timeout_s=300)
+    assert archive.is_file() and f"model saved to {archive}" in ui.logTextEdit.plainText
+    widget.importModelFrom(str(archive))
+    pump(app, lambda: not widget.pendingRequests, timeout_s=300)
+    imported = widget.logic.model_id
+    assert ui.modelComboBox.count == 3 and imported not in (tuned, None)
+    assert ui.modelComboBox.currentText.startswith("mkd: ct + mr")
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, errors
 
-    # A restarted panel (Slicer closed and opened again): URL and Python come back, the model is listed again.
+    # The user goes back to the fine-tuned model; the parameter node keeps that choice with the scene.
+    widget.ui.modelComboBox.activated.emit(widget.listedModels.index(tuned))
+    assert widget.logic.model_id == tuned
+
+    # A restarted panel (Slicer closed and opened again) on this scene: URL and Python come back from QSettings, the
+    # selections from the parameter node (volumes, dataset, modalities, the model once the backend lists it).
     url, token = widget.logic.client.url, widget.logic.client.token
     again = panel["module"].CrossModalSegWidget()
     again.setup()
     try:
         assert again.ui.pythonLineEdit.text == sys.executable and again.ui.localRadioButton.checked
         assert not again.ui.segmentButton.enabled
+        assert again.ui.targetVolumeSelector.currentNode() is panel["ct"]
+        assert again.ui.assistantVolumeSelector.currentNode() is panel["mr"]
+        assert again.ui.datasetComboBox.currentText == "abdomen" and not again.ui.pairedCheckBox.checked
+        assert (again.ui.targetModalityLineEdit.text, again.ui.assistantModalityLineEdit.text) == ("ct", "mr")
         again.logic.connect(url, token)  # the running backend (a second local one would refuse its home)
+        again.refreshDatasets()
+        assert [again.ui.datasetComboBox.itemText(i) for i in range(again.ui.datasetComboBox.count)] == ["abdomen"]
+        again.ui.datasetComboBox.activated.emit(0)  # the user picks it: Train works on it again
+        assert again.logic.dataset_id == "abdomen" and "2 in 'abdomen'" in again.ui.casesLabel.text
+        assert again.ui.trainButton.enabled
         again.refreshModels()
-        assert again.logic.model_id == tuned and again.logic.dataset_id == "abdomen"
-        again.ui.targetVolumeSelector.setCurrentNode(panel["ct"])
+        assert again.logic.model_id == tuned != imported  # the kept choice, not the newest model
+        assert again.logic.dataset_id == "abdomen" and again.ui.datasetComboBox.currentText == "abdomen"
         again.updateButtons()
         assert again.ui.segmentButton.enabled and again.ui.finetuneButton.enabled
     finally:
