@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"[methods] {name}", file=sys.stderr, flush=True)
         config = TrainConfig(method=method, target=target, assistants=assistants, preset=mode["preset"],
                              epochs=mode["epochs"], iterations_per_epoch=mode["iterations"], device=args.device,
-                             val_every=mode["epochs"], seed=args.seed, hparams=hparams)
+                             val_every=mode["epochs"], seed=args.seed, options=hparams)
         started = time.time()
         model = train(data, work / "models" / f"m{len(results)}", config)
         seconds = time.time() - started

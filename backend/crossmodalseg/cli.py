@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .config import add_train_arguments, train_config_from_args
+from .errors import report_user_errors
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -16,13 +18,6 @@ def _key_value(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     key, value = text.split("=", 1)
     return key.strip(), value.strip()
-
-
-def _parse_option_value(value: str):
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,24 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train (or fine-tune) a model")
     p.add_argument("dataset", type=Path)
-    p.add_argument("--method", default="single")
-    p.add_argument("--target", help="the modality to segment")
-    p.add_argument("--assistant", action="append", default=[], help="assistant modality (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="model folder to write")
-    p.add_argument("--preset", choices=["fast", "full"], default="fast")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=int)
-    budget.add_argument("--minutes", type=float)
-    p.add_argument("--iterations-per-epoch", type=int)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--init-from", type=Path, help="fine-tune from this model folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
-    p.add_argument("--val-every", type=int, default=5, help="epochs between validations")
-    p.add_argument("--val-cases", nargs="+", help="case ids held out for validation")
-    p.add_argument("--option", action="append", type=_key_value, default=[], metavar="NAME=VALUE",
-                   help="method hyper-parameter")
+    add_train_arguments(p)  # one option per field of the typed run configuration (config.TrainConfig)
     p.add_argument("--json-events", action="store_true", help="print progress as JSON lines instead of a bar")
 
     p = sub.add_parser("predict", help="segment one case")
@@ -103,19 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _dispatch(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - user-facing boundary: known errors become one clear line
-        from .errors import user_message
-
-        message = user_message(e)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    return report_user_errors(lambda: _dispatch(args))
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -124,14 +92,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .engine.budget import process_start_time
         from .engine.events import EventLog
-        from .engine.trainer import TrainConfig, train
+        from .engine.trainer import train
 
-        config = TrainConfig(
-            method=args.method, target=args.target or "", assistants=args.assistant, preset=args.preset,
-            epochs=args.epochs, minutes=args.minutes, iterations_per_epoch=args.iterations_per_epoch,
-            device=args.device, seed=args.seed, checkpoint_every=args.checkpoint_every, val_every=args.val_every,
-            val_cases=args.val_cases, hparams={k: _parse_option_value(v) for k, v in args.option},
-            init_from=str(args.init_from) if args.init_from else None)
+        config = train_config_from_args(args)
         # A --minutes budget counts from the process start: imports and preprocessing are part of the run.
         model = train(args.dataset, args.out, config, resume=args.resume, events=EventLog(json_stdout=args.json_events),
                       started_at=process_start_time())

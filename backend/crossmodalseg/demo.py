@@ -56,7 +56,7 @@ def run_demo(out: str | Path, minutes: float = 1.5, device: str = "auto", seed: 
         what = "CT only" if not assistants else f"CT + unpaired MR ({n_mr} MR cases of other patients)"
         say(f"[demo] training `{method}` on {what}, {n_ct} labelled CT cases, up to {minutes:g} min ({device})")
         config = TrainConfig(method=method, target="ct", assistants=assistants, preset="fast", minutes=minutes,
-                             epochs=60, device=device, seed=seed, val_every=4, hparams=options)
+                             device=device, seed=seed, val_every=4, options=options)
         train(train_spec.root, out / name / "model", config, events=events)
         iterations[name] = int(read_model_meta(out / name / "model")["training"]["iterations"])
         say(f"[demo] segmenting the held-out CT cases with `{method}` and scoring them")

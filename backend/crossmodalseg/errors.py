@@ -7,6 +7,8 @@ our own checks of inputs and settings, with a message that says what to do) or o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class UserError(ValueError):
     """An input or setting the user can fix; the message says how."""
@@ -22,3 +24,21 @@ def user_message(error: BaseException) -> str | None:
     if isinstance(error, (UserError, FloatingPointError, FileNotFoundError)):
         return str(error)
     return None
+
+
+def report_user_errors(run: Callable[[], int]) -> int:
+    """Runs a command; a user's error ends it with one `error: ...` line on stderr and exit code 2 (the job
+    runner shows that line as the job's error), a bug keeps its traceback."""
+    import sys
+
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - user-facing boundary: known errors become one clear line
+        message = user_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2

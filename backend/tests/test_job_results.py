@@ -4,6 +4,7 @@ predict job ran came back, with an `original` label and no image, when the job e
 from __future__ import annotations
 
 import shutil
+import time
 
 from crossmodalseg.data.io import Geometry, read_image
 from crossmodalseg.service.jobs import JobRunner
@@ -43,3 +44,25 @@ def test_a_prediction_whose_case_is_there_stores_its_original_label(tmp_path, ph
     job = predict_job_with_its_output(store, phantom_split, trained_single)
     JobRunner(store)._collect(store.job(job))
     assert {(f["kind"], f["tag"]) for f in store.files("d", "c")} == {("image", ""), ("label", "original")}
+
+
+def test_a_job_that_cannot_start_fails_alone_and_the_queue_goes_on(tmp_path):
+    """Issue 11: a stored job that could not be launched (its settings unreadable by this version, its dataset gone)
+    used to stay queued and block every later job. Each now fails with the reason, and the queue goes on."""
+    store = Store(tmp_path / "home")
+    store.create_dataset("d", "d", LABELS, {"ct": "CT"})
+    bad_settings = store.create_job("train", {"dataset": "d", "method": "single", "target": "ct", "epochs": "many"},
+                                    model="m1")
+    gone = store.create_job("train", {"dataset": "deleted", "method": "single", "target": "ct"}, model="m2")
+    runner = JobRunner(store, devices=["cpu"], poll_s=0.05)
+    runner.start()
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and any(store.job(j)["state"] == "queued" for j in (bad_settings, gone)):
+            time.sleep(0.1)
+    finally:
+        runner.stop()
+    first, second = store.job(bad_settings), store.job(gone)
+    assert first["state"] == "failed" and "could not start" in first["error"] and "epochs" in first["error"]
+    assert second["state"] == "failed" and "no dataset 'deleted'" in second["error"]
+    assert store.model("m1")["state"] == "failed"

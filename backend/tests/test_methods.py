@@ -65,7 +65,7 @@ def unpaired(tmp_path_factory):
 def fit(dataset: Path, out: Path, method: str, target: str, assistants: list[str], epochs: int = EPOCHS,
         **hparams) -> Path:
     config = TrainConfig(method=method, target=target, assistants=assistants, epochs=epochs,
-                         iterations_per_epoch=ITERATIONS, device="cpu", val_every=epochs, hparams=hparams)
+                         iterations_per_epoch=ITERATIONS, device="cpu", val_every=epochs, options=hparams)
     return train(dataset, out, config)
 
 
@@ -277,7 +277,7 @@ def test_cmc_consistency_terms_switch_on_after_warm_up(paired_spec: DatasetSpec)
 def test_cli_predict_members_and_uncertainty_for_an_ensemble(paired, tmp_path: Path):
     dataset, test = paired
     config = TrainConfig(method="mkd", target="ct", assistants=["mr"], epochs=1, iterations_per_epoch=2,
-                         device="cpu", hparams={"iam": "none"})
+                         device="cpu", options={"iam": "none"})
     model = train(dataset, tmp_path / "m", config)
     case = test.cases[0]
     run = subprocess.run([sys.executable, "-m", "crossmodalseg.cli", "predict", str(model), "--image",

@@ -345,7 +345,7 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(server: Server, trained
          "background"),
         ("POST", "/datasets", {"json": {"id": "loop", "name": "x", "labels": {"background": 0},
                                         "modalities": {"ct": "CT"}}}, 409, "already exists"),
-        ("POST", "/jobs", {"json": {"kind": "train", "dataset": "loop", "method": "magic", "target": "ct"}}, 400,
+        ("POST", "/jobs", {"json": {"kind": "train", "dataset": "loop", "method": "magic", "target": "ct"}}, 422,
          "unknown method"),
         ("POST", "/jobs", {"json": {"kind": "train", "dataset": "loop", "method": "single", "target": "pet"}}, 400,
          "modality 'pet'"),
@@ -354,12 +354,12 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(server: Server, trained
         # Options must be flat, known and of the right type: refused at submission, never stored (a deeply
         # nested one used to be stored and started, and made every later GET /jobs answer 500).
         ("POST", "/jobs", {"json": {"kind": "train", "dataset": "loop", "method": "single", "target": "ct",
-                                    "options": {"width": nested(300)}}}, 422, "options"),
+                                    "options": {"width": nested(300)}}}, 422, "nested deeper"),
         ("POST", "/jobs", {"json": {"kind": "train", "dataset": "loop", "method": "single", "target": "ct",
-                                    "options": {"depth": 3}}}, 400, "no option 'depth'"),
+                                    "options": {"depth": 3}}}, 422, "no option 'depth'"),
         ("POST", "/jobs", {"json": {"kind": "train", "dataset": "loop", "method": "mkd", "target": "ct",
-                                    "assistants": ["mr"], "options": {"temperature": "hot"}}}, 400,
-         "option 'temperature' must be a number"),
+                                    "assistants": ["mr"], "options": {"temperature": "hot"}}}, 422,
+         "option temperature: Input should be a valid number"),
         ("POST", "/jobs/nope/resume", {}, 404, "no job"),
         ("POST", "/models", {"content": b"PK not really"}, 422, "not a zip"),
         ("POST", "/models", {"content": evil_zip.getvalue()}, 422, "only model.json"),
@@ -378,6 +378,76 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(server: Server, trained
         assert message.lower() in detail.lower(), f"{method} {path}: {detail}"
     assert _state(server) == before
     assert not list((server.home / "tmp").glob("upload.*")), "refused uploads must not leave files behind"
+    for listing in ("/jobs", "/models", "/datasets"):
+        assert client.get(listing).status_code == 200, listing
+
+
+def test_poisoning_requests_are_refused_at_submission_and_the_service_goes_on(server: Server, trained):
+    """Issue 11's poisoning requests: each is a 4xx with a message naming the field when it arrives, nothing is
+    stored, and the listings still answer. Before the typed run configuration, NaN gave 500 (and echoed NaN back),
+    Infinity, both budgets, a typo'd field, a GPU on a CPU server, 64 processes, a NUL in an option and a huge name
+    were accepted (202) and left jobs that never ran or failed in the worker with an argparse dump; an id ending in
+    a newline named a new dataset; a chunked body had no size limit."""
+    client = server.client
+    before = _state(server)
+    train = {"kind": "train", "dataset": "loop", "target": "ct"}
+
+    def raw(body: bytes) -> dict:
+        return {"content": body, "headers": {"content-type": "application/json"}}
+
+    def chunked(total: int):
+        yield b'{"name": "'
+        for _ in range(total // (1 << 16)):
+            yield b"a" * (1 << 16)
+        yield b'", "labels": {"background": 0}, "modalities": {"ct": "CT"}}'
+
+    requests = [
+        ("/jobs", raw(b'{"kind": "train", "dataset": "loop", "target": "ct", "minutes": NaN}'), 422, "NaN"),
+        ("/jobs", raw(b'{"kind": "train", "dataset": "loop", "target": "ct", "minutes": Infinity}'), 422,
+         "Infinity"),
+        ("/jobs", {"json": {**train, "minutes": 1e300}}, 422, "minutes"),
+        ("/jobs", {"json": {**train, "epochs": 1e21}}, 422, "epochs"),
+        ("/jobs", {"json": {**train, "epochs": 2.5}}, 422, "epochs"),
+        ("/jobs", {"json": {**train, "epochs": "2"}}, 422, "epochs"),
+        ("/jobs", {"json": {**train, "epochs": 2, "minutes": 1}}, 422, "not both"),
+        ("/jobs", {"json": {**train, "epoch": 2}}, 422, "epoch: Extra inputs are not permitted"),
+        ("/jobs", {"json": {**train, "device": "cuda"}}, 422, "no GPU"),
+        ("/jobs", {"json": {**train, "device": "tpu"}}, 422, "device"),
+        ("/jobs", {"json": {**train, "processes": 64}}, 422, "processes"),
+        ("/jobs", {"json": {**train, "processes": 0}}, 422, "processes"),
+        ("/jobs", {"json": {**train, "method": "mkd", "assistants": ["mr"], "options": {"iam": "none\x00"}}}, 422,
+         "iam"),
+        ("/jobs", {"json": {**train, "options": {"width": "x" * 200_000}}}, 422, "width"),
+        ("/jobs", {"json": {**train, "options": {"width": 1e9}}}, 422, "width"),
+        ("/jobs", {"json": {**train, "method": "cmc", "assistants": ["mr"],
+                            "options": {"encoder_weights": "/etc/passwd"}}}, 422, "command line"),
+        ("/jobs", {"json": {**train, "name": "n" * 2_000_000}}, 413, "larger than"),
+        ("/jobs", {"json": {**train, "name": "n" * 1_000}}, 422, "at most 200 characters"),
+        ("/jobs", {"json": {**train, "name": "two\nlines"}}, 422, "control characters"),
+        ("/jobs", {"json": {**train, "target": "ct\n"}}, 422, "target"),
+        ("/jobs", {"json": {**train, "assistants": ["ct"]}}, 422, "once"),
+        ("/jobs", {"json": {"kind": "train", "dataset": "loop"}}, 422, "target"),
+        ("/jobs", {"json": {"kind": "evil", "dataset": "loop"}}, 422, "kind"),
+        ("/jobs", raw(b'{"options": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"), 422, "nested deeper"),
+        ("/jobs", {"json": {**train, "options": nested(20)}}, 422, "nested deeper"),
+        ("/jobs", {"json": [train]}, 422, ""),
+        ("/jobs", raw(b'{"kind": "train",'), 422, "JSON"),
+        ("/datasets", {"json": {"id": "abc\n", "name": "x", "labels": {"background": 0},
+                                "modalities": {"ct": "CT"}}}, 422, "id"),
+        ("/datasets", {"json": {"name": "x", "labels": {"background": 0}, "modalities": {"ct": "CT"}, "extra": 1}},
+         422, "extra"),
+        ("/datasets", {"content": chunked(4 << 20), "headers": {"content-type": "application/json"}}, 413,
+         "larger than"),
+    ]
+    for path, kwargs, status, message in requests:
+        r = client.post(path, **kwargs)
+        assert r.status_code == status, f"{path} {str(kwargs)[:120]}: {r.status_code} {r.text[:300]}"
+        detail = r.json()["detail"]
+        assert isinstance(detail, str) and message.lower() in detail.lower(), f"{str(kwargs)[:120]}: {detail}"
+        assert len(r.content) < 10_000, "an error never echoes a large input back"
+    r = client.get("/datasets/abc%0A")  # an id with a newline is no id, also in a path
+    assert r.status_code == 400 and "invalid dataset id" in r.json()["detail"], r.text
+    assert _state(server) == before
     for listing in ("/jobs", "/models", "/datasets"):
         assert client.get(listing).status_code == 200, listing
 
@@ -443,8 +513,17 @@ def test_openapi_schema_lists_every_route_with_its_body(server: Server):
     put_image = schema["paths"]["/datasets/{dataset_id}/cases/{case_id}/images/{modality}"]["put"]
     assert "application/octet-stream" in put_image["requestBody"]["content"]
     assert "multipart/form-data" in schema["paths"]["/predict"]["post"]["requestBody"]["content"]
-    job = schema["components"]["schemas"]["JobIn"]["properties"]
-    assert {"kind", "dataset", "method", "target", "assistants", "processes", "members"} <= set(job)
+    schemas = schema["components"]["schemas"]
+    assert {"kind", "dataset", "method", "target", "assistants", "processes", "options", "minutes"} <= set(
+        schemas["TrainJob"]["properties"])
+    assert {"kind", "dataset", "model", "epochs", "minutes"} <= set(schemas["FinetuneJob"]["properties"])
+    assert {"kind", "model", "dataset", "case", "members"} <= set(schemas["PredictJob"]["properties"])
+    for kind in ("TrainJob", "FinetuneJob", "PredictJob"):  # strict: unknown fields are refused
+        assert schemas[kind]["additionalProperties"] is False, kind
+    # The 4xx answers the app really gives are documented, with their body.
+    for status in ("400", "404", "413", "422", "507"):
+        assert schema["paths"]["/jobs"]["post"]["responses"][status]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorOut"}, status
 
 
 def test_job_errors_and_4xx_messages_never_name_the_servers_folders(server: Server, trained, cases):

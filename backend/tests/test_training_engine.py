@@ -67,7 +67,7 @@ def epochs_of(out: Path) -> list[dict]:
 def test_a_resumed_run_continues_the_uninterrupted_one(tiny: DatasetSpec, tmp_path: Path, method: str,
                                                         assistants: list[str], hparams: dict):
     config = dict(method=method, target="ct", assistants=assistants, epochs=4, iterations_per_epoch=2, device="cpu",
-                  val_every=100, seed=3, hparams=hparams)
+                  val_every=100, seed=3, options=hparams)
     train(tiny.root, tmp_path / "whole", TrainConfig(**config))
     with pytest.raises(KeyboardInterrupt):
         train(tiny.root, tmp_path / "cut", TrainConfig(**config), events=CrashAfterEpoch(2))

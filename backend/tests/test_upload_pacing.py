@@ -1,14 +1,19 @@
-"""A slow client cannot hold an upload open (issue 11: a trickled upload stayed open for minutes). The limits are
-module settings; the tests shrink them so that a stall is seconds long, not half a minute."""
+"""A slow client cannot hold a connection open (issue 11: a trickled upload stayed open for minutes): not with an
+upload body, a JSON body or its request headers. The limits are module settings (the header timeout also an
+environment variable); the tests shrink them so that a stall is seconds long, not half a minute."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 
 import pytest
 
-from crossmodalseg.service import uploads
+from crossmodalseg.service import schemas, uploads
 from crossmodalseg.service.uploads import UploadError, stream_to_file
+
+from .service_harness import Server
 
 
 async def body(pieces: int, pause_s: float, size: int = 1024):
@@ -36,3 +41,61 @@ def test_a_trickled_upload_is_refused_with_408(tmp_path, monkeypatch):
 def test_a_steady_upload_is_kept_whole(tmp_path):
     path = asyncio.run(stream_to_file(body(5, 0.01), tmp_path, 1 << 20))
     assert path.stat().st_size == 5 * 1024
+
+
+def test_a_trickled_json_body_is_refused_with_408(monkeypatch):
+    """The JSON routes' gate (POST /jobs, /datasets) bounds the time of the body too, not only its size."""
+    monkeypatch.setattr(schemas, "JSON_BODY_TIMEOUT_S", 0.3)
+    reached = []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    async def trickle():
+        await asyncio.sleep(0.2)
+        return {"type": "http.request", "body": b"{", "more_body": True}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    gate = schemas.JsonBodyGate(app, {("POST", "/jobs")})
+    asyncio.run(gate({"type": "http", "method": "POST", "path": "/jobs"}, trickle, send))
+    assert sent[0]["status"] == 408 and b"did not arrive" in sent[1]["body"]
+    assert reached == [], "the app never sees a body that did not arrive in time"
+
+
+def test_a_client_trickling_its_request_headers_is_disconnected(tmp_path):
+    """Slowloris: a request head trickled a byte at a time is cut off after the header timeout (1.5 s here), on a
+    new connection and on a kept-alive one; a prompt request on the same server is answered."""
+    server = Server(tmp_path / "home", env={"CROSSMODALSEG_HEADER_TIMEOUT_S": "1.5"}).start()
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+
+        def trickle(sock: socket.socket) -> float:
+            started = time.monotonic()
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            try:
+                for _ in range(40):  # up to 12 s of one header byte every 0.3 s
+                    time.sleep(0.3)
+                    sock.sendall(b"X")
+                    sock.settimeout(0.01)
+                    try:
+                        if sock.recv(1024) == b"":
+                            break
+                    except socket.timeout:
+                        pass
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            return time.monotonic() - started
+
+        with socket.create_connection((host, int(port))) as fresh:
+            assert trickle(fresh) < 4.0
+        with socket.create_connection((host, int(port))) as kept:
+            kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"200 OK" in kept.recv(4096)
+            assert trickle(kept) < 4.0
+        assert server.client.get("/health").status_code == 200
+    finally:
+        server.stop()

@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import UserError
 
 MODALITY_TYPES = ("CT", "MR")
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")  # \Z, not $: "abc\n" is no id
 SPEC_FILE = "dataset.json"
 
 

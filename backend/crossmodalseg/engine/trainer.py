@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import __version__
+from ..config import TrainConfig
 from ..data.check import check_dataset
 from ..data.plan import Plan, make_plan
 from ..data.spec import DatasetError, DatasetSpec, load_spec, write_json_atomic
@@ -65,26 +65,6 @@ POLY_EXPONENT = 0.9
 
 class TrainingError(UserError):
     """Training cannot start or go on; the message says what to change."""
-
-
-@dataclass
-class TrainConfig:
-    method: str = "single"
-    target: str = ""
-    assistants: list[str] = field(default_factory=list)
-    preset: str = "fast"
-    epochs: int | None = None  # default per preset, or unlimited with `minutes`
-    minutes: float | None = None
-    iterations_per_epoch: int | None = None  # default from the plan
-    device: str = "auto"
-    seed: int = 0
-    checkpoint_every: int = 1  # epochs
-    val_every: int = 5  # epochs (and always after the last)
-    val_cases: list[str] | None = None  # default: 20 % of the scorable cases when there are at least 5
-    hparams: dict[str, Any] = field(default_factory=dict)
-    init_from: str | None = None
-    finetune_lr_factor: float = 0.3
-    amp: bool = True
 
 
 def software_versions() -> dict[str, str]:
@@ -259,7 +239,7 @@ class Trainer:
                                  "device": str(self.device), "precision": precision_name(self.amp_dtype),
                                  "world_size": self.dist.world_size, "val_cases": self.val_ids,
                                  "val_on": self.validation.on, "val_description": self.validation.description,
-                                 "val_dice": self.last_dice, "init_from": cfg.init_from, "config": asdict(cfg),
+                                 "val_dice": self.last_dice, "init_from": cfg.init_from, "config": cfg.model_dump(),
                                  "dataset": run["dataset"]},
                     "software": software_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             write_model_folder(self.out, meta, self.method.nets)
@@ -286,11 +266,11 @@ class Trainer:
             if not run_file.exists():
                 raise TrainingError(f"--resume: {self.out} holds no run to resume (no {RUN_FILE})")
             run = json.loads(run_file.read_text())
-            saved = TrainConfig(**run["config"])
+            saved = TrainConfig.parse(run["config"])
             # What defines the model comes from the interrupted run; only the budget and device may change.
-            saved.epochs = self.config.epochs or saved.epochs
-            saved.minutes = self.config.minutes or saved.minutes
-            saved.device = self.config.device
+            budget = ({"epochs": self.config.epochs, "minutes": None} if self.config.epochs else
+                      {"epochs": None, "minutes": self.config.minutes} if self.config.minutes else {})
+            saved = TrainConfig.parse({**saved.model_dump(), **budget, "device": self.config.device})
             self.config = saved
             torch.manual_seed(saved.seed)
             return build_method(run), run, run.get("val_cases", [])
@@ -312,14 +292,14 @@ class Trainer:
         if self.config.iterations_per_epoch:
             plan.iterations_per_epoch = self.config.iterations_per_epoch
         if init_meta is not None:  # the model's own hyper-parameters (its networks depend on them), then overrides
-            self.config.hparams = {**init_meta["method"].get("hparams", {}), **self.config.hparams}
+            self.config.options = {**init_meta["method"].get("hparams", {}), **self.config.options}
         torch.manual_seed(self.config.seed)  # before the networks exist: their initial weights are part of the run
-        method = method_cls(task, plan, self.config.hparams)
+        method = method_cls(task, plan, self.config.options)
         if init_meta is not None:
             load_weights(Path(self.config.init_from), method.nets)
             plan.learning_rate *= self.config.finetune_lr_factor
         run = {"method": method.to_json(), "task": task.to_json(), "plan": plan.to_json(),
-               "config": asdict(self.config), "val_cases": val_ids,
+               "config": self.config.model_dump(), "val_cases": val_ids,
                "dataset": {"name": self.spec.name, "path": str(self.spec.root)}}
         return method, run, val_ids
 

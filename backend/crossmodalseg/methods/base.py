@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..config import ConfigError, MethodOptions, parse
 from ..data.plan import Plan
 from ..data.spec import Case, DatasetSpec, LabelSet
 from ..errors import UserError
@@ -89,43 +90,35 @@ class Stream:
     required: bool = True  # an optional stream (e.g. unlabelled pairs) may be empty
 
 
-_KIND_NAMES = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}
-
-
 class Method(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
-    default_hparams: ClassVar[dict[str, Any]] = {}
+    Options: ClassVar[type[MethodOptions]] = MethodOptions  # the method's typed options, with defaults and ranges
 
     def __init__(self, task: Task, plan: Plan, hparams: Mapping[str, Any] | None = None):
         self.task, self.plan = task, plan
-        self.hparams = {**self.default_hparams, **self.check_options(hparams or {})}
+        self.hparams = self.check_options(hparams or {})
         self.nets: dict[str, nn.Module] = self.build_networks()
         # What training steps call: the networks themselves, or their DDP wrappers under torchrun.
         self.train_nets: dict[str, nn.Module] = dict(self.nets)
 
     @classmethod
-    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
-        """The options with the types of their defaults (an int where a float is expected becomes a float), or a
-        UserError naming each unknown option and each value of the wrong type. The CLI, the service (at
+    def default_options(cls) -> dict[str, Any]:
+        return cls.Options().model_dump()
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], only_given: bool = False) -> dict[str, Any]:
+        """The options typed and range-checked by the method's `Options` (with the defaults filled in, or only
+        those given), or a UserError naming each unknown option and each bad value. The CLI, the service (at
         submission, before a job is stored) and the constructor all pass through here."""
         if not isinstance(options, Mapping):
             raise UserError(f"options of {cls.name!r} must map names to values")
-        problems, out = [], {}
-        for key, value in options.items():
-            if key not in cls.default_hparams:
-                problems.append(f"no option {key!r} (it has: {', '.join(cls.default_hparams) or 'none'})")
-                continue
-            kind = type(cls.default_hparams[key])
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                problems.append(f"option {key!r} must be {_KIND_NAMES.get(kind, kind.__name__)}, got {value!r:.60}")
-                continue
-            out[key] = value
-        if problems:
-            raise UserError(f"method {cls.name!r}: " + "; ".join(problems))
-        return out
+        known = cls.Options.model_fields
+        unknown = [f"no option {key!r}" for key in options if key not in known]
+        if unknown:
+            raise ConfigError(f"method {cls.name!r}: {'; '.join(unknown)} (it has: {', '.join(known) or 'none'})")
+        parsed = parse(cls.Options, dict(options), f"method {cls.name!r}, option ")
+        return parsed.model_dump(include=set(options)) if only_given else parsed.model_dump()
 
     # ---- networks -----------------------------------------------------------------------------------------
     @abstractmethod

@@ -24,10 +24,13 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from ..config import MethodOptions
 from ..data.loaders import batch_seed, patch_stream
 from ..data.spec import DatasetSpec
 from ..data.transforms import labelled_patch_transform, unlabelled_patch_transform
@@ -68,14 +71,16 @@ class CMC(Method):
     name = "cmc"
     description = ("semi-supervised, misalignment-tolerant: two encoder/decoders with channel attention and unified "
                    "fusion, channel-wise semantic consistency and consistency on unlabelled pairs")
-    default_hparams = {
-        "warmup": 0.3,  # supervised-only fraction of training
-        "csc_weight": 0.1,  # NT-Xent over 2C channels is ~log(2C) at start: scaled to the Seg loss's range
-        "cac_weight": 1.0,
-        "temperature": 0.5,
-        "width": 1.0,
-        "encoder_weights": "",  # a local safetensors file with UNet encoder weights (keys "encoder.*")
-    }
+    class Options(MethodOptions):
+        local_files: ClassVar[tuple[str, ...]] = ("encoder_weights",)
+        warmup: float = Field(0.3, ge=0, le=1, description="supervised-only fraction of training")
+        # NT-Xent over 2C channels is ~log(2C) at start: scaled to the Seg loss's range
+        csc_weight: float = Field(0.1, ge=0, le=100, description="channel-wise semantic consistency weight")
+        cac_weight: float = Field(1.0, ge=0, le=100, description="consistency weight on unlabelled pairs")
+        temperature: float = Field(0.5, gt=0, le=100)
+        width: float = Field(1.0, gt=0, le=4, description="channel width factor of each branch")
+        encoder_weights: str = Field("", max_length=4096, description='a local safetensors file with U-Net encoder '
+                                     'weights (keys "encoder.*"); command line only')
 
     def __init__(self, task, plan, hparams=None):
         if len(task.assistants) != 1:

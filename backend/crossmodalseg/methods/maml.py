@@ -14,8 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from ..config import MethodOptions
 from ..data.loaders import patch_stream
 from ..data.spec import DatasetSpec
 from ..data.transforms import labelled_patch_transform
@@ -33,7 +35,11 @@ class MAML(Method):
     name = "maml"
     description = ("paired co-registered modalities: one U-Net per modality, modality-aware fusion, joint mutual "
                    "training; predicts with any subset of modalities")
-    default_hparams = {"width": 0.5, "modality_dropout": 0.0, "kd_weight": 0.0, "temperature": 2.0}
+    class Options(MethodOptions):
+        width: float = Field(0.5, gt=0, le=4, description="channel width factor of each branch's U-Net")
+        modality_dropout: float = Field(0.0, ge=0, le=1, description="probability of dropping one branch per step")
+        kd_weight: float = Field(0.0, ge=0, le=100, description="distillation from the fused head into branches")
+        temperature: float = Field(2.0, gt=0, le=100)
 
     def __init__(self, task, plan, hparams=None):
         if not task.assistants:

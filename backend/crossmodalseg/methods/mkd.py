@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
+from ..config import MethodOptions
 from ..data.loaders import patch_stream
 from ..data.spec import DatasetSpec
 from ..data.transforms import labelled_patch_transform
@@ -33,7 +36,6 @@ from ..nets.translator import Discriminator, Generator, TranslatorConfig
 from ..nets.unet import UNet, UNetConfig
 from .base import Batch, Method, StepContext, Stream
 
-IAM_CHOICES = ("cyclegan", "histogram", "none")
 QUANTILE_LEVELS = 101
 
 
@@ -41,25 +43,25 @@ class MKD(Method):
     name = "mkd"
     description = ("unpaired target + assistant: image alignment module and two segmentors with mutual knowledge "
                    "distillation; ensemble on the target modality")
-    default_hparams = {
-        "iam": "none",  # none | histogram | cyclegan (see the module docstring for why none is the default)
-        "temperature": 2.0,
-        "kd_a2t": 1.0,  # lambda1: KD from seg_assistant into seg_target (0 = ablation "no KD a->t")
-        "kd_t2a": 1.0,  # lambda2: KD from seg_target into seg_assistant (0 = ablation "no KD t->a")
-        "rampup": 0.2,  # fraction of training over which the KD weights ramp up
-        "cycle_weight": 10.0,
-        "translator_filters": 16,
-        "translator_blocks": 3,
-        "gan_learning_rate": 2e-4,
-        "width": 1.0,
-    }
+    class Options(MethodOptions):
+        # see the module docstring for why none is the default
+        iam: Literal["none", "histogram", "cyclegan"] = Field("none", description="the image alignment module")
+        temperature: float = Field(2.0, gt=0, le=100, description="distillation temperature")
+        kd_a2t: float = Field(1.0, ge=0, le=100, description='lambda1: KD from seg_assistant into seg_target '
+                                                              '(0 = ablation "no KD a->t")')
+        kd_t2a: float = Field(1.0, ge=0, le=100, description='lambda2: KD from seg_target into seg_assistant '
+                                                              '(0 = ablation "no KD t->a")')
+        rampup: float = Field(0.2, ge=0, le=1, description="fraction of training over which the KD weights ramp up")
+        cycle_weight: float = Field(10.0, ge=0, le=1000)
+        translator_filters: int = Field(16, ge=1, le=256)
+        translator_blocks: int = Field(3, ge=0, le=32)
+        gan_learning_rate: float = Field(2e-4, gt=0, le=1)
+        width: float = Field(1.0, gt=0, le=4, description="channel width factor of each segmentor")
 
     def __init__(self, task, plan, hparams=None):
         if len(task.assistants) != 1:
             raise UserError("mkd needs exactly one --assistant modality (the unpaired modality that helps)")
         super().__init__(task, plan, hparams)
-        if self.hparams["iam"] not in IAM_CHOICES:
-            raise UserError(f"mkd option iam={self.hparams['iam']!r}; choose one of {', '.join(IAM_CHOICES)}")
 
     @property
     def assistant(self) -> str:

@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from ..config import MethodOptions
 from ..data.loaders import patch_stream
 from ..data.spec import DatasetSpec
 from ..data.transforms import labelled_patch_transform
@@ -20,7 +22,8 @@ from .base import Batch, Method, StepContext, Stream
 class Single(Method):
     name = "single"
     description = "one U-Net on the target modality (assistant modalities, if given, as extra input channels)"
-    default_hparams = {"width": 1.0}
+    class Options(MethodOptions):
+        width: float = Field(1.0, gt=0, le=4, description="channel width factor of the U-Net")
 
     def build_networks(self) -> dict[str, nn.Module]:
         config = UNetConfig.from_plan(self.plan, len(self.input_modalities()), self.task.num_classes,

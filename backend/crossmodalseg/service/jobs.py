@@ -17,9 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import TrainConfig
 from ..data.io import Geometry, read_image
+from ..data.spec import write_json_atomic
 from ..engine.checkpoint import MODEL_FILE, latest_checkpoint, read_model_meta
 from ..engine.events import read_events
+from ..errors import user_message
 from . import processes
 from .store import Conflict, Store, StoredFile
 from .uploads import store_image
@@ -28,6 +31,7 @@ TRAIN_KINDS = ("train", "finetune")
 JOB_KINDS = (*TRAIN_KINDS, "predict")
 FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
 STOP_GRACE_S = 5.0
+WORKER_FILE = "worker.json"  # what the worker runs, as data (service/worker.py)
 
 
 def list_devices() -> list[str]:
@@ -192,7 +196,12 @@ class JobRunner:
             if len(free) < wanted["count"]:
                 continue  # stays queued until enough devices are free
             devices = free[: wanted["count"]]
-            self._launch(job, devices)
+            try:
+                self._launch(job, devices)
+            except Exception as e:  # noqa: BLE001 - a job that cannot start fails alone; the queue goes on
+                self.procs.pop(job["id"], None)
+                self._finish(job["id"], "failed", error=f"the job could not start: {user_message(e) or repr(e)}")
+                continue
             busy.update(devices)
 
     def _wanted(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -206,7 +215,8 @@ class JobRunner:
     def _launch(self, job: dict[str, Any], devices: list[str]) -> None:
         folder = self.store.job_folder(job["id"])
         folder.mkdir(parents=True, exist_ok=True)
-        runner, args = self._command(job, folder)
+        job_file = folder / WORKER_FILE
+        write_json_atomic(job_file, self._worker_job(job, folder))
         env = dict(os.environ)
         cuda = [d.split(":")[1] for d in devices if d.startswith("cuda")]
         env["CUDA_VISIBLE_DEVICES"] = ",".join(cuda)  # "" hides every GPU from a CPU job
@@ -214,48 +224,31 @@ class JobRunner:
         env.setdefault("PYTHONUNBUFFERED", "1")
         append_event(folder / "events.jsonl", "started", devices=devices)
         with open(folder / "events.jsonl", "ab") as stdout, open(folder / "worker.log", "ab") as stderr:
-            proc = processes.spawn([sys.executable, "-m", "crossmodalseg.service.worker", str(os.getpid()), runner,
-                                    *args], stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=env,
+            proc = processes.spawn([sys.executable, "-m", "crossmodalseg.service.worker", str(os.getpid()),
+                                    str(job_file)], stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=env,
                                    cwd=folder)
         self.procs[job["id"]] = proc
         self.store.update_job(job["id"], state="running", started=time.time(), pgid=proc.pid, devices=devices)
 
-    def _command(self, job: dict[str, Any], folder: Path) -> tuple[str, list[str]]:
+    def _worker_job(self, job: dict[str, Any], folder: Path) -> dict[str, Any]:
+        """What the worker runs, as data: the typed run configuration for a training (the same TrainConfig the CLI
+        builds from its options), the inputs and outputs for a prediction."""
         p = job["params"]
         device = "cpu" if not any(d.startswith("cuda") for d in self.devices) else p.get("device", "auto")
         if job["kind"] == "predict":
-            out = folder / "output"
-            args = ["predict", str(self.store.model_folder(p["model"])), "--out", str(out), "--format", "nrrd",
-                    "--device", device]
-            for modality, path in p["images"].items():
-                args += ["--image", f"{modality}={path}"]
-            args += ["--members"] * bool(p.get("members")) + ["--uncertainty"] * bool(p.get("uncertainty"))
-            return "cli", args
-        model_dir = self.store.model_folder(job["model"])
-        if job["resume"]:
-            args = ["train", str(folder / "dataset"), "--out", str(model_dir), "--resume", "--device", device]
-            if p.get("epochs"):
-                args += ["--epochs", str(p["epochs"])]
+            return {"kind": "predict", "model": str(self.store.model_folder(p["model"])), "images": p["images"],
+                    "out": str(folder / "output"), "members": bool(p.get("members")),
+                    "uncertainty": bool(p.get("uncertainty")), "device": device}
+        if job["resume"]:  # the interrupted run's own settings (run.json); only the budget and device may change
+            config = TrainConfig.parse({"epochs": p.get("epochs"), "device": device})
         else:
             self.store.training_spec(p["dataset"], folder / "dataset")
-            args = ["train", str(folder / "dataset"), "--method", p["method"], "--target", p["target"],
-                    "--out", str(model_dir), "--preset", p.get("preset", "fast"), "--device", device,
-                    "--seed", str(p.get("seed", 0)), "--checkpoint-every", str(p.get("checkpoint_every", 1)),
-                    "--val-every", str(p.get("val_every", 5))]
-            for a in p.get("assistants", []):
-                args += ["--assistant", a]
-            for flag in ("epochs", "minutes", "iterations_per_epoch"):
-                if p.get(flag) is not None:
-                    args += [f"--{flag.replace('_', '-')}", str(p[flag])]
-            for k, v in (p.get("options") or {}).items():
-                args += ["--option", f"{k}={json.dumps(v)}"]
-            if job["kind"] == "finetune":
-                args += ["--init-from", str(self.store.model_folder(p["base_model"]))]
-        args.append("--json-events")
-        processes = int(p.get("processes", 1))
-        if processes > 1:
-            return "torchrun", ["--standalone", f"--nproc_per_node={processes}", "-m", "crossmodalseg.cli", *args]
-        return "cli", args
+            config = TrainConfig.parse({**{k: v for k, v in p.items() if k in TrainConfig.model_fields},
+                                        "device": device, "init_from": str(self.store.model_folder(p["base_model"]))
+                                        if job["kind"] == "finetune" else None})
+        return {"kind": "train", "dataset": str(folder / "dataset"), "out": str(self.store.model_folder(job["model"])),
+                "resume": bool(job["resume"]), "processes": int(p.get("processes", 1)),
+                "config": config.model_dump(mode="json")}
 
     def _collect(self, job: dict[str, Any]) -> dict[str, Any]:
         """Registers what a finished worker made: a model, or label maps on the case it segmented."""

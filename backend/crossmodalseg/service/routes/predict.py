@@ -1,0 +1,80 @@
+"""Synchronous prediction of one case: images in (multipart), a zip of the label maps out."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from starlette.background import BackgroundTask
+
+from ...errors import UserError
+from ..predictor_pool import predict_in_worker
+from ..store import check_id
+from ..uploads import UploadError, load_checked, receive
+from .common import Service, download
+
+PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["model"],
+    "properties": {"model": {"type": "string"}, "members": {"type": "boolean"}, "uncertainty": {"type": "boolean"}},
+    "additionalProperties": {"type": "string", "format": "binary", "description": "one image per modality"}}}}}}
+
+
+def predict_router(svc: Service) -> APIRouter:
+    router = APIRouter(tags=["predict"])
+    store, pool, max_upload_bytes = svc.store, svc.pool, svc.max_upload_bytes
+
+    @router.post("/predict", openapi_extra=PREDICT_BODY, **download("application/zip", "the prediction as a zip"))
+    async def predict(request: Request) -> FileResponse:
+        """multipart/form-data: `model` (id), one file field per modality (e.g. `ct`), optional `members` and
+        `uncertainty` ("true"). Answers a zip: segmentation.nrrd (label values of the model's labels, on the grid
+        of the target image, or of the first given), member label maps, the disagreement map, segmentation.json."""
+        if "content-length" not in request.headers:
+            raise UploadError("send the Content-Length header with the images", 411)
+        form = await request.form(max_files=16, max_fields=16)
+        model_id = check_id(str(form.get("model") or ""), "model id")
+        model = store.ready_model(model_id)
+        wanted = model["meta"]["task"]["modalities"]
+        work = Path(tempfile.mkdtemp(dir=store.home / "tmp", prefix="predict-"))
+        try:
+            images: dict[str, str] = {}
+            for key, value in form.multi_items():
+                if key in ("model", "members", "uncertainty"):
+                    continue
+                if not hasattr(value, "read"):
+                    raise UserError(f"form field {key!r}: expected an image file for modality {key!r}")
+                if key not in wanted:
+                    raise UserError(f"this model uses modalities {', '.join(wanted)}; {key!r} is not one of them")
+                tmp = await receive(_chunks(value), work, max_upload_bytes)
+                await run_in_threadpool(load_checked, tmp, "image")
+                images[key] = str(tmp)
+            if not images:
+                raise UserError(f"no image given: add a file field named after a modality ({', '.join(wanted)})")
+            flag = lambda k: str(form.get(k, "")).lower() in ("1", "true", "yes")  # noqa: E731
+            outputs = await pool.run(predict_in_worker, str(store.model_folder(model_id)), images, str(work / "out"),
+                                     flag("members"), flag("uncertainty"), "auto")
+            archive = work / "prediction.zip"
+            with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+                for path in outputs.values():
+                    z.write(path, Path(path).name)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        finally:
+            await form.close()
+        return FileResponse(archive, media_type="application/zip", filename="prediction.zip",
+                            background=BackgroundTask(shutil.rmtree, work, True))
+
+    return router
+
+
+async def _chunks(upload, size: int = 1 << 20):
+    while True:
+        chunk = await upload.read(size)
+        if not chunk:
+            return
+        yield chunk
