@@ -40,12 +40,14 @@ from CrossModalSegLib.logic import (
     correction_volumes,
     model_title,
     poll_interval_ms,
+    training_budget,
 )
 from CrossModalSegLib.logic import CrossModalSegLogic as WorkflowLogic
 from CrossModalSegLib.scene import SceneError
 
 METHOD_CHOICES = ["auto", "single", "mkd", "maml", "cmc"]  # order of the method combo box
 REQUEST_POLL_MS = 200
+FINETUNE_SHARE = 0.25  # of the panel's training budget: a correction refines a model, it does not retrain it
 SETTINGS = "CrossModalSeg/"  # QSettings keys: what the user typed to reach the backend (never the token)
 
 
@@ -267,7 +269,7 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainButton.enabled = (connected and not busy and not uploading
                                        and self.logic.dataset_id is not None)
         self.ui.finetuneButton.enabled = has_model and not busy
-        self.ui.cancelButton.enabled = busy
+        self.ui.cancelButton.enabled = busy or self.pendingSegmentation is not None
         self.ui.resumeButton.enabled = connected and not busy
         self.ui.modelComboBox.enabled = connected and not busy
         self.ui.exportModelButton.enabled = has_model
@@ -459,18 +461,35 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             target, *assistants = list(self.modalities())
             method = method_choice(self.ui.methodComboBox.currentIndex)
             job = self.logic.train(target, assistants, method=None if method == "auto" else method,
-                                   preset=self.ui.presetComboBox.currentText, epochs=self.ui.epochsSpinBox.value)
+                                   preset=self.ui.presetComboBox.currentText, device=self.ui.deviceComboBox.currentText,
+                                   **self.budget())
             self.log(f"training job {job} submitted")
             self.startPolling()
 
         self.run(train)
 
+    def budget(self, share: float = 1.0) -> dict:
+        """The training budget the panel asks for (minutes when set, else epochs); fine-tuning gets a quarter."""
+        return training_budget(self.ui.epochsSpinBox.value, self.ui.minutesSpinBox.value, share)
+
+    def finetune(self) -> str:
+        return self.logic.finetune(device=self.ui.deviceComboBox.currentText, **self.budget(FINETUNE_SHARE))
+
     def onFinetune(self):
-        if self.run(self.logic.finetune, max(1, self.ui.epochsSpinBox.value // 4)) is not None:
+        if self.run(self.finetune) is not None:
             self.log(f"fine-tuning job {self.logic.job_id} submitted")
             self.startPolling()
 
     def onCancel(self):
+        """Cancels the running segmentation if there is one (the panel stops waiting for it and discards its
+        result), else the training job (the backend stops it)."""
+        pending = self.pendingSegmentation
+        if pending is not None:
+            pending.cancel()
+            self.pendingRequests = [(r, finish) for r, finish in self.pendingRequests if r is not pending]
+            self.log("segmentation cancelled: its result will be discarded")
+            self.updateButtons()
+            return
         self.run(self.logic.cancel)
 
     def onResume(self):
@@ -543,6 +562,11 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onShowDisagreement(self.ui.showDisagreementCheckBox.checked)
         self.onShow3D(self.ui.show3DCheckBox.checked)
         self.ui.agreementLabel.text = agreement_summary(self.result)
+        if self.result.agreement_table is not None:  # asked for with "Disagreement map": shown in a table view
+            layout = slicer.app.layoutManager()
+            if layout is not None:  # none when Slicer runs without its main window
+                layout.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+            mrml.show_table(slicer.app.applicationLogic(), self.result.agreement_table)
         self.log(f"segmented {self.result.segmentation.GetName()!r}")
 
     def onShowMembers(self, show):
@@ -588,7 +612,7 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCorrectionSent(self, pending: PendingUpload):
         case = self.logic.finish_upload(pending)
         self.log(f"correction of case {case} stored as its final label")
-        self.logic.finetune(max(1, self.ui.epochsSpinBox.value // 4))
+        self.finetune()
         self.log(f"fine-tuning job {self.logic.job_id} submitted")
         self.startPolling()
 
@@ -622,17 +646,22 @@ def agreement_summary(result) -> str:
 class CrossModalSegTest(ScriptedLoadableModuleTest):
     """Runs inside the Slicer application (Developer mode > Reload and Test, or
     `Slicer --testing --python-code "import CrossModalSeg; CrossModalSeg.CrossModalSegTest().runTest()"`).
-    Downloads the CTChest sample, draws a threshold segmentation of the lungs as its label, starts the local backend
-    with Slicer's Python, trains a tiny model, segments, and checks the result's segments and grid."""
+    Skips, saying why, while the backend is not installed. Otherwise downloads the CTChest sample, draws a threshold
+    segmentation of the lungs as its label, and drives the module's panel through a session (`panel_self_test`:
+    a local backend in a temporary home, add the case, train a tiny model, segment) the way a user clicks it."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_train_and_segment_sample_ct()
+        missing = backend_missing()
+        if missing:
+            self.delayDisplay(f"CrossModalSeg self-test skipped: {missing}", msec=3000)
+            return
+        self.test_panel_session_on_sample_ct()
 
-    def test_train_and_segment_sample_ct(self):
+    def test_panel_session_on_sample_ct(self):
         import numpy as np
         import SampleData
 
@@ -644,25 +673,71 @@ class CrossModalSegTest(ScriptedLoadableModuleTest):
         labels.SetReferenceImageGeometryParameterFromVolumeNode(ct)
         segment_id = labels.GetSegmentation().AddEmptySegment("lungs", "lungs")
         slicer.util.updateSegmentBinaryLabelmapFromArray(lungs, labels, segment_id, ct)
-
-        logic = CrossModalSegLogic()
-        python = sys.executable.replace("SlicerApp-real", "PythonSlicer")
-        logic.start_local_backend(python=python, home=Path(slicer.app.temporaryPath) / "CrossModalSegTest")
-        try:
-            logic.use_dataset("selftest", logic.labels_from_segmentation(labels), {"ct": "CT"})
-            logic.add_case({"ct": ct}, {"ct": labels})
-            self.delayDisplay("Training a tiny model")
-            logic.train("ct", epochs=2, iterations_per_epoch=5)
-            progress = logic.wait(timeout_s=1800)
-            self.assertEqual(progress.state, "succeeded", progress.error)
-            result = logic.segment({"ct": ct}, uncertainty=True)
-            segmentation = result.segmentation
-            self.assertEqual(segmentation.GetName(), "CTChest segmentation")
-            self.assertEqual(segmentation.GetSegmentation().GetNthSegment(0).GetName(), "lungs")
-            exported = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-            slicer.modules.segmentations.logic().ExportVisibleSegmentsToLabelmapNode(segmentation, exported, ct)
-            self.assertEqual(exported.GetImageData().GetDimensions(), ct.GetImageData().GetDimensions())
-        finally:
-            logic.cleanup()
+        slicer.util.selectModule("CrossModalSeg")
+        widget = slicer.modules.crossmodalseg.widgetRepresentation().self()
+        self.delayDisplay("Training a tiny model and segmenting (minutes on a CPU)")
+        panel_self_test(widget, ct, labels, Path(slicer.app.temporaryPath) / "CrossModalSegTest",
+                        sys.executable.replace("SlicerApp-real", "PythonSlicer"))
         self.delayDisplay("CrossModalSeg self-test passed")
 
+
+def backend_missing() -> str | None:
+    """Why the backend cannot run in Slicer's Python (what to do about it), or None when it can."""
+    import importlib.util
+
+    requirements = read_requirements(Path(__file__).parent / "Resources" / "requirements.txt")
+    missing = missing_requirements(requirements)
+    if not torch_installed() or missing or importlib.util.find_spec("crossmodalseg") is None:
+        return ("the backend is not installed in Slicer's Python; open the CrossModalSeg module and click "
+                "'Install backend' (missing: " + ", ".join((["torch"] if not torch_installed() else []) + missing
+                                                          or ["crossmodalseg"]) + ")")
+    return None
+
+
+def panel_self_test(widget, volume, segmentation, home: Path, python: str, timeout_s: float = 1800) -> None:
+    """A whole session on the module's panel, as a user clicks it: a local backend in `home`, `volume` with its
+    `segmentation` added as a CT case, a tiny `single` model trained with the progress timer, then *Segment*, whose
+    result must have the structures and the volume's grid. Raises AssertionError naming the step that failed."""
+    import time
+
+    def wait_until(done, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"self-test: {what} did not finish within {timeout_s:.0f} s")
+            slicer.app.processEvents()
+            time.sleep(0.05)
+
+    ui = widget.ui
+    widget.logic.start_local_backend(python=python, home=home)  # a home of its own: the user's data stay apart
+    ui.localRadioButton.checked = True
+    ui.pythonLineEdit.text = python
+    ui.connectButton.click()  # keeps that backend (same Python) and fills the panel from it
+    assert ui.backendStatusLabel.text.startswith("connected"), f"self-test: connect: {ui.backendStatusLabel.text}"
+    ui.datasetComboBox.currentText = "selftest"
+    ui.targetModalityLineEdit.text, ui.targetTypeComboBox.currentText = "ct", "CT"
+    ui.targetVolumeSelector.setCurrentNode(volume)
+    ui.targetSegmentationSelector.setCurrentNode(segmentation)
+    ui.assistantVolumeSelector.setCurrentNode(None)
+    ui.assistantSegmentationSelector.setCurrentNode(None)
+    ui.addCaseButton.click()
+    wait_until(lambda: not widget.uploading, "adding the case")
+    assert widget.logic.dataset_id == "selftest", "self-test: the case was not added (see the module's log)"
+    ui.methodComboBox.currentIndex = METHOD_CHOICES.index("single")
+    ui.epochsSpinBox.value = 2
+    ui.trainButton.click()
+    wait_until(lambda: not widget.timer.isActive(), "training")
+    assert ui.progressBar.value == 100 and widget.logic.model_id, "self-test: training did not succeed (see the log)"
+    ui.segmentButton.click()
+    wait_until(lambda: widget.pendingSegmentation is None, "segmenting")
+    result = widget.result
+    assert result is not None, "self-test: no segmentation came back (see the log)"
+    names = [result.segmentation.GetSegmentation().GetNthSegment(i).GetName()
+             for i in range(result.segmentation.GetSegmentation().GetNumberOfSegments())]
+    expected = [name for name in widget.logic.labels if name != "background"]
+    assert names == expected, f"self-test: segments {names}, expected {expected}"
+    exported = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    slicer.vtkSlicerSegmentationsModuleLogic.ExportVisibleSegmentsToLabelmapNode(result.segmentation, exported, volume)
+    same_grid = exported.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+    slicer.mrmlScene.RemoveNode(exported)
+    assert same_grid, "self-test: the segmentation is not on the volume's grid"

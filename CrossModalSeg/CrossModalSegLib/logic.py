@@ -56,6 +56,12 @@ class BackgroundRequest:
 
     thread: threading.Thread | None = None
     error: BaseException | None = None
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Stops waiting: the result, when it comes, is discarded and leaves nothing behind. (A prediction the
+        backend has started runs to its end there; only its answer is dropped.)"""
+        self.cancelled = True
 
     def start(self, work: Callable[[], None], name: str) -> None:
         def run() -> None:
@@ -136,9 +142,12 @@ class CrossModalSegLogic:
     # ---- backend -------------------------------------------------------------------------------------------
     def start_local_backend(self, python: str | None = None, home: str | Path | None = None,
                             env: dict[str, str] | None = None) -> dict[str, Any]:
-        """Starts `crossmodalseg serve` on 127.0.0.1 (free port, random token) with `python` (default: this one).
-        The local backend this logic already runs with the same Python and home is kept, with its jobs."""
-        python, home = python or sys.executable, Path(home or Path.home() / ".crossmodalseg")
+        """Starts `crossmodalseg serve` on 127.0.0.1 (free port, random token) with `python` (default: this one)
+        in `home` (default: the running local backend's, else ~/.crossmodalseg). The local backend this logic
+        already runs with the same Python and home is kept, with its jobs."""
+        running = self.local is not None and self.local.running()
+        python = python or sys.executable
+        home = Path(home) if home else self.local.home if running else Path.home() / ".crossmodalseg"
         if self.local is not None and self.local.running() and (self.local.python, self.local.home) == (python, home):
             return self._backend().info()
         self.stop_backend()
@@ -318,12 +327,13 @@ class CrossModalSegLogic:
         return self._follow(job)
 
     def finetune(self, epochs: int | None = None, minutes: float | None = None,
-                 iterations_per_epoch: int | None = None) -> str:
+                 iterations_per_epoch: int | None = None, device: str = "auto") -> str:
         """Fine-tunes the current model on the dataset as it is now (with every submitted correction)."""
         if self.model_id is None:
             raise ValueError("no model to fine-tune: train one first (or choose one)")
         job = self._backend().submit_job(kind="finetune", dataset=self.dataset_id, model=self.model_id,
-                                         epochs=epochs, minutes=minutes, iterations_per_epoch=iterations_per_epoch)
+                                         epochs=epochs, minutes=minutes, iterations_per_epoch=iterations_per_epoch,
+                                         device=device)
         return self._follow(job)
 
     def models(self) -> list[dict[str, Any]]:
@@ -457,8 +467,12 @@ class CrossModalSegLogic:
 
         def predict() -> None:
             try:
-                pending.files = client.predict(model_id, inputs, folder / "result", members=members,
-                                               uncertainty=uncertainty)
+                files = client.predict(model_id, inputs, folder / "result", members=members,
+                                       uncertainty=uncertainty)
+                if pending.cancelled:  # nobody will read it: no copy of the patient's segmentation stays
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    pending.files = files
             finally:  # the copies of the patient's volumes are not kept
                 for path in inputs.values():
                     path.unlink(missing_ok=True)
@@ -470,6 +484,8 @@ class CrossModalSegLogic:
         """The result nodes of a finished `start_segment`: a segmentation node named after the input volume, on its
         grid, beside it in the subject hierarchy, plus the QA nodes asked for; the backend's error, if any."""
         pending.result()
+        if pending.cancelled:
+            raise ValueError("this segmentation was cancelled; segment again")
         files, labels = pending.files, pending.model["labels"]
         reference = pending.volumes[pending.modality]
         base = reference.GetName()
@@ -561,6 +577,15 @@ def poll_interval_ms(failures: int) -> int:
     """Time to the next progress poll after `failures` failed polls in a row: 1 s while the backend answers,
     then doubling up to 30 s, so a slow or unreachable backend is not hammered and the panel stays responsive."""
     return min(POLL_MS * 2 ** max(0, failures), POLL_MAX_MS)
+
+
+def training_budget(epochs: int, minutes: int, share: float = 1.0) -> dict[str, Any]:
+    """The budget fields of a training job from the panel: its minutes when set (0 = off), else its epochs; `share`
+    of it (a fine-tuning gets a quarter), at least one epoch or half a minute. One of the two, never both (the
+    backend refuses both)."""
+    if minutes > 0:
+        return {"minutes": max(0.5, minutes * share), "epochs": None}
+    return {"epochs": max(1, int(epochs * share)), "minutes": None}
 
 
 def prediction_inputs(model: dict[str, Any], volumes: dict[str, Any]) -> dict[str, Any]:

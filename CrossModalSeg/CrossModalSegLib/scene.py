@@ -16,6 +16,8 @@ import numpy as np
 import slicer
 import vtk
 
+from .terminology import terminology_entry
+
 # Distinct, colour-blind-friendly segment colours (Okabe-Ito, then Tableau), by structure index.
 PALETTE = [(0.902, 0.624, 0.0), (0.337, 0.706, 0.914), (0.0, 0.620, 0.451), (0.941, 0.894, 0.259),
            (0.0, 0.447, 0.698), (0.835, 0.369, 0.0), (0.800, 0.475, 0.655), (0.737, 0.741, 0.133),
@@ -154,6 +156,9 @@ def add_segmentation(scene, label_path: Path, reference_volume, labels: dict[str
         segment = s.GetSegment(segment_id)
         segment.SetName(structure)
         segment.SetColor(*color)
+        entry = terminology_entry(structure)
+        if entry is not None:  # standard codes where the structure is known (DICOM SEG export, other tools)
+            segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry)
     for stray in imported.values():  # values outside the labels (cannot happen with our backend; be strict)
         s.RemoveSegment(stray)
     _order_segments(segmentation, structures)
@@ -227,6 +232,13 @@ def add_agreement_table(scene, report_path: Path, structures: list[str], name: s
             values.InsertNextValue(float("nan") if value is None else float(value))
         table.AddColumn(values)
     return table
+
+
+def show_table(application_logic, table) -> None:
+    """Makes `table` the one the table views show (the application's selection node; a layout with a table view
+    then shows it)."""
+    application_logic.GetSelectionNode().SetActiveTableID(table.GetID())
+    application_logic.PropagateTableSelection()
 
 
 def show_in_3d(segmentation_node, show: bool) -> None:

@@ -161,14 +161,31 @@ def make_qt_module(settings_file: Path) -> types.ModuleType:
 class Application:
     """`slicer.app`: no main window (so message boxes are logged, as Slicer does without one); the dialogs that
     ask the user are answered by `answers` (True: OK) and recorded in `asked`; modules the panel switches to
-    (`slicer.util.selectModule`) are recorded in `selected_modules`."""
+    (`slicer.util.selectModule`) are recorded in `selected_modules`, layouts it asks for in `layouts`."""
 
     applicationName = "Slicer"
 
-    def __init__(self, qapp: QtWidgets.QApplication):
+    def __init__(self, qapp: QtWidgets.QApplication, scene=None):
+        import slicer
+
         self.qapp = qapp
         self.asked: list[str] = []
         self.selected_modules: list[str] = []
+        # The application logic is MRML (real here: selection node, table propagation); the layout manager is a
+        # Qt widget of the main window, so a recorder of the layouts asked for stands in for it.
+        self._application_logic = slicer.vtkMRMLApplicationLogic()
+        if scene is not None:
+            self._application_logic.SetMRMLScene(scene)
+        self.layouts: list[int] = []
+
+    def applicationLogic(self):
+        return self._application_logic
+
+    def layoutManager(self):
+        return self
+
+    def setLayout(self, layout: int) -> None:  # qSlicerLayoutManager.setLayout
+        self.layouts.append(layout)
 
     def testingEnabled(self) -> bool:
         return False
@@ -233,7 +250,7 @@ def install(scene, module_folder: Path, settings_file: Path) -> Application:
     import slicer.util
 
     qapp = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
-    app = Application(qapp)
+    app = Application(qapp, scene)
     sys.modules["qt"] = make_qt_module(settings_file)
     slm = make_scripted_module_module(module_folder)
     sys.modules["slicer.ScriptedLoadableModule"] = slm

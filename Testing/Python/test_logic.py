@@ -26,6 +26,7 @@ from CrossModalSegLib.logic import (
     prediction_inputs,
     safe_id,
     structures_fit,
+    training_budget,
 )
 
 STRUCTURES = ["liver", "kidney_right", "kidney_left", "spleen"]
@@ -428,3 +429,46 @@ def test_case_ids_are_safe():
     assert safe_id("CT: abdomen/../x") == "CT_abdomen_.._x"
     assert safe_id("///") == "case"
 
+
+
+def test_known_structures_get_standard_terminology_that_slicer_reads(tmp_path: Path):
+    """Segments carry SNOMED CT codes where the structure is known (issue 12), in the entry format Slicer's own
+    terminology logic parses; a structure not known keeps Slicer's default entry."""
+    scene = make_scene()
+    image = sitk.Image(8, 8, 4, sitk.sitkInt16)
+    image.SetSpacing((2.0, 2.0, 3.0))
+    label = sitk.Image(8, 8, 4, sitk.sitkUInt8)
+    label.CopyInformation(image)
+    for value, z in ((1, 0), (2, 1), (3, 2), (4, 3)):
+        label[2:5, 2:5, z] = value
+    sitk.WriteImage(image, str(tmp_path / "image.nrrd"))
+    sitk.WriteImage(label, str(tmp_path / "label.nrrd"))
+    volume = mrml.read_volume(scene, tmp_path / "image.nrrd", "image")
+    labels = {"background": 0, "Liver": 1, "edema": 2, "LV_myo": 3, "blob": 4}
+    segmentation = mrml.add_segmentation(scene, tmp_path / "label.nrrd", volume, labels, "result")
+    s = segmentation.GetSegmentation()
+    tag = slicer.vtkSegment.GetTerminologyEntryTagName()
+    found = {}
+    for i in range(s.GetNumberOfSegments()):
+        segment = s.GetNthSegment(i)
+        entry = vtk.reference("")
+        if segment.GetTag(tag, entry) and "General Anatomy" in str(entry):
+            parsed = slicer.vtkSlicerTerminologyEntry()
+            assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(str(entry), parsed)
+            found[segment.GetName()] = (parsed.GetCategoryObject().GetCodeMeaning(),
+                                        parsed.GetTypeObject().GetCodingSchemeDesignator(),
+                                        parsed.GetTypeObject().GetCodeValue())
+    assert found["Liver"] == ("Anatomical Structure", "SCT", "10200004")
+    assert found["edema"] == ("Morphologically Altered Structure", "SCT", "79654002")
+    assert found["LV_myo"] == ("Anatomical Structure", "SCT", "74281007")
+    assert found["blob"] == ("Tissue", "SCT", "85756007")  # not known here: Slicer's default entry stays
+
+
+def test_the_panel_asks_for_epochs_or_minutes_never_both():
+    """The backend refuses a job with both (issue 11); the panel's minutes, when set, replace its epochs, and a
+    fine-tuning gets a share of either."""
+    assert training_budget(40, 0) == {"epochs": 40, "minutes": None}
+    assert training_budget(40, 10) == {"epochs": None, "minutes": 10}
+    assert training_budget(40, 10, 0.25) == {"epochs": None, "minutes": 2.5}
+    assert training_budget(2, 0, 0.25) == {"epochs": 1, "minutes": None}
+    assert training_budget(40, 1, 0.25) == {"epochs": None, "minutes": 0.5}

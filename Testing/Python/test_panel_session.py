@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+import slicer
 
 from conftest import ROOT, make_scene, shared_data
 
@@ -157,9 +158,36 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
     assert {n.GetID() for n in result.members.values()} <= added
     assert ui.correctionSelector.currentNode() is result.segmentation
     assert ui.agreementLabel.text
+    # The member agreement table is shown in a table view.
+    assert app.layouts[-1] == slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView
+    assert app.applicationLogic().GetSelectionNode().GetActiveTableID() == result.agreement_table.GetID()
     views = [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(3)]
     assert all(v.GetForegroundVolumeID() == result.disagreement.GetID() for v in views)
     assert all(v.GetBackgroundVolumeID() == panel["ct"].GetID() for v in views)
+
+    # Responsiveness on a full-size CT (CHAOS, 512x512x78): the Qt event loop never stalls 100 ms while it is
+    # segmented. (The inputs are written on the GUI thread in the click, the nodes made there at the end.)
+    from CrossModalSegLib import scene as mrml
+
+    chaos = mrml.read_volume(scene, shared_data("chaos_ct_liver") / "chaos_ct_case_liver_image.nii.gz", "CHAOS CT")
+    ui.targetVolumeSelector.setCurrentNode(chaos)
+    ui.membersCheckBox.checked = ui.uncertaintyCheckBox.checked = False
+    started = time.monotonic()
+    ui.segmentButton.click()
+    click_s = time.monotonic() - started
+    stall = pump(app, widget.pendingSegmentation.done, timeout_s=600, tick_s=0.01)
+    finishing = time.monotonic()
+    pump(app, lambda: widget.pendingSegmentation is None, timeout_s=60)
+    print(f"CHAOS CT segmentation in the panel: click {click_s:.2f} s, longest stall while it ran {stall:.3f} s, "
+          f"nodes made in {time.monotonic() - finishing:.2f} s, in all {time.monotonic() - started:.1f} s")
+    assert stall < 0.1, f"the Qt event loop stalled {stall:.3f} s while the CHAOS CT was segmented"
+    assert widget.result.segmentation.GetName() == "CHAOS CT segmentation"
+    for node in (widget.result.segmentation, chaos):
+        scene.RemoveNode(node)
+    widget.result = result  # back to the abdomen CT's result for the steps below
+    ui.correctionSelector.setCurrentNode(result.segmentation)
+    ui.targetVolumeSelector.setCurrentNode(panel["ct"])
+    ui.membersCheckBox.checked = ui.uncertaintyCheckBox.checked = True
 
     # QA toggles: members hidden and shown, the disagreement map over the CT.
     ui.showMembersCheckBox.checked = False
@@ -189,6 +217,21 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
     assert ui.modelComboBox.count == 2  # the fine-tuned model, chosen
     tuned = widget.logic.model_id
     assert widget.listedModels[ui.modelComboBox.currentIndex] == tuned
+
+    # Cancel a segmentation: the panel stops waiting at once, nothing of it reaches the scene or stays on disk.
+    before_nodes = node_ids(scene)
+    folders_before = set(widget.logic.work.glob("segment-*"))
+    ui.segmentButton.click()
+    cancelled = widget.pendingSegmentation
+    assert cancelled is not None and ui.cancelButton.enabled
+    ui.cancelButton.click()
+    assert widget.pendingSegmentation is None and ui.segmentButton.enabled and not ui.cancelButton.enabled
+    assert "segmentation cancelled" in ui.logTextEdit.plainText
+    pump(app, cancelled.done, timeout_s=600)
+    settle = time.monotonic() + 0.5  # a few more timer ticks: the discarded result must stay discarded
+    pump(app, lambda: time.monotonic() > settle, timeout_s=5)
+    assert node_ids(scene) == before_nodes and widget.result.segmentation is result.segmentation
+    assert set(widget.logic.work.glob("segment-*")) == folders_before  # its inputs and result are gone
 
     # Segment again with the fine-tuned model.
     ui.segmentButton.click()
@@ -239,3 +282,118 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
     finally:
         again.logic.client = None  # the backend belongs to the first panel
         again.cleanup()
+
+
+@pytest.mark.slow
+def test_the_in_application_self_test_drives_this_panel_to_a_segmentation(panel, monkeypatch, tmp_path):
+    """`CrossModalSegTest` runs only inside Slicer (it downloads a sample); the session it clicks through,
+    `panel_self_test`, runs here on the same panel, so the self-test a user starts is tested code. Without the
+    backend the self-test skips, saying what to install."""
+    module, widget = panel["module"], panel["widget"]
+    monkeypatch.setenv("HOME", str(panel["home"]))
+    module.panel_self_test(widget, panel["ct"], panel["ct_labels"], tmp_path / "selftest-home", sys.executable,
+                           timeout_s=900)
+    assert widget.logic.local.home == tmp_path / "selftest-home" and widget.logic.dataset_id == "selftest"
+    assert module.backend_missing() is None  # this Python has the backend
+    monkeypatch.setattr(module, "torch_installed", lambda: False)
+    assert "click 'Install backend'" in module.backend_missing()
+
+
+BRATS_LABELS = {"background": 0, "necrosis": 1, "edema": 2, "non-enhancing": 3, "enhancing": 4}
+
+
+@pytest.mark.slow
+def test_a_paired_session_maml_cmc_cancel_resume_and_a_backend_that_dies(panel, monkeypatch, caplog):
+    """The paired paths of issue 12 in the panel, on real co-registered BraTS FLAIR + T1c: two labelled pairs ->
+    MAML is suggested and trained -> segments with both modalities and with T1c missing; an unlabelled pair -> CMC
+    is suggested; its training is cancelled, then resumed, and the backend dies mid-job: the panel says so and stops
+    polling, with no traceback out of a slot. (Runs last: it ends the module's backend.)"""
+    from CrossModalSegLib import scene as mrml
+
+    app, scene, widget, ui, module = (panel["app"], panel["scene"], panel["widget"], panel["widget"].ui,
+                                      panel["module"])
+    monkeypatch.setenv("HOME", str(panel["home"]))
+    caplog.set_level(logging.INFO)
+    folder = shared_data("brats2015_flair_t1c")
+    pairs = []
+    for case in sorted(p for p in folder.iterdir() if p.is_dir())[:3]:
+        flair = mrml.read_volume(scene, case / "Flair_subtrMeanDivStd.nii.gz", f"{case.name} FLAIR")
+        t1c = mrml.read_volume(scene, case / "T1c_subtrMeanDivStd.nii.gz", f"{case.name} T1c")
+        tumour = mrml.add_segmentation(scene, case / "OTMultiClass.nii.gz", flair, BRATS_LABELS,
+                                       f"{case.name} tumour")
+        pairs.append((flair, t1c, tumour))
+
+    ui.localRadioButton.checked = True
+    ui.pythonLineEdit.text = sys.executable
+    ui.connectButton.click()  # keeps the module's running backend, or starts one when this test runs alone
+    assert ui.backendStatusLabel.text.startswith("connected: crossmodalseg"), ui.backendStatusLabel.text
+
+    # Two labelled pairs (same patient, co-registered): one case each, with the tumour drawn on the FLAIR.
+    ui.datasetComboBox.currentText = "brain"
+    ui.targetModalityLineEdit.text, ui.assistantModalityLineEdit.text = "flair", "t1c"
+    ui.targetTypeComboBox.currentText, ui.assistantTypeComboBox.currentText = "MR", "MR"
+    ui.pairedCheckBox.checked = True
+    ui.assistantSegmentationSelector.setCurrentNode(None)
+    ui.methodComboBox.currentIndex = module.METHOD_CHOICES.index("auto")  # the method the data suggest
+
+    def add_pair(flair, t1c, tumour):
+        ui.targetVolumeSelector.setCurrentNode(flair)
+        ui.assistantVolumeSelector.setCurrentNode(t1c)
+        ui.targetSegmentationSelector.setCurrentNode(tumour)
+        ui.addCaseButton.click()
+        pump(app, lambda: not widget.uploading, timeout_s=300)
+
+    before = node_ids(scene)
+    for flair, t1c, tumour in pairs[:2]:
+        add_pair(flair, t1c, tumour)
+    assert "2 in 'brain'" in ui.casesLabel.text, ui.casesLabel.text
+    assert node_ids(scene) == before
+    assert "maml" in ui.methodHintLabel.text and "paired" in ui.methodHintLabel.text
+
+    # MAML, as suggested ("auto"), for 2 short epochs.
+    ui.epochsSpinBox.value = 2
+    ui.trainButton.click()
+    pump(app, lambda: not widget.timer.isActive(), timeout_s=900)
+    assert ui.modelComboBox.currentText.startswith("maml: flair + t1c"), ui.modelComboBox.currentText
+
+    # Segment the first pair with both modalities, then with T1c missing (MAML predicts from what it gets).
+    ui.targetVolumeSelector.setCurrentNode(pairs[0][0])
+    ui.assistantVolumeSelector.setCurrentNode(pairs[0][1])
+    ui.membersCheckBox.checked = ui.uncertaintyCheckBox.checked = True
+    ui.segmentButton.click()
+    pump(app, lambda: widget.pendingSegmentation is None, timeout_s=600)
+    both = widget.result
+    assert set(both.members) >= {"fused", "branch_flair", "branch_t1c"}, set(both.members)
+    assert [both.segmentation.GetSegmentation().GetNthSegment(i).GetName() for i in range(4)] == list(
+        BRATS_LABELS)[1:]
+    ui.assistantVolumeSelector.setCurrentNode(None)
+    ui.segmentButton.click()
+    pump(app, lambda: widget.pendingSegmentation is None, timeout_s=600)
+    assert widget.result is not both and widget.result.modality == "flair"
+
+    # An unlabelled pair: CMC is suggested; its training is cancelled from the panel.
+    ui.targetSegmentationSelector.setCurrentNode(None)
+    add_pair(pairs[2][0], pairs[2][1], None)
+    assert "3 in 'brain'" in ui.casesLabel.text and "cmc" in ui.methodHintLabel.text, ui.methodHintLabel.text
+    ui.epochsSpinBox.value = 40
+    ui.trainButton.click()
+    job = widget.logic.job_id
+    pump(app, lambda: widget.logic.client.job(job)["state"] == "running", timeout_s=300)
+    assert ui.cancelButton.enabled
+    ui.cancelButton.click()
+    pump(app, lambda: not widget.timer.isActive(), timeout_s=120)
+    assert widget.logic.client.job(job)["state"] == "cancelled"
+    assert [j["id"] for j in widget.logic.resumable_trainings()][0] == job and ui.resumeButton.enabled
+
+    # Resume it, then the backend dies mid-job: the panel backs off, then says the backend is lost and stops.
+    monkeypatch.setattr(module, "POLL_GIVE_UP_AFTER", 2)
+    ui.resumeButton.click()  # the stand-in answers the confirmation with OK
+    assert widget.timer.isActive() and widget.logic.job_id == job
+    pump(app, lambda: widget.logic.client.job(job)["state"] == "running", timeout_s=300)
+    caplog.clear()
+    widget.logic.local.process.kill()
+    pump(app, lambda: not widget.timer.isActive(), timeout_s=60)
+    assert "lost the backend" in ui.logTextEdit.plainText
+    assert not ui.cancelButton.enabled
+    tracebacks = [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+    assert not tracebacks, [r.getMessage() for r in tracebacks]
