@@ -12,12 +12,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 
 from .data.spec import ID_PATTERN
 from .errors import UserError
@@ -91,7 +101,22 @@ class MethodOptions(StrictModel):
     local_files: ClassVar[tuple[str, ...]] = ()
 
 
-OptionValue = bool | int | float | Text
+def _option_value(value: Any) -> Any:
+    """A method option's value: a boolean, a finite number or a short printable string (flat: no lists, no
+    objects). Its type and range are the method's to check (`MethodOptions`), with a message naming the option."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("numbers must be finite")
+    if isinstance(value, str):
+        if len(value) > 4096:
+            raise ValueError("at most 4096 characters")
+        return _text(value)
+    if not isinstance(value, (bool, int, float)):
+        raise ValueError("an option is a number, a string or true/false")
+    return value
+
+
+OptionValue = Annotated[Any, AfterValidator(_option_value),
+                        WithJsonSchema({"anyOf": [{"type": "boolean"}, {"type": "number"}, {"type": "string"}]})]
 
 
 class RunBudget(StrictModel):

@@ -66,6 +66,8 @@ def test_a_run_file_of_an_earlier_version_is_still_read():
     ({"method": "mkd", "options": {"iam": "magic"}}, "option iam: Input should be 'none', 'histogram' or 'cyclegan'"),
     ({"method": "maml", "options": {"modality_dropout": True}}, "modality_dropout"),
     ({"epochs": "3"}, "epochs: Input should be a valid integer"),
+    ({"options": {"width": {"x": 1}}}, "options.width: an option is a number, a string or true/false"),
+    ({"options": {"width": float("inf")}}, "options.width: numbers must be finite"),
 ])
 def test_bad_settings_are_refused_naming_the_field(given, message):
     with pytest.raises(ConfigError) as refused:

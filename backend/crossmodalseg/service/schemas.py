@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -87,12 +88,19 @@ def _reject_constant(name: str) -> Any:
     raise JsonBodyError(422, f"{name} is not a JSON number; send finite numbers")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as infinity
+        raise JsonBodyError(422, f"the number {text[:40]} is out of range; send finite numbers")
+    return value
+
+
 def check_json_body(body: bytes) -> None:
     """Refuses what the typed models cannot refuse cleanly: NaN/Infinity literals, nesting deeper than
     MAX_JSON_DEPTH (a deep document costs recursion before any field is checked). Invalid JSON is left to the
     request's validation (422 naming the position)."""
     try:
-        value = json.loads(body, parse_constant=_reject_constant)
+        value = json.loads(body, parse_constant=_reject_constant, parse_float=_finite)
     except RecursionError:
         raise JsonBodyError(422, f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError):
