@@ -204,11 +204,14 @@ class JobRunner:
                 continue
             busy.update(devices)
 
+    def device_type(self, device: str) -> str:
+        """Where a job asking for `device` (auto, cpu, cuda) runs on this server: "cuda" or "cpu"."""
+        gpus_here = any(d.startswith("cuda") for d in self.devices)
+        return "cuda" if device == "cuda" or (device == "auto" and gpus_here) else "cpu"
+
     def _wanted(self, job: dict[str, Any]) -> dict[str, Any]:
         params = job["params"]
-        device = params.get("device", "auto")
-        gpus_here = any(d.startswith("cuda") for d in self.devices)
-        kind = "cuda" if device == "cuda" or (device == "auto" and gpus_here) else "cpu"
+        kind = self.device_type(params.get("device", "auto"))
         count = int(params.get("processes", 1)) if kind == "cuda" else 1
         return {"type": kind, "count": count}
 

@@ -44,7 +44,7 @@ def jobs_router(svc: Service) -> APIRouter:
         gpus = [d for d in runner.devices if d.startswith("cuda")]
         if device == "cuda" and not gpus:
             raise ConfigError("this server has no GPU: use device 'auto' or 'cpu'")
-        on_gpu = device == "cuda" or (device == "auto" and gpus)
+        on_gpu = runner.device_type(device) == "cuda"
         most = len(gpus) if on_gpu else max(2, os.cpu_count() or 1)
         if processes > most:
             raise ConfigError(f"processes: {processes} asked, this server runs at most {most} "
