@@ -15,6 +15,9 @@ the machine's speed hits both; the report gives every time, the median and the s
 each process's peak memory.
 
     python backend/benchmarks/bench_vs_nnunet.py --nnunet-python /tmp/nnenv/bin/python --out nnunet_cpu.json
+
+On a GPU (`--device cuda`) nnU-Net keeps the whole prediction on the device, its fastest path; `--slices 300` tiles
+the CT to 512x512x300. backend/benchmarks/gpu_check.sh runs it that way.
 """
 
 from __future__ import annotations
@@ -63,16 +66,17 @@ def __getattr__(name: str):  # nnU-Net finds the class with pydoc.locate("bench_
 
 
 # ---- the project side ----------------------------------------------------------------------------------------------
-def build_model(folder: Path, seconds: float, preset: str) -> Path:
+def build_model(folder: Path, seconds: float, preset: str, device: str = "cpu", image: Path = IMAGE,
+                label: Path = LABEL) -> Path:
     """A `single` CT model for the CHAOS case, trained briefly (so that both predictors' label maps mean something)."""
     from crossmodalseg.data.spec import Case, DatasetSpec
     from crossmodalseg.engine.trainer import TrainConfig, train
 
     spec = DatasetSpec("chaos", {"background": 0, "liver": 1}, {"ct": "CT"},
-                       [Case("chaos", {"ct": IMAGE}, {"ct": LABEL})], folder / "data")
+                       [Case("chaos", {"ct": image}, {"ct": label})], folder / "data")
     spec.save()
     return train(spec.root, folder / "model", TrainConfig(target="ct", preset=preset, minutes=seconds / 60,
-                                                          device="cpu"))
+                                                          device=device))
 
 
 def nnunet_folder(model: Path, out: Path) -> Path:
@@ -114,43 +118,46 @@ def nnunet_folder(model: Path, out: Path) -> Path:
     return out
 
 
-def project_predictions(model: str, n: int, tta: bool, out: str, precision: str = "auto") -> dict:
+def project_predictions(model: str, n: int, tta: bool, out: str, precision: str = "auto", device: str = "cpu",
+                        image: str = str(IMAGE)) -> dict:
     """In a fresh process: n predictions of the CT, each from the file to the label map written on disk."""
     started = time.perf_counter()
     from crossmodalseg.data.io import write_image
     from crossmodalseg.engine.inferer import Predictor
 
-    predictor = Predictor(model, device="cpu", tta=tta, overlap=0.5, precision=precision)
+    predictor = Predictor(model, device=device, tta=tta, overlap=0.5, precision=precision)
     times = []
     for i in range(n):
         t = time.perf_counter()
-        result = predictor.predict({"ct": IMAGE})
+        result = predictor.predict({"ct": image})
         write_image(result.label, Path(out) / "project.nii.gz")
         times.append(time.perf_counter() - t)
     return {"seconds": times, "startup_s": time.perf_counter() - started - sum(times), "peak_rss_mb": _peak_mb(),
-            "precision": result.info["precision"]}
+            "peak_gpu_mb": _gpu_peak_mb(), "precision": result.info["precision"]}
 
 
-def nnunet_predictions(folder: str, n: int, tta: bool, out: str) -> dict:
+def nnunet_predictions(folder: str, n: int, tta: bool, out: str, device: str = "cpu", image: str = str(IMAGE)) -> dict:
     """In a fresh process of nnU-Net's environment: n predictions through nnUNetPredictor, from the file to the
-    label map written on disk (SimpleITKIO, preprocessing, sliding windows, resampling back, export)."""
+    label map written on disk (SimpleITKIO, preprocessing, sliding windows, resampling back, export). On a GPU it
+    keeps everything on the device (nnU-Net's default there, its fastest path)."""
     started = time.perf_counter()
     import torch
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
-                                perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                                perform_everything_on_device=device == "cuda", device=torch.device(device),
+                                verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(folder, use_folds=(0,), checkpoint_name="checkpoint_final.pth")
     times = []
     for i in range(n):
         t = time.perf_counter()
-        image, properties = SimpleITKIO().read_images([str(IMAGE)])
-        predictor.predict_single_npy_array(image, properties, None, str(Path(out) / "nnunet"), False)
+        array, properties = SimpleITKIO().read_images([image])
+        predictor.predict_single_npy_array(array, properties, None, str(Path(out) / "nnunet"), False)
         times.append(time.perf_counter() - t)
     return {"seconds": times, "startup_s": time.perf_counter() - started - sum(times), "peak_rss_mb": _peak_mb(),
-            "precision": "float32"}
+            "peak_gpu_mb": _gpu_peak_mb(), "precision": "float32"}
 
 
 def write_nnunet_checkpoint(model: str, folder: str) -> None:
@@ -158,7 +165,9 @@ def write_nnunet_checkpoint(model: str, folder: str) -> None:
     import torch
     from safetensors.torch import load_file
 
-    weights = {f"unet.{k}": v for k, v in load_file(str(Path(model) / "unet.safetensors")).items()}
+    # Deep-supervision heads (preset full) only train: the inference network has none, on either side.
+    weights = {f"unet.{k}": v for k, v in load_file(str(Path(model) / "unet.safetensors")).items()
+               if not k.startswith("ds_heads.")}
     (Path(folder) / "fold_0").mkdir(parents=True, exist_ok=True)
     torch.save({"network_weights": weights, "trainer_name": "nnUNetTrainer",
                 "init_args": {"configuration": CONFIGURATION}, "inference_allowed_mirroring_axes": (0, 1, 2)},
@@ -169,9 +178,15 @@ def _peak_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def _gpu_peak_mb() -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_initialized() else None
+
+
 def _in_process(python: str, function: str, *args) -> dict:
     run = subprocess.run([python, __file__, "call", function, json.dumps(list(args))], capture_output=True,
-                         text=True, env={**_env(), "PYTHONPATH": str(HERE)})
+                         text=True, env={**_env(), "PYTHONPATH": _pythonpath()})
     if run.returncode != 0:
         raise RuntimeError(f"{function} failed:\n{run.stderr[-4000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -183,14 +198,21 @@ def _env() -> dict:
     return dict(os.environ)
 
 
-def agreement(out: Path) -> dict:
+def _pythonpath() -> str:
+    """This folder first (nnU-Net finds ProjectNetwork here), then what the caller had (e.g. an uninstalled backend)."""
+    import os
+
+    return os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
+
+
+def agreement(out: Path, image: Path = IMAGE) -> dict:
     """Both label maps on the input's grid, and their Dice on the liver."""
     import numpy as np
     import SimpleITK as sitk
 
     from crossmodalseg.data.io import Geometry, read_image
 
-    source = Geometry.of(read_image(IMAGE))
+    source = Geometry.of(read_image(image))
     a, b = read_image(out / "project.nii.gz"), read_image(out / "nnunet.nii.gz")
     pa, pb = sitk.GetArrayViewFromImage(a) == 1, sitk.GetArrayViewFromImage(b) == 1
     dice = 2 * float(np.logical_and(pa, pb).sum()) / max(float(pa.sum() + pb.sum()), 1.0)
@@ -198,11 +220,30 @@ def agreement(out: Path) -> dict:
             Geometry.of(b).matches(source), "liver_dice_between_them": round(dice, 4)}
 
 
+def machine(device: str) -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "processor": platform.processor(), "torch": torch.__version__}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def read_size(path: Path) -> tuple[int, ...]:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader.GetSize()
+
+
 def summary(runs: list[dict]) -> dict:
     warm = [t for r in runs for t in r["seconds"][1:]] or [t for r in runs for t in r["seconds"]]
     return {"median_s": round(statistics.median(warm), 2), "min_s": round(min(warm), 2), "max_s": round(max(warm), 2),
             "first_prediction_s": [round(r["seconds"][0], 2) for r in runs],
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "precision": runs[0]["precision"]}
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "peak_gpu_mb": runs[0].get("peak_gpu_mb"),
+            "precision": runs[0]["precision"]}
 
 
 def main() -> None:
@@ -215,12 +256,19 @@ def main() -> None:
     parser.add_argument("--tta", action="store_true", help="mirroring on both sides (8 flips)")
     parser.add_argument("--project-precision", default="auto", choices=["auto", "float32"],
                         help="auto: bf16 autocast where the CPU computes bf16 natively (nnU-Net runs float32)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="both predictors on this device")
+    parser.add_argument("--slices", type=int, help="tile the CT along z to this many slices (e.g. 300)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="cms-vs-nnunet-") as tmp:
         work = Path(tmp)
-        model = build_model(work, args.train_seconds, args.preset)
+        image, label = IMAGE, LABEL
+        if args.slices:
+            from bench_engine import tile_slices
+
+            image, label = tile_slices(IMAGE, LABEL, args.slices, work / "tiled")
+        model = build_model(work, args.train_seconds, args.preset, args.device, image, label)
         folder = nnunet_folder(model, work / "nnunet" / f"nnUNetTrainer__nnUNetPlans__{CONFIGURATION}")
         _in_process(args.nnunet_python, "write_nnunet_checkpoint", str(model), str(folder))
         runs: dict[str, list[dict]] = {"project": [], "nnunet": []}
@@ -229,18 +277,20 @@ def main() -> None:
             for side in order:
                 if side == "project":
                     runs[side].append(_in_process(sys.executable, "project_predictions", str(model),
-                                                  args.predictions, args.tta, str(work), args.project_precision))
+                                                  args.predictions, args.tta, str(work), args.project_precision,
+                                                  args.device, str(image)))
                 else:
                     runs[side].append(_in_process(args.nnunet_python, "nnunet_predictions", str(folder),
-                                                  args.predictions, args.tta, str(work)))
+                                                  args.predictions, args.tta, str(work), args.device, str(image)))
                 print(side, runs[side][-1], flush=True)
-        result = {"what": "CHAOS CT 512x512x78 through each predictor, identical network and weights, CPU",
+        size = "x".join(str(v) for v in read_size(image))
+        result = {"what": f"CHAOS CT {size} through each predictor, identical network and weights, {args.device}",
                   "command": " ".join(sys.argv), "preset": args.preset, "tta": args.tta,
                   "model_plan": {k: json.loads((model / "model.json").read_text())["plan"][k]
                                  for k in ("spacing", "patch_size", "strides", "filters")},
-                  "machine": {"python": platform.python_version(), "processor": platform.processor()},
+                  "machine": machine(args.device),
                   "project": summary(runs["project"]), "nnunet": summary(runs["nnunet"]),
-                  "outputs": agreement(work), "runs": runs}
+                  "outputs": agreement(work, image), "runs": runs}
         result["speedup"] = round(result["nnunet"]["median_s"] / result["project"]["median_s"], 2)
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("project", "nnunet", "speedup", "outputs")}, indent=1))
