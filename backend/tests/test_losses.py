@@ -321,3 +321,28 @@ def test_cycle_loss_is_l1():
     assert value.item() == pytest.approx((0.5 + 0.0 + 1.0 + 2.0) / 4)
     assert value.requires_grad
     assert cycle_loss(original, original).item() == 0.0
+
+
+def test_member_disagreement_is_the_mutual_information_of_the_members():
+    """The disagreement map against values computed independently (SciPy's entropy, natural log): H(mean p) minus
+    the mean of the members' H(p), per voxel."""
+    from scipy.stats import entropy
+
+    from crossmodalseg.engine.inferer import mutual_information
+
+    voxels = [  # members' class probabilities at one voxel
+        ([1.0, 0.0], [0.0, 1.0]),  # certain and opposite: ln 2
+        ([0.9, 0.1], [0.5, 0.5]),
+        ([0.2, 0.3, 0.5], [0.2, 0.3, 0.5]),  # identical: 0 however uncertain
+        ([0.7, 0.2, 0.1], [0.1, 0.2, 0.7], [1 / 3, 1 / 3, 1 / 3]),
+    ]
+    for members in voxels:
+        probs = [torch.tensor(p, dtype=torch.float64).reshape(-1, 1, 1, 1) for p in members]
+        expected = entropy(np.mean(members, axis=0)) - np.mean([entropy(p) for p in members])
+        got = float(mutual_information(probs).squeeze())
+        assert got == pytest.approx(expected, abs=1e-6), (members, got, expected)
+    assert float(mutual_information([torch.tensor([1.0, 0.0]).reshape(2, 1, 1, 1),
+                                     torch.tensor([0.0, 1.0]).reshape(2, 1, 1, 1)]).squeeze()) == pytest.approx(
+        np.log(2), abs=1e-6)
+    volume = [torch.softmax(torch.randn(3, 4, 5, 6), 0) for _ in range(2)]
+    assert mutual_information(volume).shape == (4, 5, 6)

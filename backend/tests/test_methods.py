@@ -243,6 +243,48 @@ def test_one_step_trains_every_network(paired_spec: DatasetSpec, name: str, hpar
     assert all(np.isfinite(v) for v in logs.values())
 
 
+def test_one_cmc_step_trains_both_branches_their_attention_and_the_fusion(paired_spec: DatasetSpec):
+    """CMC is one network of five parts; an optimiser or loss that left one of them out would still change "cmc"."""
+    torch.manual_seed(0)
+    method = tiny_method("cmc", paired_spec, "ct", ["mr"])
+    items = load_items(method, paired_spec)
+    before = snapshot(method)
+    one_step(method, items, progress=0.9)
+    after = snapshot(method)
+    parts = {".".join(key.split(".")[:2]) for key in before}
+    changed = {".".join(key.split(".")[:2]) for key in before if not torch.equal(before[key], after[key])}
+    assert parts == {"cmc.branch_a", "cmc.branch_b", "cmc.mia_a", "cmc.mia_b", "cmc.fusion"}
+    assert changed == parts
+
+
+@pytest.mark.parametrize("name,students", [("mkd", [{"seg_target"}, {"seg_assistant"}]),
+                                           ("maml", [{"branch_ct"}, {"branch_mr"}])])
+def test_distillation_teaches_the_student_only(paired_spec: DatasetSpec, monkeypatch, name: str,
+                                               students: list[set[str]]):
+    """Each distillation term's gradient reaches its student's network and nothing else: a teacher that learned from
+    its student's imitation (a missing detach or no_grad) would be pulled towards the student's errors."""
+    import importlib
+
+    torch.manual_seed(0)
+    method = tiny_method(name, paired_spec, "ct", ["mr"], **({"iam": "none"} if name == "mkd" else
+                                                           {"kd_weight": 1.0, "modality_dropout": 0.0}))
+    module = importlib.import_module(f"crossmodalseg.methods.{name}")
+    real_kd, reached = module.kd_loss, []
+
+    def spying_kd(student, teacher, temperature):
+        value = real_kd(student, teacher, temperature)
+        nets = {n: [p for p in net.parameters() if p.requires_grad] for n, net in method.nets.items()}
+        flat = [p for params in nets.values() for p in params]
+        grads = iter(torch.autograd.grad(value, flat, retain_graph=True, allow_unused=True))
+        reached.append({n for n, params in nets.items()
+                        if any(g is not None and bool(g.abs().sum() > 0) for g in [next(grads) for _ in params])})
+        return value
+
+    monkeypatch.setattr(module, "kd_loss", spying_kd)
+    one_step(method, load_items(method, paired_spec), progress=0.9)  # past the ramp-up: distillation is on
+    assert reached == students
+
+
 def test_maml_modality_dropout_really_drops_a_branch(paired_spec: DatasetSpec):
     """With dropout certain (p = 1), a step trains the fusion and one branch; the dropped branch takes part with a
     zero gradient only (DDP needs every parameter in the graph)."""
