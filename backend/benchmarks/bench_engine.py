@@ -147,7 +147,7 @@ def phase_predict(dataset: Path, preset: str, device_name: str, repeats: int, tt
             times.append(time.perf_counter() - t)
         queue.put({"method": method_name, "members": result.info["members"], "precision": result.info["precision"],
                    "repeats": repeats, "tta": tta, "seconds_median": round(statistics.median(times), 3),
-                   "seconds_all": [round(t, 3) for t in times], "output_size_xyz": list(result.label.GetSize()),
+                   "seconds_all": [round(t, 3) for t in times], "stage_seconds_last": result.info["stage_seconds"], "output_size_xyz": list(result.label.GetSize()),
                    "peak_rss_mb": round(_peak_rss_mb(), 1), "peak_gpu_mb": _gpu_peak_mb(predictor.device)})
 
 

@@ -47,7 +47,10 @@ def test_killed_training_resumes_from_its_checkpoint(phantom_split, tmp_path: Pa
     assert after == list(range(resumed[-1]["epoch"] + 1, 5))  # continues, does not restart
     meta = read_model_meta(out)
     assert meta["training"]["epochs"] == 4
-    Predictor(out, device="cpu").predict({"ct": test.cases[0].images["ct"]})
+    result = Predictor(out, device="cpu").predict({"ct": test.cases[0].images["ct"]})
+    # where the prediction's time went, stage by stage, adding up to its whole time
+    assert list(result.info["stage_seconds"]) == ["read", "preprocess", "sliding_windows", "output"]
+    assert sum(result.info["stage_seconds"].values()) == pytest.approx(result.info["seconds"], abs=0.01)
 
 
 DDP_CASES = [("single", []), ("mkd", ["mr"]), ("maml", ["mr"]), ("cmc", ["mr"])]

@@ -123,6 +123,20 @@ class PredictionResult:
         return paths
 
 
+class StageClock:
+    """Seconds spent in each named stage, lap by lap (where a prediction's time goes: read, preprocess, sliding
+    windows, output)."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
+
+
 class Predictor:
     """Loads a model folder once and segments cases."""
 
@@ -148,7 +162,9 @@ class Predictor:
     def predict(self, images: Mapping[str, str | Path | sitk.Image], members: bool = False,
                 uncertainty: bool = False) -> PredictionResult:
         started = time.perf_counter()
+        stages = StageClock()
         loaded = {m: (img if isinstance(img, sitk.Image) else read_image(img)) for m, img in images.items()}
+        stages.lap("read")
         unknown = [m for m in loaded if m not in self.task.modalities]
         if unknown:
             raise ImageError(f"this model does not use modality {', '.join(unknown)} (it uses "
@@ -157,9 +173,11 @@ class Predictor:
         if not available:
             raise ImageError(f"no input image for this model; give {' and '.join(self.method.input_modalities())}")
         arrays = load_case_arrays(loaded, available, self.method.plan)
+        stages.lap("preprocess")
         probs = predict_probabilities(self.method, arrays["image"], available, self.device, self.tta, self.overlap,
                                       self.sw_batch_size, amp_dtype=self.amp_dtype)
         ensemble = self.method.ensemble(probs)
+        stages.lap("sliding_windows")  # the probabilities are on the CPU now: the device's work is done
         # The output lives on the grid of the first available input (the target when it is given).
         output_grid = Geometry.of(loaded[available[0]])
         values = np.asarray(self.task.label_values)
@@ -186,7 +204,9 @@ class Predictor:
                 result.member_agreement = {
                     f"{a}~{b}": dice_between(member_index[a], member_index[b], self.task.structures)
                     for a, b in itertools.combinations(names, 2)}
+        stages.lap("output")
         result.info = {"inputs": available, "members": list(probs), "seconds": round(time.perf_counter() - started, 3),
+                       "stage_seconds": stages.laps,
                        "device": str(self.device), "precision": str(self.amp_dtype or torch.float32).removeprefix("torch."), "tta": self.tta}
         return result
 
