@@ -1,19 +1,25 @@
-"""Methods benchmark on real brain MRI: BraTS 2015 FLAIR + T1c (4 labelled cases) and the unlabelled BraTS 2023 case.
+"""Methods benchmark on real brain MRI: each method against the baseline it exists to beat, with cross-validation
+and several seeds, on BraTS 2015 FLAIR + T1c (4 labelled cases) and the unlabelled BraTS 2023 case.
 
-Every experiment uses one network preset and one training budget; Dice of the BraTS regions (whole tumour WT,
-tumour core TC, enhancing tumour ET) on the held-out patient(s). Writes JSON and a Markdown table.
+Every labelled case is held out once (4 folds; the other 3 train), each fold with every seed; one network preset and
+one training budget (iterations) for every experiment, whose wall time is recorded (a method that needs more time
+than its baseline shows it). Dice of the BraTS regions (whole tumour WT, tumour core TC, enhancing tumour ET) on the
+held-out case. The report gives each experiment's mean and spread (standard deviation over folds x seeds) and, for
+each comparison, the paired difference (same fold, same seed) with its spread and how many runs it won: a difference
+inside its spread is no result. Resumable: runs already in `--out` are kept.
 
-    python backend/benchmarks/methods.py --mode cpu --out backend/benchmarks/methods_cpu.json
+    python backend/benchmarks/methods.py --mode cpu --seeds 0 1 2 --out backend/benchmarks/methods_cpu.json
     python backend/benchmarks/methods.py --mode full --device cuda --out methods_gpu.json     # on a GPU
 
-Experiments (train on pat0003-0005 unless said, test on pat0006):
-- `single` early fusion (FLAIR+T1c), `single` FLAIR only, `single` T1c only;
-- `maml` (FLAIR+T1c), predicted with both, with FLAIR missing and with T1c missing;
-- `mkd` unpaired: T1c target with labels of pat0003 only, FLAIR of pat0004-0005 as assistant; against `single` T1c on
-  pat0003 alone; ablations no IAM (`iam=none`) and no KD (`kd_a2t=kd_t2a=0`);
-- `cmc`: pat0003 labelled + pat0004, pat0005 and BraTS 2023 unlabelled, against the same network supervised-only.
-Modes: `cpu` resamples to 3 mm and trains 200 iterations per experiment; `full` keeps 1 mm (preset `full`) and
-trains 1000 iterations.
+Experiments per fold (train cases t0, t1, t2 in name order, the fourth held out):
+- `single` early fusion (FLAIR+T1c), labelled on the three;
+- `maml` FLAIR+T1c on the same, against early fusion and against each of its own branches (the same model scored
+  with FLAIR alone and with T1c alone, i.e. its branch heads);
+- `mkd` unpaired: T1c target labelled on t0 only, FLAIR of t1, t2 as assistant; against `single` T1c on t0 alone;
+- `cmc`: t0 labelled + t1, t2 and BraTS 2023 unlabelled; against `single` early fusion on t0 alone and against the
+  same two-branch network supervised only (`cmc` with both consistency weights 0).
+Modes: `cpu` resamples to 3 mm and trains 200 iterations (preset `fast`); `full` keeps 1 mm (preset `full`) and trains
+1000 iterations.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -31,9 +39,44 @@ BRATS = ROOT / "brats2015_flair_t1c"
 BRATS_2023 = ROOT / "brats2023_gli_unlabelled"
 LABELS = {"background": 0, "necrosis": 1, "edema": 2, "non-enhancing": 3, "enhancing": 4}
 REGIONS = {"WT": [1, 2, 3, 4], "TC": [1, 3, 4], "ET": [4]}
-TRAIN, TEST = ["brats_2013_pat0003_1", "brats_2013_pat0004_1", "brats_2013_pat0005_1"], ["brats_2013_pat0006_1"]
+LABELLED = ["brats_2013_pat0003_1", "brats_2013_pat0004_1", "brats_2013_pat0005_1", "brats_2013_pat0006_1"]
 MODES = {"cpu": {"spacing": 3.0, "preset": "fast", "epochs": 8, "iterations": 25},
          "full": {"spacing": 1.0, "preset": "full", "epochs": 10, "iterations": 100}}
+BOTH = ["flair", "t1c"]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    dataset: str  # a key of `fold_datasets`
+    method: str
+    target: str
+    assistants: list[str]
+    options: dict = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=lambda: list(BOTH))  # what it is scored with
+    missing: bool = False  # also scored with each input alone (MAML)
+
+
+EXPERIMENTS = [
+    Experiment("single FLAIR+T1c (early fusion)", "paired", "single", "flair", ["t1c"]),
+    Experiment("maml FLAIR+T1c", "paired", "maml", "flair", ["t1c"], missing=True),
+    Experiment("mkd T1c target + unpaired FLAIR", "unpaired", "mkd", "t1c", ["flair"], inputs=["t1c"]),
+    Experiment("single T1c, mkd's labelled case", "t1c_one", "single", "t1c", [], inputs=["t1c"]),
+    Experiment("cmc 1 labelled + 3 unlabelled", "semi", "cmc", "t1c", ["flair"]),
+    Experiment("cmc supervised only, its labelled case", "one_labelled", "cmc", "t1c", ["flair"],
+               {"csc_weight": 0.0, "cac_weight": 0.0}),
+    Experiment("single FLAIR+T1c (early fusion), cmc's labelled case", "one_labelled", "single", "t1c", ["flair"]),
+]
+# (method, baseline): the claims of issue 10, each checked on paired runs (same fold, same seed). "experiment @ inputs"
+# names a run scored with those inputs only: MAML's fused head is compared with its own branches that way.
+COMPARISONS = [
+    ("maml FLAIR+T1c", "single FLAIR+T1c (early fusion)"),
+    ("maml FLAIR+T1c", "maml FLAIR+T1c @ flair"),
+    ("maml FLAIR+T1c", "maml FLAIR+T1c @ t1c"),
+    ("mkd T1c target + unpaired FLAIR", "single T1c, mkd's labelled case"),
+    ("cmc 1 labelled + 3 unlabelled", "single FLAIR+T1c (early fusion), cmc's labelled case"),
+    ("cmc 1 labelled + 3 unlabelled", "cmc supervised only, its labelled case"),
+]
 
 
 def prepare(root: Path, spacing: float) -> dict[str, dict[str, Path]]:
@@ -48,7 +91,7 @@ def prepare(root: Path, spacing: float) -> dict[str, dict[str, Path]]:
         return write_image(image, dst)
 
     files = {}
-    for case in TRAIN + TEST:
+    for case in LABELLED:
         folder = BRATS / case
         files[case] = {"flair": put(folder / "Flair_subtrMeanDivStd.nii.gz", root / case / "flair.nii.gz"),
                        "t1c": put(folder / "T1c_subtrMeanDivStd.nii.gz", root / case / "t1c.nii.gz"),
@@ -62,64 +105,133 @@ def dataset(root: Path, name: str, entries: list[tuple[str, list[str], list[str]
     """entries: (case, modalities with images, modalities with labels)."""
     from crossmodalseg.data.spec import Case, DatasetSpec
 
-    cases = [Case(c, {m: files[c][m] for m in images}, {m: files[c]["seg"] for m in labels})
-             for c, images, labels in entries]
+    # BraTS images of one case are co-registered (one label serves both), and the spec says so.
+    cases = [Case(c, {m: files[c][m] for m in images}, {m: files[c]["seg"] for m in labels},
+                  co_registered=len(images) > 1) for c, images, labels in entries]
     spec = DatasetSpec(name, LABELS, {"flair": "MR", "t1c": "MR"}, cases, root / name)
     spec.save()
     return spec.root
 
 
+def fold_datasets(work: Path, held_out: str, files) -> dict[str, Path]:
+    """The datasets of one fold, from the three labelled cases that are not held out."""
+    t0, t1, t2 = [c for c in LABELLED if c != held_out]
+    root = work / f"fold_{held_out}"
+    return {
+        "test": dataset(root, "test", [(held_out, BOTH, BOTH)], files),
+        "paired": dataset(root, "paired", [(c, BOTH, BOTH) for c in (t0, t1, t2)], files),
+        "unpaired": dataset(root, "unpaired", [(t0, ["t1c"], ["t1c"]), (t1, ["flair"], ["flair"]),
+                                               (t2, ["flair"], ["flair"])], files),
+        "t1c_one": dataset(root, "t1c_one", [(t0, ["t1c"], ["t1c"])], files),
+        "semi": dataset(root, "semi", [(t0, BOTH, BOTH), (t1, BOTH, []), (t2, BOTH, []), ("brats2023", BOTH, [])],
+                        files),
+        "one_labelled": dataset(root, "one_labelled", [(t0, BOTH, BOTH)], files),
+    }
+
+
+def run_one(experiment: Experiment, data: dict[str, Path], seed: int, mode: dict, device: str, work: Path) -> dict:
+    from crossmodalseg.engine.trainer import TrainConfig, train
+
+    config = TrainConfig(method=experiment.method, target=experiment.target, assistants=experiment.assistants,
+                         preset=mode["preset"], epochs=mode["epochs"], iterations_per_epoch=mode["iterations"],
+                         device=device, val_every=mode["epochs"], seed=seed, options=experiment.options)
+    started = time.time()
+    model = train(data[experiment.dataset], work / "model", config)
+    seconds = time.time() - started
+    scores = {"+".join(experiment.inputs): score(model, data["test"], experiment.inputs, device)}
+    if experiment.missing:
+        for m in experiment.inputs:
+            scores[m] = score(model, data["test"], [m], device)
+    return {"train_seconds": round(seconds, 1), "scores": scores}
+
+
 def run(args: argparse.Namespace) -> dict:
-    from crossmodalseg.engine.trainer import TrainConfig, software_versions, train
+    from crossmodalseg.engine.trainer import software_versions
 
     mode = MODES[args.mode]
-    work = Path(tempfile.mkdtemp(prefix="cms-methods-"))
-    files = prepare(work / "images", mode["spacing"])
-    both = ["flair", "t1c"]
-    test_set = dataset(work, "test", [(c, both, ["flair", "t1c"]) for c in TEST], files)
-    paired = dataset(work, "paired", [(c, both, ["flair"]) for c in TRAIN], files)
-    unpaired = dataset(work, "unpaired", [(TRAIN[0], ["t1c"], ["t1c"])] + [(c, ["flair"], ["flair"]) for c in TRAIN[1:]],
-                       files)
-    t1c_one = dataset(work, "t1c_one", [(TRAIN[0], ["t1c"], ["t1c"])], files)
-    semi = dataset(work, "semi", [(TRAIN[0], both, ["flair", "t1c"])] + [(c, both, []) for c in TRAIN[1:]]
-                   + [("brats2023", both, [])], files)
-    one_labelled = dataset(work, "one_labelled", [(TRAIN[0], both, ["flair", "t1c"])], files)
+    previous = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
+    runs: list[dict] = [r for r in previous.get("runs", []) if previous.get("mode") == args.mode]
+    done = {(r["experiment"], r["held_out"], r["seed"]) for r in runs}
+    experiments = [e for e in EXPERIMENTS if not args.only or any(o in e.name for o in args.only)]
+    report = {"benchmark": "methods", "mode": args.mode, "budget": mode, "device": args.device,
+              "command": " ".join(sys.argv), "software": software_versions(), "machine": platform.machine(),
+              "labelled_cases": LABELLED, "runs": runs}
+    with tempfile.TemporaryDirectory(prefix="cms-methods-") as tmp:
+        work = Path(tmp)
+        files = prepare(work / "images", mode["spacing"])
+        for seed in args.seeds:  # seed-major: a stopped run still holds every fold of its first seeds
+            for held_out in args.folds or LABELLED:
+                data = fold_datasets(work, held_out, files)
+                for experiment in experiments:
+                    if (experiment.name, held_out, seed) in done:
+                        continue
+                    print(f"[methods] seed {seed}, held out {held_out}: {experiment.name}", file=sys.stderr,
+                          flush=True)
+                    result = run_one(experiment, data, seed, mode, args.device,
+                                     work / f"{held_out}_{seed}_{EXPERIMENTS.index(experiment)}")
+                    runs.append({"experiment": experiment.name, "method": experiment.method,
+                                 "options": experiment.options, "held_out": held_out, "seed": seed, **result})
+                    report["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                    report["summary"], report["comparisons"] = summarise(runs), compare(runs)
+                    if args.out:  # after every run, atomically: a stopped benchmark resumes where it was
+                        tmp_out = args.out.with_suffix(".tmp")
+                        tmp_out.write_text(json.dumps(report, indent=1) + "\n")
+                        tmp_out.replace(args.out)
+    report["summary"], report["comparisons"] = summarise(runs), compare(runs)
+    return report
 
-    experiments = [
-        # name, dataset, method, target, assistants, hparams, inputs at test time
-        ("single FLAIR+T1c (early fusion)", paired, "single", "flair", ["t1c"], {}, both),
-        ("single FLAIR", paired, "single", "flair", [], {}, ["flair"]),
-        ("single T1c", paired, "single", "t1c", [], {}, ["t1c"]),
-        ("maml FLAIR+T1c", paired, "maml", "flair", ["t1c"], {}, both),
-        ("mkd T1c target + FLAIR assistant (unpaired)", unpaired, "mkd", "t1c", ["flair"], {}, ["t1c"]),
-        ("mkd, no IAM", unpaired, "mkd", "t1c", ["flair"], {"iam": "none"}, ["t1c"]),
-        ("mkd, no KD", unpaired, "mkd", "t1c", ["flair"], {"kd_a2t": 0.0, "kd_t2a": 0.0}, ["t1c"]),
-        ("single T1c, same T1c labels as mkd (1 case)", t1c_one, "single", "t1c", [], {}, ["t1c"]),
-        ("cmc 1 labelled + 3 unlabelled", semi, "cmc", "t1c", ["flair"], {}, both),
-        ("cmc supervised-only (same labelled case)", one_labelled, "cmc", "t1c", ["flair"],
-         {"csc_weight": 0.0, "cac_weight": 0.0}, both),
-    ]
-    if args.only:
-        experiments = [e for e in experiments if any(o in e[0] for o in args.only)]
-    results = []
-    for name, data, method, target, assistants, hparams, inputs in experiments:
-        print(f"[methods] {name}", file=sys.stderr, flush=True)
-        config = TrainConfig(method=method, target=target, assistants=assistants, preset=mode["preset"],
-                             epochs=mode["epochs"], iterations_per_epoch=mode["iterations"], device=args.device,
-                             val_every=mode["epochs"], seed=args.seed, options=hparams)
-        started = time.time()
-        model = train(data, work / "models" / f"m{len(results)}", config)
-        seconds = time.time() - started
-        rows = {"with " + "+".join(inputs): score(model, test_set, inputs, args.device)}
-        if method == "maml":
-            rows["FLAIR missing (T1c only)"] = score(model, test_set, ["t1c"], args.device)
-            rows["T1c missing (FLAIR only)"] = score(model, test_set, ["flair"], args.device)
-        for variant, per_case in rows.items():
-            results.append({"experiment": name, "inputs": variant, "method": method, "hparams": hparams,
-                            "train_seconds": round(seconds, 1), "dice": per_case})
-    return {"benchmark": "methods", "mode": args.mode, "budget": mode, "device": args.device,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "software": software_versions(),
-            "machine": platform.machine(), "train_cases": TRAIN, "test_cases": TEST, "results": results}
+
+def run_value(run: dict, inputs: str, region: str) -> float | None:
+    """One number per run: the held-out case's Dice (None where reference and prediction are both empty)."""
+    values = [v[region] for v in run["scores"][inputs].values() if v[region] is not None]
+    return statistics.mean(values) if values else None
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return round(statistics.mean(values), 3), round(statistics.stdev(values), 3) if len(values) > 1 else 0.0
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    rows = []
+    for experiment in dict.fromkeys(r["experiment"] for r in runs):
+        chosen = [r for r in runs if r["experiment"] == experiment]
+        for inputs in chosen[0]["scores"]:
+            row = {"experiment": experiment, "inputs": inputs, "runs": len(chosen),
+                   "train_s_mean": round(statistics.mean(r["train_seconds"] for r in chosen), 1)}
+            for region in REGIONS:
+                values = [v for v in (run_value(r, inputs, region) for r in chosen) if v is not None]
+                if values:
+                    row[region], row[f"{region}_sd"] = _mean_sd(values)
+            rows.append(row)
+    return rows
+
+
+def compare(runs: list[dict]) -> list[dict]:
+    """Paired differences method - baseline over the (fold, seed) runs both have, with their spread and wins."""
+    by_key = {(r["experiment"], r["held_out"], r["seed"]): r for r in runs}
+
+    def value(name: str, held_out: str, seed: int, region: str) -> float | None:
+        experiment, _, inputs = name.partition(" @ ")
+        run = by_key.get((experiment, held_out, seed))
+        return None if run is None else run_value(run, inputs or next(iter(run["scores"])), region)
+
+    out = []
+    for method, baseline in COMPARISONS:
+        keys = sorted({(r["held_out"], r["seed"]) for r in runs})
+        row = {"method": method, "baseline": baseline, "pairs": 0}
+        for region in REGIONS:
+            pairs = [(value(method, h, s, region), value(baseline, h, s, region)) for h, s in keys]
+            diffs = [a - b for a, b in pairs if a is not None and b is not None]
+            if diffs:
+                row["pairs"] = max(row["pairs"], len(diffs))
+                row[region], row[f"{region}_sd"] = _mean_sd(diffs)
+                row[f"{region}_wins"] = sum(d > 0 for d in diffs)
+                # beyond noise: the mean paired difference is larger than the spread of the differences
+                row[f"{region}_beyond_spread"] = len(diffs) > 1 and abs(statistics.mean(diffs)) > statistics.stdev(
+                    diffs)
+        if row["pairs"]:
+            out.append(row)
+    return out
 
 
 def score(model: Path, test_set: Path, inputs: list[str], device: str) -> dict[str, dict[str, float | None]]:
@@ -145,14 +257,19 @@ def score(model: Path, test_set: Path, inputs: list[str], device: str) -> dict[s
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Mode `{report['mode']}` ({report['budget']}), device `{report['device']}`, train "
-             f"{', '.join(report['train_cases'])}, test {', '.join(report['test_cases'])}.", "",
-             "| experiment | inputs | case | WT | TC | ET | train s |", "|---|---|---|---|---|---|---|"]
-    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-    for r in report["results"]:
-        for case, d in r["dice"].items():
-            lines.append(f"| {r['experiment']} | {r['inputs']} | {case} | {fmt(d['WT'])} | {fmt(d['TC'])} | "
-                         f"{fmt(d['ET'])} | {r['train_seconds']} |")
+    fmt = lambda row, r: "–" if r not in row else f"{row[r]:.3f} ± {row[r + '_sd']:.3f}"  # noqa: E731
+    lines = [f"Mode `{report['mode']}` ({report['budget']}), device `{report['device']}`; each labelled case held out "
+             f"once, seeds {sorted({r['seed'] for r in report['runs']})}; mean ± sd over folds x seeds.", "",
+             "| experiment | inputs | runs | WT | TC | ET | train s |", "|---|---|---|---|---|---|---|"]
+    for row in report["summary"]:
+        lines.append(f"| {row['experiment']} | {row['inputs']} | {row['runs']} | {fmt(row, 'WT')} | "
+                     f"{fmt(row, 'TC')} | {fmt(row, 'ET')} | {row['train_s_mean']} |")
+    lines += ["", "Paired differences (method - baseline, same fold and seed), wins out of pairs:", "",
+              "| method | baseline | pairs | WT | TC | ET |", "|---|---|---|---|---|---|"]
+    for row in report["comparisons"]:
+        cells = [f"{fmt(row, r)} ({row.get(r + '_wins', '–')}/{row['pairs']})"
+                 + (" **beyond spread**" if row.get(f"{r}_beyond_spread") else "") for r in REGIONS]
+        lines.append(f"| {row['method']} | {row['baseline']} | {row['pairs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -160,14 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=list(MODES), default="cpu")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--folds", nargs="*", choices=LABELLED, help="held-out cases (default: each labelled case)")
+    parser.add_argument("--iterations", type=int, help="iterations per epoch instead of the mode's (quick checks)")
     parser.add_argument("--only", nargs="*", help="run experiments whose name contains one of these")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.iterations:
+        MODES[args.mode] = {**MODES[args.mode], "iterations": args.iterations}
     report = run(args)
     table = markdown(report)
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
         args.out.with_suffix(".md").write_text(table + "\n")
     print(table)
     return 0
