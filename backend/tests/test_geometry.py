@@ -110,6 +110,17 @@ def test_grid_with_spacing_keeps_origin_direction_and_extent():
     assert coarse.size == (20, 18, 10)
 
 
+def test_no_resampling_asks_for_more_voxels_than_the_gate_allows():
+    """A 100^3 volume at 10 mm brought to 0.01 mm would be 1e15 voxels: refused with a message, before allocating."""
+    from crossmodalseg.data.gate import DEFAULT_MAX_VOXELS, ImageError
+
+    geometry = Geometry((100, 100, 100), (10.0, 10.0, 10.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    with pytest.raises(ImageError, match="more than 268,435,456 voxels; check the image's spacing"):
+        grid_with_spacing(geometry, (0.01, 0.01, 0.01))
+    side = int(round(DEFAULT_MAX_VOXELS ** (1 / 3)))  # just inside the limit still works
+    assert grid_with_spacing(geometry, (1000 / side,) * 3).size == (side, side, side)
+
+
 def _plan(spacing_zyx) -> Plan:
     return Plan(preset="fast", spacing=list(spacing_zyx), patch_size=[16, 16, 16], strides=[[1, 1, 1]],
                 kernels=[[3, 3, 3]], filters=[8], batch_size=1, iterations_per_epoch=1, learning_rate=1e-3,

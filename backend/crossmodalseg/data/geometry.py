@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .gate import DEFAULT_MAX_VOXELS, ImageError
 from .io import Geometry
 
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
@@ -38,7 +39,15 @@ def grid_with_spacing(geometry: Geometry, spacing: Sequence[float]) -> Geometry:
     The first voxel centre stays at the origin, and the extent (size * spacing) is kept to within one new voxel.
     """
     spacing = tuple(float(s) for s in spacing)
-    size = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(geometry.size, geometry.spacing, spacing))
+    exact = [n * s / t for n, s, t in zip(geometry.size, geometry.spacing, spacing)]
+    # The guard every resampling passes: an image read through the gate cannot ask for more voxels than the gate
+    # allows, whatever spacing it is brought to (a coarse image at a much finer plan spacing would).
+    if not all(np.isfinite(exact)) or float(np.prod(np.maximum(exact, 1.0))) > DEFAULT_MAX_VOXELS:
+        raise ImageError(f"bringing a {'x'.join(map(str, geometry.size))} image at "
+                         f"{'x'.join(f'{s:g}' for s in geometry.spacing)} mm to {'x'.join(f'{s:g}' for s in spacing)} mm "
+                         f"would make more than {DEFAULT_MAX_VOXELS:,} voxels; check the image's spacing, or use a "
+                         f"model planned for images like it")
+    size = tuple(max(1, int(round(e))) for e in exact)
     return Geometry(size=size, spacing=spacing, origin=geometry.origin, direction=geometry.direction)
 
 

@@ -77,7 +77,29 @@ def read_image(path: str | Path, require_3d: bool = True, limits: Limits = Limit
                              ) from None
     if require_3d:
         check_3d(image, name)
+    check_geometry(image, name)
     return image
+
+
+# Voxel spacing a medical image can have, in mm: a 0.1 um micro-CT voxel to a 1 m one. Outside it a header is broken
+# (NaN, 0 or 1e30 pixdim), and resampling such an image to a plan's spacing would ask for astronomically many voxels.
+SPACING_RANGE_MM = (1e-4, 1e3)
+MAX_COORDINATE_MM = 1e7  # 10 km: any origin beyond is a broken header
+
+
+def check_geometry(image: sitk.Image, name: str | Path = "image") -> None:
+    """Refuses spacing, origin or direction that no scanner writes (the header is broken)."""
+    spacing, origin = np.asarray(image.GetSpacing()), np.asarray(image.GetOrigin())
+    lo, hi = SPACING_RANGE_MM
+    if not (np.all(np.isfinite(spacing)) and np.all(spacing >= lo) and np.all(spacing <= hi)):
+        raise ImageError(f"{name}: voxel spacing {tuple(float(v) for v in spacing)} mm is outside {lo:g}-{hi:g} mm; "
+                         f"the header is broken: fix the spacing (pixdim) and save the image again")
+    if not (np.all(np.isfinite(origin)) and np.all(np.abs(origin) <= MAX_COORDINATE_MM)):
+        raise ImageError(f"{name}: origin {tuple(float(v) for v in origin)} is not a position in mm; the header is "
+                         f"broken: fix the origin and save the image again")
+    direction = np.asarray(image.GetDirection()).reshape(image.GetDimension(), image.GetDimension())
+    if not (np.all(np.isfinite(direction)) and abs(np.linalg.det(direction)) > 1e-6):
+        raise ImageError(f"{name}: its direction matrix is degenerate; the header is broken")
 
 
 def check_3d(image: sitk.Image, name: str | Path = "image") -> None:
