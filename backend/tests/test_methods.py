@@ -164,6 +164,19 @@ def test_mkd_ensemble_is_the_mean_of_member_softmax(paired_spec: DatasetSpec):
     assert not torch.allclose(probs["seg_target"], probs["seg_assistant"])  # two different members
 
 
+def test_a_volume_smaller_than_the_patch_is_predicted_whole(paired_spec: DatasetSpec):
+    """A small scan (fewer voxels than the patch along an axis) is padded for the sliding windows and cropped back:
+    found on a real 122x101x30 CT at 3 mm, where MONAI refused the padding mode ("edge") and prediction crashed."""
+    torch.manual_seed(0)
+    method = tiny_method("single", paired_spec, "ct", [])
+    item = LoadCased(["ct"], method.plan, method.task.label_values)({"case": paired_spec.cases[0]})
+    small = item["image"][:, :5, :7, :9]
+    assert all(n < p for n, p in zip(small.shape[1:], method.plan.patch_size))
+    probs = predict_probabilities(method, small, ["ct"], torch.device("cpu"))["unet"]
+    assert probs.shape == (method.task.num_classes, 5, 7, 9)
+    np.testing.assert_allclose(probs.sum(0).numpy(), 1.0, atol=1e-5)
+
+
 def test_maml_uses_the_fused_head_when_all_modalities_are_there(paired_spec: DatasetSpec):
     torch.manual_seed(0)
     method = tiny_method("maml", paired_spec, "ct", ["mr"])

@@ -70,7 +70,7 @@ def predict_probabilities(method: Method, image: np.ndarray | torch.Tensor, avai
     for axes in mirror_axes(tta):
         flipped = torch.flip(x, axes) if axes else x
         logits = sliding_window_inference(flipped, roi_size=method.plan.patch_size, sw_batch_size=sw_batch_size,
-                                          predictor=window, overlap=overlap, mode=blend, padding_mode="edge")
+                                          predictor=window, overlap=overlap, mode=blend, padding_mode="replicate")
         if axes:
             logits = torch.flip(logits, axes)
         probs = torch.cat([torch.softmax(chunk, dim=1) for chunk in torch.split(logits, num_classes, dim=1)], dim=1)
