@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .data.io import read_image, to_array
+from .data.io import read_image
 from .data.phantom import make_phantom_dataset
 from .data.spec import DatasetSpec, write_json_atomic
 from .data.transforms import values_to_indices
@@ -24,7 +24,7 @@ from .engine.checkpoint import read_model_meta
 from .engine.evaluate import evaluate_model, format_table
 from .engine.events import EventLog
 from .engine.trainer import TrainConfig, train
-from .report import save_overlay
+from .report import radiological, save_overlay
 
 DEMO_CASES = 10  # unpaired: even cases are CT, odd cases MR (phantom layout)
 HELD_OUT = ("case006", "case008")  # CT cases never trained on
@@ -103,16 +103,16 @@ def _report(results: dict[str, dict], iterations: dict[str, int], n_ct: int, n_m
 def _pictures(out: Path, test_spec: DatasetSpec, results: dict[str, dict]) -> list[Path]:
     """One overlay per held-out case, from the predictions evaluate_model saved (nothing is predicted twice)."""
     def index(path: Path) -> np.ndarray:
-        return values_to_indices(to_array(read_image(path), np.float64), test_spec.label_values)
+        return values_to_indices(radiological(read_image(path), np.float64), test_spec.label_values)
 
     overlays = []
     for case in test_spec.cases:
         saved = {name: out / "predictions" / name / case.id for name in MODELS}
-        image = to_array(read_image(case.images["ct"]))
+        image = radiological(read_image(case.images["ct"]))
         dice = {name: np.mean([v["dice"] for v in r["cases"][case.id].values() if v["dice"] is not None])
                 for name, r in results.items()}
         disagreement = saved["mkd"] / "segmentation_disagreement.nii.gz"
-        heatmap = ("member disagreement", to_array(read_image(disagreement))) if disagreement.exists() else None
+        heatmap = ("member disagreement", radiological(read_image(disagreement))) if disagreement.exists() else None
         overlays.append(save_overlay(
             out / f"overlay_{case.id}.png", image,
             [("reference", index(case.labels["ct"])),
