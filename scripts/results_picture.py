@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from crossmodalseg.data.io import read_image
+from crossmodalseg.data.io import read_image, write_image
 from crossmodalseg.data.spec import Case, DatasetSpec
 from crossmodalseg.demo import CT_SOFT_TISSUE_WINDOW, MODELS
-from crossmodalseg.engine.inferer import Predictor
+from crossmodalseg.engine.inferer import Predictor, dice_between
 from crossmodalseg.engine.trainer import TrainConfig, train
 from crossmodalseg.report import radiological, save_overlay
 
@@ -34,13 +34,7 @@ LIVER = 1  # in the CHAOS label and in TotalSegmentator's *_label4 maps
 
 
 def liver_only(label: Path, out: Path) -> Path:
-    image = sitk.ReadImage(str(label))
-    sitk.WriteImage(sitk.Cast(image == LIVER, sitk.sitkUInt8), str(out))
-    return out
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * float(np.logical_and(a, b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+    return write_image(sitk.Cast(read_image(label) == LIVER, sitk.sitkUInt8), out)
 
 
 def main() -> None:
@@ -65,7 +59,7 @@ def main() -> None:
         image = radiological(read_image(TS / "example_ct_sm.nii.gz"))
         reference = radiological(read_image(TS / "example_ct_sm_label4.nii.gz")) == LIVER
         maps = {"ensemble": radiological(result.label)} | {n: radiological(m) for n, m in result.members.items()}
-        scores = {n: round(dice(m == LIVER, reference), 3) for n, m in maps.items()}
+        scores = {n: round(dice_between(m == LIVER, reference, ["liver"])["liver"] or 0.0, 3) for n, m in maps.items()}
         panels = [("reference (TotalSegmentator)", reference.astype(np.uint8))]
         panels += [(f"MKD {n}: Dice {scores[n]:.2f}", (m == LIVER).astype(np.uint8)) for n, m in maps.items()]
         save_overlay(args.out, image, panels, ["liver"], window=CT_SOFT_TISSUE_WINDOW,
