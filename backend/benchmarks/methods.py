@@ -13,8 +13,8 @@ inside its spread is no result. Resumable: runs already in `--out` are kept.
 
 Experiments per fold (train cases t0, t1, t2 in name order, the fourth held out):
 - `single` early fusion (FLAIR+T1c), labelled on the three;
-- `maml` FLAIR+T1c on the same, against early fusion and against each of its own branches (the same model scored
-  with FLAIR alone and with T1c alone, i.e. its branch heads);
+- `maml` FLAIR+T1c on the same, against early fusion, against each of its own branches (the same model scored
+  with FLAIR alone and with T1c alone, i.e. its branch heads) and against the paper's half-width branches;
 - `mkd` unpaired: T1c target labelled on t0 only, FLAIR of t1, t2 as assistant; against `single` T1c on t0 alone;
 - `cmc`: t0 labelled + t1, t2 and BraTS 2023 unlabelled; against `single` early fusion on t0 alone and against the
   same two-branch network supervised only (`cmc` with both consistency weights 0).
@@ -60,6 +60,8 @@ class Experiment:
 EXPERIMENTS = [
     Experiment("single FLAIR+T1c (early fusion)", "paired", "single", "flair", ["t1c"]),
     Experiment("maml FLAIR+T1c", "paired", "maml", "flair", ["t1c"], missing=True),
+    Experiment("maml FLAIR+T1c, half-width branches (the paper's)", "paired", "maml", "flair", ["t1c"], {"width": 0.5},
+               missing=True),
     Experiment("mkd T1c target + unpaired FLAIR", "unpaired", "mkd", "t1c", ["flair"], inputs=["t1c"]),
     Experiment("single T1c, mkd's labelled case", "t1c_one", "single", "t1c", [], inputs=["t1c"]),
     Experiment("cmc 1 labelled + 3 unlabelled", "semi", "cmc", "t1c", ["flair"]),
@@ -73,6 +75,7 @@ COMPARISONS = [
     ("maml FLAIR+T1c", "single FLAIR+T1c (early fusion)"),
     ("maml FLAIR+T1c", "maml FLAIR+T1c @ flair"),
     ("maml FLAIR+T1c", "maml FLAIR+T1c @ t1c"),
+    ("maml FLAIR+T1c", "maml FLAIR+T1c, half-width branches (the paper's)"),
     ("mkd T1c target + unpaired FLAIR", "single T1c, mkd's labelled case"),
     ("cmc 1 labelled + 3 unlabelled", "single FLAIR+T1c (early fusion), cmc's labelled case"),
     ("cmc 1 labelled + 3 unlabelled", "cmc supervised only, its labelled case"),

@@ -40,7 +40,7 @@ def paired(tmp_path_factory):
     return split(spec, root, ["case008", "case009"])
 
 
-METHODS = [("single", [], {}), ("mkd", ["mr"], {"iam": "histogram"}), ("maml", ["mr"], {"width": 1.0}),
+METHODS = [("single", [], {}), ("mkd", ["mr"], {"iam": "histogram"}), ("maml", ["mr"], {}),
            ("cmc", ["mr"], {})]
 
 
