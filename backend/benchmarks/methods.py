@@ -141,10 +141,11 @@ def run_one(experiment: Experiment, data: dict[str, Path], seed: int, mode: dict
     started = time.time()
     model = train(data[experiment.dataset], work / "model", config)
     seconds = time.time() - started
-    scores = {"+".join(experiment.inputs): score(model, data["test"], experiment.inputs, device)}
+    # each member scored alone too, except where the inputs alone score them already (MAML's branches)
+    scores = score(model, data["test"], experiment.inputs, device, members=not experiment.missing)
     if experiment.missing:
         for m in experiment.inputs:
-            scores[m] = score(model, data["test"], [m], device)
+            scores.update(score(model, data["test"], [m], device))
     return {"train_seconds": round(seconds, 1), "scores": scores}
 
 
@@ -198,11 +199,12 @@ def summarise(runs: list[dict]) -> list[dict]:
     rows = []
     for experiment in dict.fromkeys(r["experiment"] for r in runs):
         chosen = [r for r in runs if r["experiment"] == experiment]
-        for inputs in chosen[0]["scores"]:
-            row = {"experiment": experiment, "inputs": inputs, "runs": len(chosen),
-                   "train_s_mean": round(statistics.mean(r["train_seconds"] for r in chosen), 1)}
+        for inputs in dict.fromkeys(k for r in chosen for k in r["scores"]):  # runs before member scores lack them
+            scored = [r for r in chosen if inputs in r["scores"]]
+            row = {"experiment": experiment, "inputs": inputs, "runs": len(scored),
+                   "train_s_mean": round(statistics.mean(r["train_seconds"] for r in scored), 1)}
             for region in REGIONS:
-                values = [v for v in (run_value(r, inputs, region) for r in chosen) if v is not None]
+                values = [v for v in (run_value(r, inputs, region) for r in scored) if v is not None]
                 if values:
                     row[region], row[f"{region}_sd"] = _mean_sd(values)
             rows.append(row)
@@ -216,7 +218,8 @@ def compare(runs: list[dict]) -> list[dict]:
     def value(name: str, held_out: str, seed: int, region: str) -> float | None:
         experiment, _, inputs = name.partition(" @ ")
         run = by_key.get((experiment, held_out, seed))
-        return None if run is None else run_value(run, inputs or next(iter(run["scores"])), region)
+        inputs = inputs or next(iter(run["scores"])) if run else inputs
+        return None if run is None or inputs not in run["scores"] else run_value(run, inputs, region)
 
     out = []
     for method, baseline in COMPARISONS:
@@ -237,8 +240,11 @@ def compare(runs: list[dict]) -> list[dict]:
     return out
 
 
-def score(model: Path, test_set: Path, inputs: list[str], device: str) -> dict[str, dict[str, float | None]]:
-    """Region Dice per test case, predicting from `inputs` only; the label is the case's (shared) segmentation."""
+def score(model: Path, test_set: Path, inputs: list[str], device: str, members: bool = False
+          ) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Region Dice per test case, predicting from `inputs` only; the label is the case's (shared) segmentation.
+    Keyed by what predicted: the model ("flair+t1c") and, with `members` where it has several, each member on its
+    own ("flair+t1c: decoder_a"), so an ensemble can be compared with its members."""
     import numpy as np
 
     from crossmodalseg.data.io import read_image, to_array
@@ -248,14 +254,17 @@ def score(model: Path, test_set: Path, inputs: list[str], device: str) -> dict[s
     from crossmodalseg.engine.inferer import Predictor
 
     predictor = Predictor(model, device=device)
-    out = {}
+    name = "+".join(inputs)
+    out: dict[str, dict[str, dict[str, float | None]]] = {name: {}}
     for case in load_spec(test_set).cases:
-        result = predictor.predict({m: case.images[m] for m in inputs})
+        result = predictor.predict({m: case.images[m] for m in inputs}, members=members)
         reference = values_to_indices(to_array(read_image(case.labels["flair"]), np.float64), list(LABELS.values()))
-        predicted = values_to_indices(to_array(result.label, np.float64), list(LABELS.values()))
         spacing = list(read_image(case.images[inputs[0]]).GetSpacing())[::-1]
-        scores = score_maps(predicted, reference, [], spacing, REGIONS)
-        out[case.id] = {r: scores[r]["dice"] for r in REGIONS}
+        each = result.members if len(result.members) > 1 else {}
+        for key, label in {name: result.label, **{f"{name}: {m}": image for m, image in each.items()}}.items():
+            predicted = values_to_indices(to_array(label, np.float64), list(LABELS.values()))
+            scores = score_maps(predicted, reference, [], spacing, REGIONS)
+            out.setdefault(key, {})[case.id] = {r: scores[r]["dice"] for r in REGIONS}
     return out
 
 

@@ -72,7 +72,8 @@ def test_a_flag_that_is_not_a_boolean_is_refused(one_label_per_case):
         parse_spec(with_flag(one_label_per_case, "yes"), one_label_per_case)
 
 
-@pytest.mark.parametrize("method,stream,hparams", [("cmc", "labelled_b", {}), ("mkd", "assistant", {"iam": "none"})])
+# the stream in which the assistant modality learns from a label: cmc's co-registered pairs (decoder b on the fused pass)
+@pytest.mark.parametrize("method,stream,hparams", [("cmc", "labelled_pairs", {}), ("mkd", "assistant", {"iam": "none"})])
 def test_methods_do_not_train_a_modality_on_another_ones_label(one_label_per_case, method, stream, hparams):
     spec = load_spec(one_label_per_case)
     task = Task.from_spec(spec, "ct", ["mr"])

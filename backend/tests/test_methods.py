@@ -132,8 +132,10 @@ def test_cmc_learns_from_few_labelled_cases_plus_unlabelled_pairs(paired, tmp_pa
     assert mean_dice(results) >= 0.75, format_table(results)
     events = [json.loads(line) for line in (tmp_path / "cmc" / "events.jsonl").read_text().splitlines()]
     start = next(e for e in events if e["event"] == "start")
-    # Labelled CT images with their own MR train as true pairs; the MR label is shared (co-registered phantoms).
-    assert start["train_cases"] == {"labelled_pairs": 3, "labelled_a": 0, "labelled_b": 3, "unlabelled": 5}
+    # Labelled CT images with their own MR train as true pairs; the label is the MR's too (co-registered phantoms),
+    # so both decoders learn on the fused pass and no MR image needs a pass of its own.
+    assert start["train_cases"] == {"labelled_pairs": 3, "labelled_misaligned_pairs": 0, "labelled_a": 0,
+                                    "labelled_b": 0, "unlabelled": 5}
 
 
 # ---- ensemble rules and QA outputs -------------------------------------------------------------------------

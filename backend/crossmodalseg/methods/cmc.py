@@ -11,8 +11,12 @@ their patches are cropped without reading any label. Both consistency terms star
 
 The supervised pass fuses a labelled a-image with its own b-image where the case has one (loaded on a's grid, as at
 inference), so the voxel-wise fusion trains on true pairs; a labelled a-image without a b-image meets another case's
-b-image. Decoder b learns from labelled b-images on their own grid (a pass of its own when the a-image came with its
-pair). A b-image counts as labelled only with its own label or a co-registered case's (`Case.label_for`).
+b-image. Where the pair is co-registered its one label is b's too, so decoder b learns on that same fused pass, from
+the features it gets at inference. (It used to learn only in a pass of its own, b fused with itself, and met the
+pair's fusion first at inference: on BraTS, 4 folds, that cost CMC WT 0.42 against the new design's figure in
+backend/benchmarks/RESULTS.md.) Other labelled b-images (their own label, or a misaligned pair's) train decoder b on
+their own grid, in the fused pass when the a-image came alone, else in a pass of their own. A b-image counts as
+labelled only with its own label or a co-registered case's (`Case.label_for`).
 
 Differences from the official code, on purpose (METHODS.md): the consistency terms carry gradient, L_CAC is
 1 - similarity, CSC is computed over channels (never an N^2 matrix), and unlabelled crops never look at labels.
@@ -105,23 +109,26 @@ class CMC(Method):
 
     def streams(self, spec: DatasetSpec) -> dict[str, Stream]:
         a, b = self.a, self.b
+        pairs = [c for c in spec.cases if a in c.images and b in c.images and c.label_for(a)]
         return {
             # A labelled a-image with its own b-image: the true pair, b on a's grid, as at inference, so the
-            # voxel-wise fusion learns from what it will see. Labelled a-images without a b-image stand alone.
-            "labelled_pairs": Stream([c for c in spec.cases if a in c.images and b in c.images and c.label_for(a)],
-                                     [a, b], required=False),
+            # voxel-wise fusion learns from what it will see; co-registered, the label is b's too and trains decoder b
+            # on the same pass. Labelled a-images without a b-image stand alone.
+            "labelled_pairs": Stream([c for c in pairs if c.co_registered], [a, b], required=False),
+            "labelled_misaligned_pairs": Stream([c for c in pairs if not c.co_registered], [a, b], required=False),
             "labelled_a": Stream([c for c in spec.cases if a in c.images and b not in c.images and c.label_for(a)],
                                  [a], required=False),
-            "labelled_b": Stream([c for c in spec.cases if b in c.images and c.label_for(b)], [b], required=False),
+            "labelled_b": Stream([c for c in spec.cases if b in c.images and c.label_for(b)
+                                  and not (c.co_registered and c in pairs)], [b], required=False),
             # Both images on a's grid: predictions of a crop are on one physical grid.
             "unlabelled": Stream([c for c in spec.cases if a in c.images and b in c.images and not c.labels],
                                  [a, b], labelled=False, required=False),
         }
 
     def prepare(self, items: dict[str, list[dict]], fresh: bool) -> None:
-        if not items.get("labelled_pairs") and not items.get("labelled_a"):
+        if not any(items.get(n) for n in ("labelled_pairs", "labelled_misaligned_pairs", "labelled_a")):
             raise UserError(f"cmc needs labelled {self.a!r} images")
-        if not items.get("labelled_b") and not items.get("labelled_pairs") and not items.get("unlabelled"):
+        if not any(items.get(n) for n in ("labelled_b", "labelled_pairs", "labelled_misaligned_pairs", "unlabelled")):
             raise UserError(f"cmc needs {self.b!r} images: labelled ones, or unlabelled {self.a}+{self.b} pairs")
         path = str(self.hparams["encoder_weights"] or "")
         if path and fresh:
@@ -136,19 +143,22 @@ class CMC(Method):
                 return itertools.repeat(None)
             return patch_stream(items[name], transform, seed + offset, device, keys=keys, start=start)
 
-        pairs, alone = stream("labelled_pairs", 3), stream("labelled_a", 0)
+        sources = ("labelled_pairs", "labelled_misaligned_pairs", "labelled_a")
+        a_streams = [stream(name, offset) for name, offset in zip(sources, (3, 4, 0))]
         labelled_b = stream("labelled_b", 1)
         unlabelled = stream("unlabelled", 2, unlabelled_patch_transform(self.plan), ("image",))
-        # Pairs and lone a-images are drawn in proportion to their case counts; step k's choice is a function of
+        # The a-image's source is drawn in proportion to the sources' case counts; step k's choice is a function of
         # (seed, k), so a resumed run makes the same choices.
-        n_pairs, n_alone = len(items.get("labelled_pairs") or []), len(items.get("labelled_a") or [])
-        for k, (pair, la, lb, u) in enumerate(zip(pairs, alone, labelled_b, unlabelled), start=start):
-            use_pair = pair is not None and (la is None or
-                                             batch_seed(seed + 3, k).random() < n_pairs / (n_pairs + n_alone))
-            if use_pair:
-                batch = {"x_a": pair["image"][:, 0:1], "x_pair": pair["image"][:, 1:2], "y_a": pair["label"]}
-            else:
+        counts = [len(items.get(name) or []) for name in sources]
+        for k, (co_pair, other_pair, la, lb, u) in enumerate(zip(*a_streams, labelled_b, unlabelled), start=start):
+            source = _draw(counts, batch_seed(seed + 3, k).random())
+            if source == 2:
                 batch = {"x_a": la["image"], "y_a": la["label"]}
+            else:
+                pair = (co_pair, other_pair)[source]
+                batch = {"x_a": pair["image"][:, 0:1], "x_pair": pair["image"][:, 1:2], "y_a": pair["label"]}
+                if source == 0:
+                    batch["y_pair"] = pair["label"]  # co-registered: the pair's label is b's too
             if lb is not None:
                 batch.update(x_b=lb["image"], y_b=lb["label"])
             if u is not None:
@@ -170,10 +180,14 @@ class CMC(Method):
             x_b = batch.get("x_pair", batch.get("x_b", batch["u"][:, 1:2] if "u" in batch else None))
             logits_a, logits_b, f_a, f_b = net(batch["x_a"], x_b)
             loss = self.loss(logits_a, batch["y_a"])
-            if "y_b" in batch:  # decoder b learns from its own labelled images, on their own grid
-                loss = loss + self.loss(net(None, batch["x_b"])[1] if "x_pair" in batch else logits_b, batch["y_b"])
-            if "y_b" not in batch or "x_pair" in batch:  # decoder b's output in the fused pass takes part (DDP)
+            if "y_pair" in batch:  # a co-registered pair: decoder b learns from the features it gets at inference
+                loss = loss + self.loss(logits_b, batch["y_pair"])
+            elif "y_b" in batch and "x_pair" not in batch:  # the fused b-image is a labelled one
+                loss = loss + self.loss(logits_b, batch["y_b"])
+            else:  # decoder b's output in the fused pass takes part (DDP)
                 loss = loss + keep_in_graph(*logits_b)
+            if "y_b" in batch and "x_pair" in batch:  # other labelled b-images, on their own grid, a pass of their own
+                loss = loss + self.loss(net(None, batch["x_b"])[1], batch["y_b"])
             logs["sup"] = float(loss.detach())
             if lam > 0:
                 csc = channel_semantic_consistency(f_a.float(), f_b.float(), temperature)
@@ -202,6 +216,16 @@ class CMC(Method):
         if logits_b is not None:
             out["decoder_b"] = logits_b[0]
         return out
+
+
+def _draw(counts: Sequence[int], u: float) -> int:
+    """Index i with probability counts[i] / sum(counts), from a uniform draw u in [0, 1)."""
+    x = u * sum(counts)
+    for i, n in enumerate(counts):
+        if x < n:
+            return i
+        x -= n
+    return max(i for i, n in enumerate(counts) if n)  # u * total rounded up to the total
 
 
 def load_encoder_weights(net: CrossModalityNet, path: Path) -> None:
