@@ -13,11 +13,14 @@ inside its spread is no result. Resumable: runs already in `--out` are kept.
 
 Experiments per fold (train cases t0, t1, t2 in name order, the fourth held out):
 - `single` early fusion (FLAIR+T1c), labelled on the three;
-- `maml` FLAIR+T1c on the same, against early fusion, against each of its own branches (the same model scored
-  with FLAIR alone and with T1c alone, i.e. its branch heads) and against the paper's half-width branches;
+- `maml` FLAIR+T1c on the same, against early fusion and against each of its own branches (the same model scored
+  with FLAIR alone and with T1c alone, i.e. its branch heads); the paper's half-width branches only when named
+  (`--only half-width`): that question is answered (maml.py's docstring);
 - `mkd` unpaired: T1c target labelled on t0 only, FLAIR of t1, t2 as assistant; against `single` T1c on t0 alone;
 - `cmc`: t0 labelled + t1, t2 and BraTS 2023 unlabelled; against `single` early fusion on t0 alone and against the
   same two-branch network supervised only (`cmc` with both consistency weights 0).
+Ensembles (MKD, CMC) are also scored member by member against the reference, and the `single` models also with
+8-fold test-time mirroring, so "the ensemble beats each member" and "mirroring helps" are measured on the same runs.
 Modes: `cpu` resamples to 3 mm and trains 200 iterations (preset `fast`); `full` keeps 1 mm (preset `full`) and trains
 1000 iterations.
 """
@@ -55,22 +58,25 @@ class Experiment:
     options: dict = field(default_factory=dict)
     inputs: list[str] = field(default_factory=lambda: list(BOTH))  # what it is scored with
     missing: bool = False  # also scored with each input alone (MAML)
+    mirrored: bool = False  # also scored with 8-fold test-time mirroring (`predict --tta`): does it help?
+    default: bool = True  # run without --only (an ablation whose question is answered runs only when named)
 
 
 EXPERIMENTS = [
-    Experiment("single FLAIR+T1c (early fusion)", "paired", "single", "flair", ["t1c"]),
+    Experiment("single FLAIR+T1c (early fusion)", "paired", "single", "flair", ["t1c"], mirrored=True),
     Experiment("maml FLAIR+T1c", "paired", "maml", "flair", ["t1c"], missing=True),
     Experiment("maml FLAIR+T1c, half-width branches (the paper's)", "paired", "maml", "flair", ["t1c"], {"width": 0.5},
-               missing=True),
+               missing=True, default=False),
     Experiment("mkd T1c target + unpaired FLAIR", "unpaired", "mkd", "t1c", ["flair"], inputs=["t1c"]),
-    Experiment("single T1c, mkd's labelled case", "t1c_one", "single", "t1c", [], inputs=["t1c"]),
+    Experiment("single T1c, mkd's labelled case", "t1c_one", "single", "t1c", [], inputs=["t1c"], mirrored=True),
     Experiment("cmc 1 labelled + 3 unlabelled", "semi", "cmc", "t1c", ["flair"]),
     Experiment("cmc supervised only, its labelled case", "one_labelled", "cmc", "t1c", ["flair"],
                {"csc_weight": 0.0, "cac_weight": 0.0}),
     Experiment("single FLAIR+T1c (early fusion), cmc's labelled case", "one_labelled", "single", "t1c", ["flair"]),
 ]
 # (method, baseline): the claims of issue 10, each checked on paired runs (same fold, same seed). "experiment @ inputs"
-# names a run scored with those inputs only: MAML's fused head is compared with its own branches that way.
+# names a run scored with those inputs only (MAML's fused head against its own branches), or by one member of an
+# ensemble ("@ t1c: seg_target"), or with test-time mirroring ("@ flair+t1c mirrored").
 COMPARISONS = [
     ("maml FLAIR+T1c", "single FLAIR+T1c (early fusion)"),
     ("maml FLAIR+T1c", "maml FLAIR+T1c @ flair"),
@@ -79,6 +85,14 @@ COMPARISONS = [
     ("mkd T1c target + unpaired FLAIR", "single T1c, mkd's labelled case"),
     ("cmc 1 labelled + 3 unlabelled", "single FLAIR+T1c (early fusion), cmc's labelled case"),
     ("cmc 1 labelled + 3 unlabelled", "cmc supervised only, its labelled case"),
+    # an ensemble against each of its members (the members' own Dice against the reference)
+    ("mkd T1c target + unpaired FLAIR", "mkd T1c target + unpaired FLAIR @ t1c: seg_target"),
+    ("mkd T1c target + unpaired FLAIR", "mkd T1c target + unpaired FLAIR @ t1c: seg_assistant"),
+    ("cmc 1 labelled + 3 unlabelled", "cmc 1 labelled + 3 unlabelled @ flair+t1c: decoder_a"),
+    ("cmc 1 labelled + 3 unlabelled", "cmc 1 labelled + 3 unlabelled @ flair+t1c: decoder_b"),
+    # test-time mirroring (issue 9): the same model with and without it
+    ("single FLAIR+T1c (early fusion) @ flair+t1c mirrored", "single FLAIR+T1c (early fusion)"),
+    ("single T1c, mkd's labelled case @ t1c mirrored", "single T1c, mkd's labelled case"),
 ]
 
 
@@ -143,6 +157,8 @@ def run_one(experiment: Experiment, data: dict[str, Path], seed: int, mode: dict
     seconds = time.time() - started
     # each member scored alone too, except where the inputs alone score them already (MAML's branches)
     scores = score(model, data["test"], experiment.inputs, device, members=not experiment.missing)
+    if experiment.mirrored:
+        scores.update(score(model, data["test"], experiment.inputs, device, tta=True))
     if experiment.missing:
         for m in experiment.inputs:
             scores.update(score(model, data["test"], [m], device))
@@ -156,7 +172,7 @@ def run(args: argparse.Namespace) -> dict:
     previous = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
     runs: list[dict] = [r for r in previous.get("runs", []) if previous.get("mode") == args.mode]
     done = {(r["experiment"], r["held_out"], r["seed"]) for r in runs}
-    experiments = [e for e in EXPERIMENTS if not args.only or any(o in e.name for o in args.only)]
+    experiments = [e for e in EXPERIMENTS if (any(o in e.name for o in args.only) if args.only else e.default)]
     report = {"benchmark": "methods", "mode": args.mode, "budget": mode, "device": args.device,
               "command": " ".join(sys.argv), "software": software_versions(), "machine": platform.machine(),
               "labelled_cases": LABELLED, "runs": runs}
@@ -240,11 +256,12 @@ def compare(runs: list[dict]) -> list[dict]:
     return out
 
 
-def score(model: Path, test_set: Path, inputs: list[str], device: str, members: bool = False
+def score(model: Path, test_set: Path, inputs: list[str], device: str, members: bool = False, tta: bool = False
           ) -> dict[str, dict[str, dict[str, float | None]]]:
     """Region Dice per test case, predicting from `inputs` only; the label is the case's (shared) segmentation.
     Keyed by what predicted: the model ("flair+t1c") and, with `members` where it has several, each member on its
-    own ("flair+t1c: decoder_a"), so an ensemble can be compared with its members."""
+    own ("flair+t1c: decoder_a"), so an ensemble can be compared with its members; with `tta`, predicted with
+    8-fold mirroring ("flair+t1c mirrored")."""
     import numpy as np
 
     from crossmodalseg.data.io import read_image, to_array
@@ -253,8 +270,8 @@ def score(model: Path, test_set: Path, inputs: list[str], device: str, members: 
     from crossmodalseg.engine.evaluate import score as score_maps
     from crossmodalseg.engine.inferer import Predictor
 
-    predictor = Predictor(model, device=device)
-    name = "+".join(inputs)
+    predictor = Predictor(model, device=device, tta=tta)
+    name = "+".join(inputs) + (" mirrored" if tta else "")
     out: dict[str, dict[str, dict[str, float | None]]] = {name: {}}
     for case in load_spec(test_set).cases:
         result = predictor.predict({m: case.images[m] for m in inputs}, members=members)
