@@ -65,7 +65,9 @@ def main() -> None:
         save_overlay(args.out, image, panels, ["liver"], window=CT_SOFT_TISSUE_WINDOW,
                      heatmap=("member disagreement", radiological(result.disagreement)),
                      title=f"held-out CT, MKD trained {args.minutes:g} min on CHAOS CT + an unpaired MR")
-        record = {"picture": str(args.out.relative_to(ROOT)), "minutes": args.minutes, "seed": args.seed,
+        out = args.out.resolve()  # the picture's path, relative to the repository where it lies inside it
+        record = {"picture": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out), "minutes": args.minutes,
+                  "seed": args.seed,
                   "liver_dice_vs_totalsegmentator_pseudo_label": scores, "info": result.info}
         args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
         print(json.dumps(record, indent=1))

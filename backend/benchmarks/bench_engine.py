@@ -13,24 +13,15 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import resource
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from peak_memory import peak_gpu_mb, peak_rss_mb  # beside this script
+
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "chaos_ct_liver"
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _gpu_peak_mb(device) -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 def make_dataset(image: Path, label: Path, root: Path) -> Path:
@@ -114,8 +105,8 @@ def phase_train(dataset: Path, preset: str, device_name: str, iterations: int, w
                "iterations": iterations, "warmup_iterations": warmup,
                "patches_per_s": round(patches / (data_s + step_s), 3),
                "s_per_iteration": round((data_s + step_s) / iterations, 4),
-               "data_s_per_iteration": round(data_s / iterations, 4), "peak_rss_mb": round(_peak_rss_mb(), 1),
-               "peak_gpu_mb": _gpu_peak_mb(device)})
+               "data_s_per_iteration": round(data_s / iterations, 4), "peak_rss_mb": peak_rss_mb(),
+               "peak_gpu_mb": peak_gpu_mb(device)})
 
 
 def phase_predict(dataset: Path, preset: str, device_name: str, repeats: int, tta: bool, method_name: str,
@@ -148,7 +139,7 @@ def phase_predict(dataset: Path, preset: str, device_name: str, repeats: int, tt
         queue.put({"method": method_name, "members": result.info["members"], "precision": result.info["precision"],
                    "repeats": repeats, "tta": tta, "seconds_median": round(statistics.median(times), 3),
                    "seconds_all": [round(t, 3) for t in times], "stage_seconds_last": result.info["stage_seconds"], "output_size_xyz": list(result.label.GetSize()),
-                   "peak_rss_mb": round(_peak_rss_mb(), 1), "peak_gpu_mb": _gpu_peak_mb(predictor.device)})
+                   "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(predictor.device)})
 
 
 def _run_phase(target, *args):

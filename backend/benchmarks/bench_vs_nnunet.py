@@ -25,13 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from peak_memory import peak_gpu_mb, peak_rss_mb  # beside this script
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[2] / "shared" / "data" / "chaos_ct_liver"
@@ -132,8 +133,8 @@ def project_predictions(model: str, n: int, tta: bool, out: str, precision: str 
         result = predictor.predict({"ct": image})
         write_image(result.label, Path(out) / "project.nii.gz")
         times.append(time.perf_counter() - t)
-    return {"seconds": times, "startup_s": time.perf_counter() - started - sum(times), "peak_rss_mb": _peak_mb(),
-            "peak_gpu_mb": _gpu_peak_mb(), "precision": result.info["precision"]}
+    return {"seconds": times, "startup_s": time.perf_counter() - started - sum(times), "peak_rss_mb": peak_rss_mb(),
+            "peak_gpu_mb": peak_gpu_mb(), "precision": result.info["precision"]}
 
 
 def nnunet_predictions(folder: str, n: int, tta: bool, out: str, device: str = "cpu", image: str = str(IMAGE)) -> dict:
@@ -156,8 +157,8 @@ def nnunet_predictions(folder: str, n: int, tta: bool, out: str, device: str = "
         array, properties = SimpleITKIO().read_images([image])
         predictor.predict_single_npy_array(array, properties, None, str(Path(out) / "nnunet"), False)
         times.append(time.perf_counter() - t)
-    return {"seconds": times, "startup_s": time.perf_counter() - started - sum(times), "peak_rss_mb": _peak_mb(),
-            "peak_gpu_mb": _gpu_peak_mb(), "precision": "float32"}
+    return {"seconds": times, "startup_s": time.perf_counter() - started - sum(times), "peak_rss_mb": peak_rss_mb(),
+            "peak_gpu_mb": peak_gpu_mb(), "precision": "float32"}
 
 
 def write_nnunet_checkpoint(model: str, folder: str) -> None:
@@ -172,16 +173,6 @@ def write_nnunet_checkpoint(model: str, folder: str) -> None:
     torch.save({"network_weights": weights, "trainer_name": "nnUNetTrainer",
                 "init_args": {"configuration": CONFIGURATION}, "inference_allowed_mirroring_axes": (0, 1, 2)},
                str(Path(folder) / "fold_0" / "checkpoint_final.pth"))
-
-
-def _peak_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def _gpu_peak_mb() -> float | None:
-    import torch
-
-    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_initialized() else None
 
 
 def _in_process(python: str, function: str, *args) -> dict:
