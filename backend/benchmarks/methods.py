@@ -73,6 +73,11 @@ EXPERIMENTS = [
     Experiment("cmc supervised only, its labelled case", "one_labelled", "cmc", "t1c", ["flair"],
                {"csc_weight": 0.0, "cac_weight": 0.0}),
     Experiment("single FLAIR+T1c (early fusion), cmc's labelled case", "one_labelled", "single", "t1c", ["flair"]),
+    # which consistency term costs CMC on BraTS (its answer: RESULTS.md)
+    Experiment("cmc ablation: CSC only (CAC weight 0)", "semi", "cmc", "t1c", ["flair"], {"cac_weight": 0.0},
+               default=False),
+    Experiment("cmc ablation: CAC weight 1 (the previous default)", "semi", "cmc", "t1c", ["flair"],
+               {"cac_weight": 1.0}, default=False),
 ]
 # (method, baseline): the claims of issue 10, each checked on paired runs (same fold, same seed). "experiment @ inputs"
 # names a run scored with those inputs only (MAML's fused head against its own branches), or by one member of an
@@ -85,6 +90,8 @@ COMPARISONS = [
     ("mkd T1c target + unpaired FLAIR", "single T1c, mkd's labelled case"),
     ("cmc 1 labelled + 3 unlabelled", "single FLAIR+T1c (early fusion), cmc's labelled case"),
     ("cmc 1 labelled + 3 unlabelled", "cmc supervised only, its labelled case"),
+    ("cmc ablation: CSC only (CAC weight 0)", "cmc supervised only, its labelled case"),
+    ("cmc ablation: CAC weight 1 (the previous default)", "cmc supervised only, its labelled case"),
     # an ensemble against each of its members (the members' own Dice against the reference)
     ("mkd T1c target + unpaired FLAIR", "mkd T1c target + unpaired FLAIR @ t1c: seg_target"),
     ("mkd T1c target + unpaired FLAIR", "mkd T1c target + unpaired FLAIR @ t1c: seg_assistant"),
