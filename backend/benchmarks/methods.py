@@ -241,8 +241,10 @@ def compare(runs: list[dict]) -> list[dict]:
     def value(name: str, held_out: str, seed: int, region: str) -> float | None:
         experiment, _, inputs = name.partition(" @ ")
         run = by_key.get((experiment, held_out, seed))
-        inputs = inputs or next(iter(run["scores"])) if run else inputs
-        return None if run is None or inputs not in run["scores"] else run_value(run, inputs, region)
+        if run is None:
+            return None
+        inputs = inputs or next(iter(run["scores"]))  # no "@": the run's own score
+        return run_value(run, inputs, region) if inputs in run["scores"] else None  # older runs lack member scores
 
     out = []
     for method, baseline in COMPARISONS:
