@@ -1,0 +1,109 @@
+"""Each method against the baseline it exists to beat, on the phantom, at the learning tests' budget.
+
+The phantom counterpart of `methods.py`: the tiny phantom of the learning tests (40 x 40 x 24 voxels of 4.5 x 4.5 x 6
+mm, CT and MR of one synthetic anatomy, liver/kidney/spleen), 12 epochs x 25 iterations per run (the tests' budget),
+the product's defaults otherwise, every model scored on the same 3 held-out patients (a phantom seed never trained
+on), ensembles also member by member. Where both modalities show every structure, which BraTS sub-regions do not:
+- `mkd`: 1 labelled CT case + 5 labelled MR cases of other patients (unpaired) against `single` CT on that case;
+- `maml`: 3 labelled CT+MR pairs against `single` early fusion on the same pairs;
+- `cmc`: 1 labelled pair + 5 unlabelled pairs against CMC without its consistency terms on the labelled pair, and
+  against `single` early fusion on it.
+One JSON line per run on stdout and in `--out`; the runs are deterministic on a given CPU.
+
+    python backend/benchmarks/phantom_methods.py --seeds 0 1 --out phantom_methods.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SIZE, SPACING = (40, 40, 24), (4.5, 4.5, 6.0)  # the learning tests' tiny phantom
+EPOCHS, ITERATIONS = 12, 25
+# comparison: [(method, dataset, target, assistants, options)], the method first, then its baselines
+COMPARISONS = {
+    "mkd": [("mkd", "mkd_ct", "ct", ["mr"], {}), ("single", "ct_one", "ct", [], {})],
+    "mkd histogram": [("mkd", "mkd_ct", "ct", ["mr"], {"iam": "histogram"})],
+    "maml": [("maml", "paired3", "ct", ["mr"], {}), ("single", "paired3", "ct", ["mr"], {})],
+    "cmc": [("cmc", "semi", "ct", ["mr"], {}), ("cmc", "one", "ct", ["mr"], {"csc_weight": 0.0, "cac_weight": 0.0}),
+            ("single", "one", "ct", ["mr"], {})],
+}
+
+
+def datasets(root: Path):
+    from crossmodalseg.data.phantom import make_phantom_dataset
+    from crossmodalseg.data.spec import Case, DatasetSpec
+
+    paired = make_phantom_dataset(root / "paired", n_cases=6, seed=5, size=SIZE, spacing=SPACING)
+    unpaired = make_phantom_dataset(root / "unpaired", n_cases=12, seed=6, size=SIZE, spacing=SPACING, paired=False)
+    held_out = make_phantom_dataset(root / "held_out", n_cases=3, seed=50, size=SIZE, spacing=SPACING)
+
+    def spec(name: str, cases: list) -> Path:
+        s = DatasetSpec(name, paired.labels, paired.modalities, cases, root / "datasets" / name)
+        s.save()
+        return s.root
+
+    def only(case, modalities: list[str], labelled: bool = True):
+        return Case(case.id, {m: case.images[m] for m in modalities},
+                    {m: case.labels[m] for m in modalities} if labelled else {}, co_registered=len(modalities) > 1)
+
+    ct = [c for c in unpaired.cases if "ct" in c.images]
+    mr = [c for c in unpaired.cases if "mr" in c.images]
+    built = {"mkd_ct": spec("mkd_ct", [ct[0], *mr[:5]]), "ct_one": spec("ct_one", [ct[0]]),
+             "paired3": spec("paired3", paired.cases[:3]),
+             "semi": spec("semi", [paired.cases[0], *(only(c, ["ct", "mr"], False) for c in paired.cases[1:6])]),
+             "one": spec("one", [paired.cases[0]])}
+
+    def test(modalities: list[str]):
+        return DatasetSpec("held-out", held_out.labels, {m: held_out.modalities[m] for m in modalities},
+                           [only(c, modalities) for c in held_out.cases], held_out.root)
+    return built, test
+
+
+def main(argv: list[str] | None = None) -> int:
+    from crossmodalseg.engine.evaluate import evaluate_model
+    from crossmodalseg.engine.trainer import TrainConfig, train
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--only", nargs="*", choices=list(COMPARISONS), help="comparisons to run (default: all)")
+    parser.add_argument("--out", type=Path, help="append one JSON line per run")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="phantom_methods_") as tmp:
+        work = Path(tmp)
+        data, test = datasets(work)
+        for name in args.only or list(COMPARISONS):
+            for seed in args.seeds:
+                for index, (method, dataset, target, assistants, options) in enumerate(COMPARISONS[name]):
+                    config = TrainConfig(method=method, target=target, assistants=assistants, epochs=EPOCHS,
+                                         iterations_per_epoch=ITERATIONS, device="cpu", val_every=EPOCHS, seed=seed,
+                                         options=options)
+                    started = time.time()
+                    model = train(data[dataset], work / "models" / f"{name}_{seed}_{index}", config)
+                    seconds = time.time() - started
+                    results = evaluate_model(model, test([target, *assistants]), device="cpu", members=True)
+                    last = [json.loads(line) for line in (model / "events.jsonl").read_text().splitlines()
+                            if '"epoch"' in line][-1]
+                    row = {"comparison": name, "method": method, "dataset": dataset, "options": options, "seed": seed,
+                           "train_seconds": round(seconds, 1),
+                           "dice": {k: round(v["dice"], 3) for k, v in results["mean"].items()},
+                           "members": {m: {k: round(v["dice"], 3) for k, v in r["mean"].items()}
+                                       for m, r in results.get("members", {}).items()},
+                           "training_set_dice": last.get("val_dice")}
+                    row["mean_dice"] = round(float(np.mean(list(row["dice"].values()))), 3)
+                    print(json.dumps(row), flush=True)
+                    if args.out:
+                        with args.out.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(main())
