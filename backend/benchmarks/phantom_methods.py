@@ -20,7 +20,9 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +38,8 @@ COMPARISONS = {
 }
 
 
-def datasets(root: Path):
+def datasets(root: Path) -> tuple[dict[str, Path], Callable[[list[str]], Any]]:
+    """Writes the phantom datasets under `root`: {name: dataset folder} and test(modalities) -> held-out spec."""
     from crossmodalseg.data.phantom import make_phantom_dataset
     from crossmodalseg.data.spec import Case, DatasetSpec
 
@@ -60,7 +63,7 @@ def datasets(root: Path):
              "semi": spec("semi", [paired.cases[0], *(only(c, ["ct", "mr"], False) for c in paired.cases[1:6])]),
              "one": spec("one", [paired.cases[0]])}
 
-    def test(modalities: list[str]):
+    def test(modalities: list[str]) -> DatasetSpec:
         return DatasetSpec("held-out", held_out.labels, {m: held_out.modalities[m] for m in modalities},
                            [only(c, modalities) for c in held_out.cases], held_out.root)
     return built, test
