@@ -56,8 +56,7 @@ def datasets(root: Path) -> tuple[dict[str, Path], Callable[[list[str]], Any]]:
         return Case(case.id, {m: case.images[m] for m in modalities},
                     {m: case.labels[m] for m in modalities} if labelled else {}, co_registered=len(modalities) > 1)
 
-    ct = [c for c in unpaired.cases if "ct" in c.images]
-    mr = [c for c in unpaired.cases if "mr" in c.images]
+    ct, mr = unpaired.cases_with("ct"), unpaired.cases_with("mr")
     built = {"mkd_ct": spec("mkd_ct", [ct[0], *mr[:5]]), "ct_one": spec("ct_one", [ct[0]]),
              "paired3": spec("paired3", paired.cases[:3]),
              "semi": spec("semi", [paired.cases[0], *(only(c, ["ct", "mr"], False) for c in paired.cases[1:6])]),
@@ -71,6 +70,7 @@ def datasets(root: Path) -> tuple[dict[str, Path], Callable[[list[str]], Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     from crossmodalseg.engine.evaluate import evaluate_model
+    from crossmodalseg.engine.events import read_events
     from crossmodalseg.engine.trainer import TrainConfig, train
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                     model = train(data[dataset], work / "models" / f"{name}_{seed}_{index}", config)
                     seconds = time.time() - started
                     results = evaluate_model(model, test([target, *assistants]), device="cpu", members=True)
-                    last = [json.loads(line) for line in (model / "events.jsonl").read_text().splitlines()
-                            if '"epoch"' in line][-1]
+                    last = [e for e in read_events(model / "events.jsonl") if e["event"] == "epoch"][-1]
                     row = {"comparison": name, "method": method, "dataset": dataset, "options": options, "seed": seed,
                            "train_seconds": round(seconds, 1),
                            "dice": {k: round(v["dice"], 3) for k, v in results["mean"].items()},
