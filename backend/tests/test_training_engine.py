@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 from crossmodalseg.data.loaders import patch_stream
 from crossmodalseg.data.phantom import make_phantom_dataset
-from crossmodalseg.data.plan import make_plan
+from crossmodalseg.data.plan import PRESETS, Plan, make_plan
 from crossmodalseg.data.spec import DatasetSpec, load_spec
 from crossmodalseg.data.transforms import (
     LoadCased,
@@ -23,7 +24,7 @@ from crossmodalseg.data.transforms import (
 )
 from crossmodalseg.engine.checkpoint import read_model_meta
 from crossmodalseg.engine.events import EventLog, read_events
-from crossmodalseg.engine.trainer import TrainConfig, train
+from crossmodalseg.engine.trainer import TrainConfig, learning_rate_factor, train
 
 SIZE, SPACING = (40, 40, 24), (4.5, 4.5, 6.0)
 
@@ -82,6 +83,34 @@ def test_a_resumed_run_continues_the_uninterrupted_one(tiny: DatasetSpec, tmp_pa
         assert b["lr_factor"] == pytest.approx(a["lr_factor"], rel=1e-9, abs=1e-12), (a, b)
         for key in loss_keys:  # same batches, same random draws, same weights: same losses on the CPU
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (key, a, b)
+
+
+def test_the_learning_rate_warms_up_then_decays_to_zero():
+    curve = [learning_rate_factor(i / 100, 0.1, 1 / 3) for i in range(101)]
+    assert curve[0] == pytest.approx(1 / 3) and curve[5] == pytest.approx(2 / 3) and curve[10] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(curve[:10], curve[1:11]))  # rising to the peak ...
+    assert all(a > b for a, b in zip(curve[10:], curve[11:]))  # ... then falling, to exactly 0 at the end
+    assert curve[100] == 0.0 and max(curve) == pytest.approx(1.0)
+    # Without a warm-up: the plain poly curve, which plans written before the warm-up existed keep.
+    assert [learning_rate_factor(p) for p in (0.0, 0.5, 1.0)] == pytest.approx([1.0, 0.5 ** 0.9, 0.0])
+
+
+def test_the_trainer_follows_the_plans_learning_rate_curve(tiny: DatasetSpec, tmp_path: Path, monkeypatch):
+    """One iteration per epoch, so each epoch's event carries the rate of one known step: the `fast` preset as it
+    is (no warm-up), then with a warm-up from a third of the peak over 10 % of the steps."""
+    config = TrainConfig(method="single", target="ct", epochs=20, iterations_per_epoch=1, device="cpu", val_every=100)
+    for name, (fraction, start) in (("plain", (0.0, 1.0)), ("warm", (0.1, 1 / 3))):
+        if name == "warm":
+            monkeypatch.setitem(PRESETS, "fast", replace(PRESETS["fast"], warmup_fraction=0.1,
+                                                         warmup_start_factor=1 / 3))
+        out = train(tiny.root, tmp_path / name, config)
+        plan = Plan.from_json(read_model_meta(out)["plan"])
+        assert (plan.warmup_fraction, plan.warmup_start_factor) == pytest.approx((fraction, start))
+        factors = [e["lr_factor"] for e in epochs_of(out)]
+        assert factors == pytest.approx([learning_rate_factor(i / 20, fraction, start) for i in range(20)], rel=1e-9)
+        assert factors[0] == pytest.approx(start) and max(factors) == pytest.approx(1.0)
+    old = {k: v for k, v in plan.to_json().items() if not k.startswith("warmup")}
+    assert Plan.from_json(old).warmup_fraction == 0.0  # an older model fine-tuned: its plan has no warm-up
 
 
 def test_loader_workers_draw_different_batches_and_the_same_stream(tiny: DatasetSpec):

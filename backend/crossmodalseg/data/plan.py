@@ -40,6 +40,10 @@ class Preset:
     restore_channels: int  # channels brought back to full resolution when first_stride > 1
     augment: bool  # spatial and intensity augmentation of patches
     foreground_fraction: float  # patches centred on a structure (equally often per structure); the rest anywhere
+    # The rate rises linearly from warmup_start_factor x learning_rate to learning_rate over this fraction of the
+    # training, then decays (poly). 0: poly from the start.
+    warmup_fraction: float = 0.0
+    warmup_start_factor: float = 1.0
     # With a strided stem, MONAI UNet's shape: one convolution per level and one more level, unstrided, on the
     # coarsest grid. Measured on BraTS at 1.95 mm (RESULTS.md): at least as good per iteration as two convolutions
     # per level, at 11.0 instead of 16.1 GFLOP per step. Without a stem (coarse data, e.g. the 4.5 mm phantom) the
@@ -50,6 +54,8 @@ class Preset:
 STRIDED_STEM_MAX_SPACING_MM = 2.5
 
 PRESETS: dict[str, Preset] = {
+    # No warm-up by default: one from 2e-3 to 6e-3 over 10 % helped `single` (phantom, BraTS) but lowered MKD's
+    # ensemble on the phantom in 2 of 2 seeds (RESULTS.md), so it is measured per method before it becomes the default.
     "fast": Preset("fast", filters=(16, 32, 64, 128), max_patch=(48, 48, 48), max_patch_voxels=48 ** 3,
                    batch_size=4, max_image_voxels=1_200_000, iterations_per_epoch=50, learning_rate=2e-3,
                    deep_supervision_heads=0, first_stride=2, convs_per_level=2, restore_channels=8, augment=False,
@@ -127,6 +133,8 @@ class Plan:
     restore_channels: int = 0
     augment: bool = True
     foreground_fraction: float = 1.0
+    warmup_fraction: float = 0.0  # plans written before the warm-up existed: poly from the start
+    warmup_start_factor: float = 1.0
     normalisation: dict[str, Normalisation] = field(default_factory=dict)
     statistics: dict[str, Any] = field(default_factory=dict)
 
@@ -230,7 +238,8 @@ def plan_from_statistics(stats: dict[str, Any], preset: Preset, normalisation: d
                 deep_supervision_heads=preset.deep_supervision_heads,
                 convs_per_level=1 if preset.lean_when_strided and strided_stem(strides) else preset.convs_per_level,
                 restore_channels=preset.restore_channels, augment=preset.augment,
-                foreground_fraction=preset.foreground_fraction, normalisation=normalisation, statistics=stats)
+                foreground_fraction=preset.foreground_fraction, warmup_fraction=preset.warmup_fraction,
+                warmup_start_factor=preset.warmup_start_factor, normalisation=normalisation, statistics=stats)
 
 
 def strided_stem(strides: list[list[int]]) -> bool:

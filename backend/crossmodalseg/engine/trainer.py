@@ -1,4 +1,4 @@
-"""The training loop: budget (epochs or minutes), poly learning rate, mixed precision, validation Dice,
+"""The training loop: budget (epochs or minutes), learning rate (warm-up, then poly), mixed precision, validation Dice,
 checkpoints at a fixed interval with exact --resume, JSON-lines progress events, and DDP under torchrun.
 
 Configuration flows one way: dataset spec -> plan (or the plan of --init-from) -> method -> this loop -> model folder.
@@ -61,6 +61,15 @@ from .validation import Validation
 RUN_FILE = "run.json"
 DEFAULT_EPOCHS = {"fast": 40, "full": 200}
 POLY_EXPONENT = 0.9
+
+
+def learning_rate_factor(progress: float, warmup_fraction: float = 0.0, warmup_start_factor: float = 1.0) -> float:
+    """The fraction of the peak learning rate at `progress` (0 to 1) of the training: a linear warm-up from
+    `warmup_start_factor`, then poly decay to 0. A function of progress alone, so a resumed run follows the same curve."""
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup_fraction:
+        return warmup_start_factor + (1 - warmup_start_factor) * progress / warmup_fraction
+    return (1 - (progress - warmup_fraction) / (1 - warmup_fraction)) ** POLY_EXPONENT
 
 
 class TrainingError(UserError):
@@ -193,10 +202,11 @@ class Trainer:
             self.budget.record_step(time.perf_counter() - started)
 
     def _set_progress(self, progress: float) -> None:
-        """Progress (rank 0's, so every rank steps with one learning rate) and the poly learning rate."""
+        """Progress (rank 0's, so every rank steps with one learning rate) and the learning rate it sets."""
         progress = self.dist.broadcast_value(progress)
         self.ctx.progress = progress
-        factor = (1 - progress) ** POLY_EXPONENT
+        plan = self.method.plan
+        factor = learning_rate_factor(progress, plan.warmup_fraction, plan.warmup_start_factor)
         for name, opt in self.optimizers.items():
             for group, base in zip(opt.param_groups, self.base_lrs[name]):
                 group["lr"] = base * factor
