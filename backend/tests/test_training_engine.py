@@ -25,6 +25,7 @@ from crossmodalseg.data.transforms import (
 from crossmodalseg.engine.checkpoint import read_model_meta
 from crossmodalseg.engine.events import EventLog, read_events
 from crossmodalseg.engine.trainer import TrainConfig, learning_rate_factor, train
+from crossmodalseg.errors import UserError
 
 SIZE, SPACING = (40, 40, 24), (4.5, 4.5, 6.0)
 
@@ -111,6 +112,9 @@ def test_the_trainer_follows_the_plans_learning_rate_curve(tiny: DatasetSpec, tm
         assert factors[0] == pytest.approx(start) and max(factors) == pytest.approx(1.0)
     old = {k: v for k, v in plan.to_json().items() if not k.startswith("warmup")}
     assert Plan.from_json(old).warmup_fraction == 0.0  # an older model fine-tuned: its plan has no warm-up
+    for bad in ({"warmup_fraction": 1.0}, {"warmup_fraction": -0.1}, {"warmup_start_factor": 0}, {"warmup_fraction": "x"}):
+        with pytest.raises(UserError, match="warmup_fraction"):  # a hand-edited or hostile model.json
+            Plan.from_json({**old, **bad})
 
 
 def test_loader_workers_draw_different_batches_and_the_same_stream(tiny: DatasetSpec):

@@ -55,7 +55,7 @@ STRIDED_STEM_MAX_SPACING_MM = 2.5
 
 PRESETS: dict[str, Preset] = {
     # No warm-up by default: one from 2e-3 to 6e-3 over 10 % helped `single` (phantom, BraTS) but lowered MKD's
-    # ensemble on the phantom in 2 of 2 seeds (RESULTS.md), so it is measured per method before it becomes the default.
+    # ensemble on the phantom in 3 of 3 seeds (RESULTS.md), so it is measured per method before it becomes the default.
     "fast": Preset("fast", filters=(16, 32, 64, 128), max_patch=(48, 48, 48), max_patch_voxels=48 ** 3,
                    batch_size=4, max_image_voxels=1_200_000, iterations_per_epoch=50, learning_rate=2e-3,
                    deep_supervision_heads=0, first_stride=2, convs_per_level=2, restore_channels=8, augment=False,
@@ -150,7 +150,13 @@ class Plan:
             m: Normalisation(**{**n, "clip": tuple(n["clip"]) if n.get("clip") else None})
             for m, n in data.get("normalisation", {}).items()
         }
-        return cls(**data)
+        plan = cls(**data)
+        fraction, start = plan.warmup_fraction, plan.warmup_start_factor
+        if not (isinstance(fraction, (int, float)) and isinstance(start, (int, float))
+                and 0 <= fraction < 1 and 0 < start <= 1):
+            raise UserError(f"the model's plan has warmup_fraction {fraction!r} and warmup_start_factor {start!r}; "
+                            f"they must lie in [0, 1) and (0, 1]: train the model again with this crossmodalseg")
+        return plan
 
     def with_preset(self, preset: Preset) -> "Plan":
         return plan_from_statistics(self.statistics, preset, self.normalisation)
