@@ -179,7 +179,10 @@ def run(args: argparse.Namespace) -> dict:
     previous = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
     runs: list[dict] = [r for r in previous.get("runs", []) if previous.get("mode") == args.mode]
     done = {(r["experiment"], r["held_out"], r["seed"]) for r in runs}
-    experiments = [e for e in EXPERIMENTS if (any(o in e.name for o in args.only) if args.only else e.default)]
+    # --only: experiments named exactly, or whose name contains a given text
+    exact = {o for o in args.only or [] if o in {e.name for e in EXPERIMENTS}}
+    experiments = [e for e in EXPERIMENTS if ((e.name in exact or any(o in e.name for o in args.only if o not in exact))
+                                              if args.only else e.default)]
     report = {"benchmark": "methods", "mode": args.mode, "budget": mode, "device": args.device,
               "command": " ".join(sys.argv), "software": software_versions(), "machine": platform.machine(),
               "labelled_cases": LABELLED, "runs": runs}
@@ -265,6 +268,31 @@ def compare(runs: list[dict]) -> list[dict]:
     return out
 
 
+def against(runs: list[dict], earlier: list[dict]) -> list[dict]:
+    """Each experiment (and each way it was scored) against the same experiment, fold and seed in `earlier` runs (a
+    results file made before a default changed): paired differences, this minus earlier, with spread and wins."""
+    before = {(r["experiment"], r["held_out"], r["seed"]): r for r in earlier}
+    out = []
+    for experiment in dict.fromkeys(r["experiment"] for r in runs):
+        pairs = [(r, before.get((experiment, r["held_out"], r["seed"]))) for r in runs if r["experiment"] == experiment]
+        pairs = [(now, then) for now, then in pairs if then is not None]
+        for inputs in dict.fromkeys(k for now, _ in pairs for k in now["scores"]):
+            row = {"experiment": experiment, "inputs": inputs, "pairs": 0}
+            for region in REGIONS:
+                values = [(run_value(now, inputs, region), run_value(then, inputs, region)) for now, then in pairs
+                          if inputs in now["scores"] and inputs in then["scores"]]
+                diffs = [a - b for a, b in values if a is not None and b is not None]
+                if diffs:
+                    row["pairs"] = max(row["pairs"], len(diffs))
+                    row[region], row[f"{region}_sd"] = _mean_sd(diffs)
+                    row[f"{region}_wins"] = sum(d > 0 for d in diffs)
+                    row[f"{region}_beyond_spread"] = len(diffs) > 1 and abs(statistics.mean(diffs)) > statistics.stdev(
+                        diffs)
+            if row["pairs"]:
+                out.append(row)
+    return out
+
+
 def score(model: Path, test_set: Path, inputs: list[str], device: str, members: bool = False, tta: bool = False
           ) -> dict[str, dict[str, dict[str, float | None]]]:
     """Region Dice per test case, predicting from `inputs` only; the label is the case's (shared) segmentation.
@@ -302,12 +330,19 @@ def markdown(report: dict) -> str:
     for row in report["summary"]:
         lines.append(f"| {row['experiment']} | {row['inputs']} | {row['runs']} | {fmt(row, 'WT')} | "
                      f"{fmt(row, 'TC')} | {fmt(row, 'ET')} | {row['train_s_mean']} |")
+    cells = lambda row: " | ".join(  # noqa: E731
+        f"{fmt(row, r)} ({row.get(r + '_wins', '–')}/{row['pairs']})"
+        + (" **beyond spread**" if row.get(f"{r}_beyond_spread") else "") for r in REGIONS)
     lines += ["", "Paired differences (method - baseline, same fold and seed), wins out of pairs:", "",
               "| method | baseline | pairs | WT | TC | ET |", "|---|---|---|---|---|---|"]
     for row in report["comparisons"]:
-        cells = [f"{fmt(row, r)} ({row.get(r + '_wins', '–')}/{row['pairs']})"
-                 + (" **beyond spread**" if row.get(f"{r}_beyond_spread") else "") for r in REGIONS]
-        lines.append(f"| {row['method']} | {row['baseline']} | {row['pairs']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['method']} | {row['baseline']} | {row['pairs']} | {cells(row)} |")
+    if report.get("against"):
+        lines += ["", f"Against the same experiments in `{report['against_file']}` (this run - that one, same fold "
+                      "and seed), wins out of pairs:", "",
+                  "| experiment | inputs | pairs | WT | TC | ET |", "|---|---|---|---|---|---|"]
+        for row in report["against"]:
+            lines.append(f"| {row['experiment']} | {row['inputs']} | {row['pairs']} | {cells(row)} |")
     return "\n".join(lines)
 
 
@@ -318,12 +353,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--folds", nargs="*", choices=LABELLED, help="held-out cases (default: each labelled case)")
     parser.add_argument("--iterations", type=int, help="iterations per epoch instead of the mode's (quick checks)")
-    parser.add_argument("--only", nargs="*", help="run experiments whose name contains one of these")
+    parser.add_argument("--only", nargs="*", help="run these experiments (a name, or text a name contains)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--against", type=Path, help="an earlier results file: pair each run with its run there "
+                                                      "(same experiment, fold, seed), e.g. before a default changed")
     args = parser.parse_args(argv)
     if args.iterations:
         MODES[args.mode] = {**MODES[args.mode], "iterations": args.iterations}
     report = run(args)
+    if args.against:
+        report["against_file"] = args.against.name
+        report["against"] = against(report["runs"], json.loads(args.against.read_text())["runs"])
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
     table = markdown(report)
     if args.out:
         args.out.with_suffix(".md").write_text(table + "\n")

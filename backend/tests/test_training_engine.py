@@ -97,16 +97,22 @@ def test_the_learning_rate_warms_up_then_decays_to_zero():
 
 
 def test_the_trainer_follows_the_plans_learning_rate_curve(tiny: DatasetSpec, tmp_path: Path, monkeypatch):
-    """One iteration per epoch, so each epoch's event carries the rate of one known step: the `fast` preset as it
-    is (no warm-up), then with a warm-up from a third of the peak over 10 % of the steps."""
-    config = TrainConfig(method="single", target="ct", epochs=20, iterations_per_epoch=1, device="cpu", val_every=100)
-    for name, (fraction, start) in (("plain", (0.0, 1.0)), ("warm", (0.1, 1 / 3))):
-        if name == "warm":
-            monkeypatch.setitem(PRESETS, "fast", replace(PRESETS["fast"], warmup_fraction=0.1,
-                                                         warmup_start_factor=1 / 3))
+    """One iteration per epoch, so each epoch's event carries the rate of one known step: the `fast` preset as
+    shipped (a warm-up from a third of the peak over 10 % of the steps), MKD with the same preset (no warm-up: plain
+    poly from the warm-up's start rate), then a preset without a warm-up."""
+    fast = PRESETS["fast"]
+    assert (fast.learning_rate, fast.warmup_fraction, fast.warmup_start_factor) == pytest.approx((6e-3, 0.1, 1 / 3))
+    runs = (("warm", "single", [], (0.1, 1 / 3), 6e-3), ("mkd", "mkd", ["mr"], (0.0, 1.0), 2e-3),
+            ("plain", "single", [], (0.0, 1.0), 6e-3))
+    for name, method, assistants, (fraction, start), peak in runs:
+        if name == "plain":
+            monkeypatch.setitem(PRESETS, "fast", replace(fast, warmup_fraction=0.0, warmup_start_factor=1.0))
+        config = TrainConfig(method=method, target="ct", assistants=assistants, epochs=20, iterations_per_epoch=1,
+                             device="cpu", val_every=100)
         out = train(tiny.root, tmp_path / name, config)
         plan = Plan.from_json(read_model_meta(out)["plan"])
-        assert (plan.warmup_fraction, plan.warmup_start_factor) == pytest.approx((fraction, start))
+        assert (plan.learning_rate, plan.warmup_fraction, plan.warmup_start_factor) == pytest.approx(
+            (peak, fraction, start)), name
         factors = [e["lr_factor"] for e in epochs_of(out)]
         assert factors == pytest.approx([learning_rate_factor(i / 20, fraction, start) for i in range(20)], rel=1e-9)
         assert factors[0] == pytest.approx(start) and max(factors) == pytest.approx(1.0)

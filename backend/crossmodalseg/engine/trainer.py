@@ -298,7 +298,8 @@ class Trainer:
             self._check_compatible(init_meta, task)
             plan = Plan.from_json(init_meta["plan"])
         else:  # statistics of the training cases only: validation cases must not shape the preprocessing
-            plan = make_plan(self.spec, [task.target, *task.assistants], self.config.preset, exclude=val_ids)
+            plan = method_cls.adapt_plan(make_plan(self.spec, [task.target, *task.assistants], self.config.preset,
+                                                   exclude=val_ids))
         if self.config.iterations_per_epoch:
             plan.iterations_per_epoch = self.config.iterations_per_epoch
         if init_meta is not None:  # the model's own hyper-parameters (its networks depend on them), then overrides

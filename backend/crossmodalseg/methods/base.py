@@ -103,6 +103,12 @@ class Method(ABC):
         self.train_nets: dict[str, nn.Module] = dict(self.nets)
 
     @classmethod
+    def adapt_plan(cls, plan: Plan) -> Plan:
+        """The plan this method trains with, made from the preset's (default: the same). Called once, when a run
+        makes its plan; run.json and the model folder record the result, so a resumed or fine-tuned run keeps it."""
+        return plan
+
+    @classmethod
     def default_options(cls) -> dict[str, Any]:
         return cls.Options().model_dump()
 
