@@ -237,6 +237,17 @@ def summarise(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def _add_paired(row: dict, region: str, pairs: list[tuple[float | None, float | None]]) -> None:
+    """Adds a region's paired differences (first - second, pairs with both values) to `row`: mean, sd, wins, and
+    whether the mean is beyond noise (larger than the spread of the differences)."""
+    diffs = [a - b for a, b in pairs if a is not None and b is not None]
+    if diffs:
+        row["pairs"] = max(row["pairs"], len(diffs))
+        row[region], row[f"{region}_sd"] = _mean_sd(diffs)
+        row[f"{region}_wins"] = sum(d > 0 for d in diffs)
+        row[f"{region}_beyond_spread"] = len(diffs) > 1 and abs(statistics.mean(diffs)) > statistics.stdev(diffs)
+
+
 def compare(runs: list[dict]) -> list[dict]:
     """Paired differences method - baseline over the (fold, seed) runs both have, with their spread and wins."""
     by_key = {(r["experiment"], r["held_out"], r["seed"]): r for r in runs}
@@ -254,15 +265,7 @@ def compare(runs: list[dict]) -> list[dict]:
         keys = sorted({(r["held_out"], r["seed"]) for r in runs})
         row = {"method": method, "baseline": baseline, "pairs": 0}
         for region in REGIONS:
-            pairs = [(value(method, h, s, region), value(baseline, h, s, region)) for h, s in keys]
-            diffs = [a - b for a, b in pairs if a is not None and b is not None]
-            if diffs:
-                row["pairs"] = max(row["pairs"], len(diffs))
-                row[region], row[f"{region}_sd"] = _mean_sd(diffs)
-                row[f"{region}_wins"] = sum(d > 0 for d in diffs)
-                # beyond noise: the mean paired difference is larger than the spread of the differences
-                row[f"{region}_beyond_spread"] = len(diffs) > 1 and abs(statistics.mean(diffs)) > statistics.stdev(
-                    diffs)
+            _add_paired(row, region, [(value(method, h, s, region), value(baseline, h, s, region)) for h, s in keys])
         if row["pairs"]:
             out.append(row)
     return out
@@ -279,15 +282,8 @@ def against(runs: list[dict], earlier: list[dict]) -> list[dict]:
         for inputs in dict.fromkeys(k for now, _ in pairs for k in now["scores"]):
             row = {"experiment": experiment, "inputs": inputs, "pairs": 0}
             for region in REGIONS:
-                values = [(run_value(now, inputs, region), run_value(then, inputs, region)) for now, then in pairs
-                          if inputs in now["scores"] and inputs in then["scores"]]
-                diffs = [a - b for a, b in values if a is not None and b is not None]
-                if diffs:
-                    row["pairs"] = max(row["pairs"], len(diffs))
-                    row[region], row[f"{region}_sd"] = _mean_sd(diffs)
-                    row[f"{region}_wins"] = sum(d > 0 for d in diffs)
-                    row[f"{region}_beyond_spread"] = len(diffs) > 1 and abs(statistics.mean(diffs)) > statistics.stdev(
-                        diffs)
+                _add_paired(row, region, [(run_value(now, inputs, region), run_value(then, inputs, region))
+                                          for now, then in pairs if inputs in now["scores"] and inputs in then["scores"]])
             if row["pairs"]:
                 out.append(row)
     return out
