@@ -179,10 +179,14 @@ def run(args: argparse.Namespace) -> dict:
     previous = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
     runs: list[dict] = [r for r in previous.get("runs", []) if previous.get("mode") == args.mode]
     done = {(r["experiment"], r["held_out"], r["seed"]) for r in runs}
-    # --only: experiments named exactly, or whose name contains a given text
-    exact = {o for o in args.only or [] if o in {e.name for e in EXPERIMENTS}}
-    experiments = [e for e in EXPERIMENTS if ((e.name in exact or any(o in e.name for o in args.only if o not in exact))
-                                              if args.only else e.default)]
+    names = {e.name for e in EXPERIMENTS}
+
+    def chosen(e: Experiment) -> bool:  # --only: a name chooses that experiment, other text every name holding it
+        if not args.only:
+            return e.default
+        return e.name in args.only or any(o in e.name for o in args.only if o not in names)
+
+    experiments = [e for e in EXPERIMENTS if chosen(e)]
     report = {"benchmark": "methods", "mode": args.mode, "budget": mode, "device": args.device,
               "command": " ".join(sys.argv), "software": software_versions(), "machine": platform.machine(),
               "labelled_cases": LABELLED, "runs": runs}
