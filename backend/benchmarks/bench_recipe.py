@@ -13,7 +13,8 @@ whole wall time is recorded, so `--minutes` is checked as well.
 Cross-validation: the labelled cases are split into folds (default 2 folds of 2 cases); each fold is held out once
 while the others train. Each (fold, seed, budget) trains both recipes, one after the other (the order alternates),
 so that a change in the machine's speed affects both. Held-out cases are scored at their own 1 mm grid with the
-BraTS regions WT, TC, ET.
+BraTS regions WT, TC, ET. The report pairs the two recipes by (fold, seed): product minus plain, with the spread
+of the differences and how many pairs the product wins.
 
     python backend/benchmarks/bench_recipe.py --minutes 2 4 8 --seeds 0 1 2 --out backend/benchmarks/recipe_cpu.json
 """
@@ -180,6 +181,12 @@ def folds_of(folders: list[Path], n_folds: int) -> list[list[Path]]:
     return [folders[i::n_folds] for i in range(n_folds)]
 
 
+def run_value(run: dict, region: str) -> float:
+    """One value per run: the mean Dice over its held-out cases (a case whose reference and prediction are both
+    empty, None, is left out)."""
+    return statistics.mean(v for v in (s[region] for s in run["scores"].values()) if v is not None)
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     rows = []
     for recipe in ("product", "plain"):
@@ -191,12 +198,32 @@ def summarise(runs: list[dict]) -> list[dict]:
                    "wall_s_max": max(r["train_wall_s"] for r in chosen),
                    "iterations_mean": round(statistics.mean(r["iterations"] for r in chosen), 1)}
             for region in REGIONS:
-                # One value per run: the mean over that run's held-out cases (None = empty reference and prediction).
-                values = [statistics.mean(v for v in (s[region] for s in r["scores"].values()) if v is not None)
-                          for r in chosen]
+                values = [run_value(r, region) for r in chosen]
                 row[region] = round(statistics.mean(values), 3)
                 row[f"{region}_sd"] = round(statistics.stdev(values), 3) if len(values) > 1 else 0.0
             rows.append(row)
+    return rows
+
+
+def paired(runs: list[dict]) -> list[dict]:
+    """Product minus plain per budget, over the (fold, seed) pairs that ran both: mean and sd of the differences,
+    how many the product wins, and whether the mean is larger than the spread (the benchmark's rule for a result)."""
+    by_key = {(r["recipe"], r["minutes"], r["fold"], r["seed"]): r for r in runs}
+    rows = []
+    for minutes in sorted({r["minutes"] for r in runs}):
+        keys = sorted({(fold, seed) for recipe, m, fold, seed in by_key if m == minutes})
+        both = [(by_key[("product", minutes, *k)], by_key[("plain", minutes, *k)]) for k in keys
+                if ("product", minutes, *k) in by_key and ("plain", minutes, *k) in by_key]
+        if not both:
+            continue
+        row = {"minutes": minutes, "pairs": len(both)}
+        for region in REGIONS:
+            diffs = [run_value(a, region) - run_value(b, region) for a, b in both]
+            sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            row[region], row[f"{region}_sd"] = round(statistics.mean(diffs), 3), round(sd, 3)
+            row[f"{region}_wins"] = sum(d > 0 for d in diffs)
+            row[f"{region}_beyond_spread"] = len(diffs) > 1 and abs(statistics.mean(diffs)) > sd
+        rows.append(row)
     return rows
 
 
@@ -211,12 +238,19 @@ def tta_effect(runs: list[dict]) -> dict:
     return out
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], pairs: list[dict]) -> str:
     lines = ["| recipe | minutes | runs | iterations (mean) | max wall s | WT | TC | ET |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [f"{r[g]:.3f} ± {r[g + '_sd']:.3f}" for g in REGIONS]
         lines.append(f"| {r['recipe']} | {r['minutes']:g} | {r['runs']} | {r['iterations_mean']:g} | "
                      f"{r['wall_s_max']:.0f} | " + " | ".join(cells) + " |")
+    if pairs:
+        lines += ["", "Product minus plain, paired by (fold, seed): mean ± sd of the differences (product wins / pairs)",
+                  "", "| minutes | pairs | WT | TC | ET |", "|---|---|---|---|---|"]
+        for p in pairs:
+            cells = [f"{p[g]:+.3f} ± {p[g + '_sd']:.3f} ({p[g + '_wins']}/{p['pairs']})"
+                     + (" beyond spread" if p[f"{g}_beyond_spread"] else "") for g in REGIONS]
+            lines.append(f"| {p['minutes']:g} | {p['pairs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -262,7 +296,7 @@ def main() -> None:
                     print(json.dumps(runs[-1]), flush=True)
                     write(args, runs)
     write(args, runs)
-    print(markdown(summarise(runs)))
+    print(markdown(summarise(runs), paired(runs)))
 
 
 def plain_in_subprocess(train: list[Path], test: list[Path], modalities: list[str], minutes: float,
@@ -279,13 +313,13 @@ def plain_in_subprocess(train: list[Path], test: list[Path], modalities: list[st
 def write(args: argparse.Namespace, runs: list[dict]) -> None:
     import torch
 
-    rows = summarise(runs) if runs else []
+    rows, pairs = (summarise(runs), paired(runs)) if runs else ([], [])
     args.out.write_text(json.dumps({
         "what": "product `single` vs a plain MONAI recipe at equal wall time, BraTS 2015 FLAIR+T1c, CPU",
         "command": " ".join(sys.argv), "modalities": args.modalities, "folds": args.folds,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
-        "summary": rows, "markdown": markdown(rows) if rows else "", "tta": tta_effect(runs), "runs": runs},
+        "summary": rows, "paired": pairs, "markdown": markdown(rows, pairs) if rows else "", "tta": tta_effect(runs), "runs": runs},
         indent=1))
 
 
