@@ -68,6 +68,9 @@ EXPERIMENTS = [
     Experiment("maml FLAIR+T1c, half-width branches (the paper's)", "paired", "maml", "flair", ["t1c"], {"width": 0.5},
                missing=True, default=False),
     Experiment("mkd T1c target + unpaired FLAIR", "unpaired", "mkd", "t1c", ["flair"], inputs=["t1c"]),
+    # ablation (not in the paper): seg_target also distils into seg_assistant on target images, where both ensemble
+    Experiment("mkd ablation: KD t->a on target images too", "unpaired", "mkd", "t1c", ["flair"],
+               {"kd_t2a_target": 1.0}, inputs=["t1c"], default=False),
     Experiment("single T1c, mkd's labelled case", "t1c_one", "single", "t1c", [], inputs=["t1c"], mirrored=True),
     Experiment("cmc 1 labelled + 3 unlabelled", "semi", "cmc", "t1c", ["flair"]),
     Experiment("cmc supervised only, its labelled case", "one_labelled", "cmc", "t1c", ["flair"],
@@ -88,6 +91,8 @@ COMPARISONS = [
     ("maml FLAIR+T1c", "maml FLAIR+T1c @ t1c"),
     ("maml FLAIR+T1c", "maml FLAIR+T1c, half-width branches (the paper's)"),
     ("mkd T1c target + unpaired FLAIR", "single T1c, mkd's labelled case"),
+    ("mkd ablation: KD t->a on target images too", "single T1c, mkd's labelled case"),
+    ("mkd ablation: KD t->a on target images too", "mkd T1c target + unpaired FLAIR"),
     ("cmc 1 labelled + 3 unlabelled", "single FLAIR+T1c (early fusion), cmc's labelled case"),
     ("cmc 1 labelled + 3 unlabelled", "cmc supervised only, its labelled case"),
     ("cmc ablation: CSC only (CAC weight 0)", "cmc supervised only, its labelled case"),
@@ -154,6 +159,7 @@ def fold_datasets(work: Path, held_out: str, files) -> dict[str, Path]:
 
 
 def run_one(experiment: Experiment, data: dict[str, Path], seed: int, mode: dict, device: str, work: Path) -> dict:
+    from crossmodalseg.engine.events import read_events
     from crossmodalseg.engine.trainer import TrainConfig, train
 
     config = TrainConfig(method=experiment.method, target=experiment.target, assistants=experiment.assistants,
@@ -169,7 +175,9 @@ def run_one(experiment: Experiment, data: dict[str, Path], seed: int, mode: dict
     if experiment.missing:
         for m in experiment.inputs:
             scores.update(score(model, data["test"], [m], device))
-    return {"train_seconds": round(seconds, 1), "scores": scores}
+    last_epoch = [e for e in read_events(model / "events.jsonl") if e["event"] == "epoch"][-1]
+    extra = {"alignment_dice": last_epoch["alignment_dice"]} if "alignment_dice" in last_epoch else {}  # MKD's IAM
+    return {"train_seconds": round(seconds, 1), "scores": scores, **extra}
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -32,6 +32,9 @@ EPOCHS, ITERATIONS = 12, 25
 COMPARISONS = {
     "mkd": [("mkd", "mkd_ct", "ct", ["mr"], {}), ("single", "ct_one", "ct", [], {})],
     "mkd histogram": [("mkd", "mkd_ct", "ct", ["mr"], {"iam": "histogram"})],
+    # ablation: seg_target also distils into seg_assistant on the target images both are ensembled on
+    "mkd, KD t->a on target": [("mkd", "mkd_ct", "ct", ["mr"], {"kd_t2a_target": 1.0})],
+    "mkd histogram, KD t->a on target": [("mkd", "mkd_ct", "ct", ["mr"], {"iam": "histogram", "kd_t2a_target": 1.0})],
     "maml": [("maml", "paired3", "ct", ["mr"], {}), ("single", "paired3", "ct", ["mr"], {})],
     "cmc": [("cmc", "semi", "ct", ["mr"], {}), ("cmc", "one", "ct", ["mr"], {"csc_weight": 0.0, "cac_weight": 0.0}),
             ("single", "one", "ct", ["mr"], {})],
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                            "dice": {k: round(v["dice"], 3) for k, v in results["mean"].items()},
                            "members": {m: {k: round(v["dice"], 3) for k, v in r["mean"].items()}
                                        for m, r in results.get("members", {}).items()},
-                           "training_set_dice": last.get("val_dice")}
+                           "training_set_dice": last.get("val_dice"),
+                           "alignment_dice": last.get("alignment_dice")}  # MKD: seg_target on aligned assistant
                     row["mean_dice"] = round(float(np.mean(list(row["dice"].values()))), 3)
                     print(json.dumps(row), flush=True)
                     if args.out:

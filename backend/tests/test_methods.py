@@ -304,17 +304,20 @@ def test_one_cmc_step_trains_both_branches_their_attention_and_the_fusion(paired
     assert changed == parts
 
 
-@pytest.mark.parametrize("name,students", [("mkd", [{"seg_target"}, {"seg_assistant"}]),
-                                           ("maml", [{"branch_ct"}, {"branch_mr"}])])
-def test_distillation_teaches_the_student_only(paired_spec: DatasetSpec, monkeypatch, name: str,
+@pytest.mark.parametrize("name,options,students", [
+    ("mkd", {"iam": "none"}, [{"seg_target"}, {"seg_assistant"}]),
+    # lambda3: seg_target also teaches seg_assistant on target images (computed first, its output reused as the
+    # teacher of the a->t term, so a missing detach there would reach seg_assistant)
+    ("mkd", {"iam": "none", "kd_t2a_target": 1.0}, [{"seg_assistant"}, {"seg_target"}, {"seg_assistant"}]),
+    ("maml", {"kd_weight": 1.0, "modality_dropout": 0.0}, [{"branch_ct"}, {"branch_mr"}])])
+def test_distillation_teaches_the_student_only(paired_spec: DatasetSpec, monkeypatch, name: str, options: dict,
                                                students: list[set[str]]):
     """Each distillation term's gradient reaches its student's network and nothing else: a teacher that learned from
     its student's imitation (a missing detach or no_grad) would be pulled towards the student's errors."""
     import importlib
 
     torch.manual_seed(0)
-    method = tiny_method(name, paired_spec, "ct", ["mr"], **({"iam": "none"} if name == "mkd" else
-                                                           {"kd_weight": 1.0, "modality_dropout": 0.0}))
+    method = tiny_method(name, paired_spec, "ct", ["mr"], **options)
     module = importlib.import_module(f"crossmodalseg.methods.{name}")
     real_kd, reached = module.kd_loss, []
 
@@ -330,6 +333,28 @@ def test_distillation_teaches_the_student_only(paired_spec: DatasetSpec, monkeyp
     monkeypatch.setattr(module, "kd_loss", spying_kd)
     one_step(method, load_items(method, paired_spec), progress=0.9)  # past the ramp-up: distillation is on
     assert reached == students
+
+
+def test_mkd_reports_how_well_the_iam_aligns(paired_spec: DatasetSpec):
+    """`alignment_dice`, the target member's Dice on aligned assistant patches: checked against a hand count, then
+    logged by a training step."""
+    from crossmodalseg.methods.mkd import hard_dice
+
+    label = torch.zeros(1, 1, 2, 2, 4, dtype=torch.long)
+    label[0, 0, 0, 0, :] = 1  # 4 voxels of class 1, none of class 2
+    predicted = torch.zeros_like(label)
+    predicted[0, 0, 0, 0, :2] = 1  # 2 of them found ...
+    predicted[0, 0, 1, 1, :2] = 1  # ... and 2 false positives
+    logits = torch.nn.functional.one_hot(predicted[:, 0], 3).permute(0, 4, 1, 2, 3).float()
+    assert hard_dice(logits, label) == pytest.approx((2 * 2 / (4 + 4) + 1.0) / 2)  # class 2: absent, not predicted
+    assert hard_dice(logits, predicted) == 1.0
+    predicted[0, 0, 1, 0, 0] = 2  # class 2 predicted where the label has none: 0 for that class
+    logits = torch.nn.functional.one_hot(predicted[:, 0], 3).permute(0, 4, 1, 2, 3).float()
+    assert hard_dice(logits, label) == pytest.approx((0.5 + 0.0) / 2)
+    torch.manual_seed(0)
+    method = tiny_method("mkd", paired_spec, "ct", ["mr"], iam="none")
+    logs = one_step(method, load_items(method, paired_spec), progress=0.9)
+    assert 0.0 <= logs["alignment_dice"] <= 1.0
 
 
 def test_maml_modality_dropout_really_drops_a_branch(paired_spec: DatasetSpec):

@@ -53,7 +53,9 @@ def test_killed_training_resumes_from_its_checkpoint(phantom_split, tmp_path: Pa
     assert sum(result.info["stage_seconds"].values()) == pytest.approx(result.info["seconds"], abs=0.01)
 
 
-DDP_CASES = [("single", []), ("mkd", ["mr"]), ("maml", ["mr"]), ("cmc", ["mr"])]
+# (method, assistants, options); MKD also with kd_t2a_target, whose seg_assistant runs twice with gradient per step
+DDP_CASES = [("single", [], []), ("mkd", ["mr"], ["translator_filters=4"]),
+             ("mkd", ["mr"], ["kd_t2a_target=1.0"]), ("maml", ["mr"], []), ("cmc", ["mr"], ["warmup=0.5"])]
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +77,14 @@ def ddp_data(tmp_path_factory) -> Path:
     return root / "data"
 
 
-@pytest.mark.parametrize("method,assistants", DDP_CASES, ids=[c[0] for c in DDP_CASES])
+@pytest.mark.parametrize("method,assistants,options", DDP_CASES, ids=["-".join([c[0], *c[2]]) for c in DDP_CASES])
 def test_torchrun_two_cpu_processes_train_every_method(ddp_data: Path, tmp_path: Path, method: str,
-                                                       assistants: list[str]):
+                                                       assistants: list[str], options: list[str]):
     data = ddp_data.parent / "data_mkd" if method == "mkd" else ddp_data
     common = ["train", str(data), "--method", method, "--target", "ct",
               *[a for m in assistants for a in ("--assistant", m)], "--epochs", "2", "--iterations-per-epoch", "2",
               "--device", "cpu", "--val-every", "1"]
-    if method == "mkd":
-        common += ["--option", "translator_filters=4"]
-    if method == "cmc":
-        common += ["--option", "warmup=0.5"]  # both the supervised-only and the consistency phase run
+    common += [a for option in options for a in ("--option", option)]  # CMC's warmup=0.5: both of its phases run
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "crossmodalseg.cli", *common, "--out", str(tmp_path / "ddp")],
