@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from methods import add_paired  # the benchmarks' one rule for paired differences
+
 BRATS = Path(__file__).resolve().parents[3] / "shared" / "data" / "brats2015_flair_t1c"
 FILES = {"flair": "Flair_subtrMeanDivStd.nii.gz", "t1c": "T1c_subtrMeanDivStd.nii.gz"}
 LABEL_FILE = "OTMultiClass.nii.gz"
@@ -216,13 +218,9 @@ def paired(runs: list[dict]) -> list[dict]:
                 if ("product", minutes, *k) in by_key and ("plain", minutes, *k) in by_key]
         if not both:
             continue
-        row = {"minutes": minutes, "pairs": len(both)}
+        row = {"minutes": minutes, "pairs": 0}
         for region in REGIONS:
-            diffs = [run_value(a, region) - run_value(b, region) for a, b in both]
-            sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-            row[region], row[f"{region}_sd"] = round(statistics.mean(diffs), 3), round(sd, 3)
-            row[f"{region}_wins"] = sum(d > 0 for d in diffs)
-            row[f"{region}_beyond_spread"] = len(diffs) > 1 and abs(statistics.mean(diffs)) > sd
+            add_paired(row, region, [(run_value(a, region), run_value(b, region)) for a, b in both])
         rows.append(row)
     return rows
 

@@ -249,7 +249,7 @@ def summarise(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def _add_paired(row: dict, region: str, pairs: list[tuple[float | None, float | None]]) -> None:
+def add_paired(row: dict, region: str, pairs: list[tuple[float | None, float | None]]) -> None:
     """Adds a region's paired differences (first - second, pairs with both values) to `row`: mean, sd, wins, and
     whether the mean is beyond noise (larger than the spread of the differences)."""
     diffs = [a - b for a, b in pairs if a is not None and b is not None]
@@ -277,7 +277,7 @@ def compare(runs: list[dict]) -> list[dict]:
         keys = sorted({(r["held_out"], r["seed"]) for r in runs})
         row = {"method": method, "baseline": baseline, "pairs": 0}
         for region in REGIONS:
-            _add_paired(row, region, [(value(method, h, s, region), value(baseline, h, s, region)) for h, s in keys])
+            add_paired(row, region, [(value(method, h, s, region), value(baseline, h, s, region)) for h, s in keys])
         if row["pairs"]:
             out.append(row)
     return out
@@ -294,7 +294,7 @@ def against(runs: list[dict], earlier: list[dict]) -> list[dict]:
         for inputs in dict.fromkeys(k for now, _ in pairs for k in now["scores"]):
             row = {"experiment": experiment, "inputs": inputs, "pairs": 0}
             for region in REGIONS:
-                _add_paired(row, region, [(run_value(now, inputs, region), run_value(then, inputs, region))
+                add_paired(row, region, [(run_value(now, inputs, region), run_value(then, inputs, region))
                                           for now, then in pairs if inputs in now["scores"] and inputs in then["scores"]])
             if row["pairs"]:
                 out.append(row)
