@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -33,12 +33,21 @@ CT_SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # level 40 HU, width 400 HU
 # ensemble only if it has learnt on CT-like images (without alignment it scored liver Dice 0.20 on CT, 0.56 with).
 # And with kd_t2a_target: the MR member also learns the CT member's view of CT images, the images it is ensembled on
 # (phantom CT + MR, 2 seeds: ensemble 0.585 / 0.688 without it, 0.813 / 0.783 with; backend/benchmarks/RESULTS.md).
-# The last field: the model's share of the time budget in units of `minutes`. An MKD iteration trains two segmentors
-# (3.4x the time of a baseline iteration on 2 CPU cores), and at equal minutes its 80 iterations did not find the
-# spleen (nor did the baseline's at 80 iterations); 3x the baseline's minutes gives both about the same iterations
-# (phantom seeds 0 / 1: baseline 1 min, 190 iterations, spleen Dice 0.90 / 0.74; MKD 3 min, 165, 0.75 / 0.63).
-MODELS = {"baseline": ("single", [], {}, 1.0),
-          "mkd": ("mkd", ["mr"], {"iam": "histogram", "kd_t2a_target": 1.0}, 3.0)}
+# time_share: the model's training budget in units of `--minutes`. An MKD iteration trains two segmentors (3.4x the
+# time of a baseline iteration on 2 CPU cores), and at equal minutes its 80 iterations did not find the spleen (nor
+# did the baseline's at 80 iterations); 3x the baseline's minutes gives both about the same iterations (phantom,
+# seeds 0 / 1: baseline 1 min, 190 iterations, spleen Dice 0.90 / 0.74; MKD 3 min, 165, 0.75 / 0.63).
+
+
+class DemoModel(NamedTuple):
+    method: str
+    assistants: list[str]
+    options: dict[str, Any]
+    time_share: float
+
+
+MODELS = {"baseline": DemoModel("single", [], {}, time_share=1.0),
+          "mkd": DemoModel("mkd", ["mr"], {"iam": "histogram", "kd_t2a_target": 1.0}, time_share=3.0)}
 
 
 def run_demo(out: str | Path, minutes: float = 1.0, device: str = "auto", seed: int = 0,
@@ -59,12 +68,13 @@ def run_demo(out: str | Path, minutes: float = 1.0, device: str = "auto", seed: 
 
     results: dict[str, dict] = {}
     iterations: dict[str, int] = {}
-    budgets = {name: minutes * share for name, (*_, share) in MODELS.items()}
-    for name, (method, assistants, options, _) in MODELS.items():
-        what = "CT only" if not assistants else f"CT + unpaired MR ({n_mr} MR cases of other patients)"
+    budgets = {name: minutes * model.time_share for name, model in MODELS.items()}
+    for name, model in MODELS.items():
+        method = model.method
+        what = "CT only" if not model.assistants else f"CT + unpaired MR ({n_mr} MR cases of other patients)"
         say(f"[demo] training `{method}` on {what}, {n_ct} labelled CT cases, up to {budgets[name]:g} min ({device})")
-        config = TrainConfig(method=method, target="ct", assistants=assistants, preset="fast",
-                             minutes=budgets[name], device=device, seed=seed, val_every=4, options=options)
+        config = TrainConfig(method=method, target="ct", assistants=model.assistants, preset="fast",
+                             minutes=budgets[name], device=device, seed=seed, val_every=4, options=model.options)
         train(train_spec.root, out / name / "model", config, events=events)
         iterations[name] = int(read_model_meta(out / name / "model")["training"]["iterations"])
         say(f"[demo] segmenting the held-out CT cases with `{method}` and scoring them")
