@@ -198,6 +198,8 @@ def run(args: argparse.Namespace) -> dict:
     report = {"benchmark": "methods", "mode": args.mode, "budget": mode, "device": args.device,
               "command": " ".join(sys.argv), "software": software_versions(), "machine": platform.machine(),
               "labelled_cases": LABELLED, "runs": runs}
+    if previous.get("note"):  # where the file's earlier runs came from, when it was assembled from other files
+        report["note"] = previous["note"]
     with tempfile.TemporaryDirectory(prefix="cms-methods-") as tmp:
         work = Path(tmp)
         files = prepare(work / "images", mode["spacing"])
