@@ -217,12 +217,17 @@ def run(args: argparse.Namespace) -> dict:
                                  "options": experiment.options, "held_out": held_out, "seed": seed, **result})
                     report["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                     report["summary"], report["comparisons"] = summarise(runs), compare(runs)
-                    if args.out:  # after every run, atomically: a stopped benchmark resumes where it was
-                        tmp_out = args.out.with_suffix(".tmp")
-                        tmp_out.write_text(json.dumps(report, indent=1) + "\n")
-                        tmp_out.replace(args.out)
+                    if args.out:  # after every run: a stopped benchmark resumes where it was
+                        write_report(args.out, report)
     report["summary"], report["comparisons"] = summarise(runs), compare(runs)
     return report
+
+
+def write_report(path: Path, report: dict) -> None:
+    """Writes the results file atomically (a temporary file, then a rename): a crash never leaves half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def run_value(run: dict, inputs: str, region: str) -> float | None:
@@ -375,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         report["against_file"] = args.against.name
         report["against"] = against(report["runs"], json.loads(args.against.read_text())["runs"])
         if args.out:
-            args.out.write_text(json.dumps(report, indent=1) + "\n")
+            write_report(args.out, report)
     table = markdown(report)
     if args.out:
         args.out.with_suffix(".md").write_text(table + "\n")
