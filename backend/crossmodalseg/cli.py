@@ -84,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return report_user_errors(lambda: _dispatch(args))
+    exit_code = report_user_errors(lambda: _dispatch(args))
+    if args.command == "train":
+        from .engine.distributed import end_torchrun_process
+
+        end_torchrun_process(exit_code)  # (a torchrun rank ends here; why: see there)
+    return exit_code
 
 
 def _dispatch(args: argparse.Namespace) -> int:

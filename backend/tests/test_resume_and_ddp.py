@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from crossmodalseg.config import TrainConfig
 from crossmodalseg.data.phantom import make_phantom_dataset
 from crossmodalseg.engine.checkpoint import latest_checkpoint, read_model_meta
 from crossmodalseg.engine.events import read_events
@@ -98,3 +99,20 @@ def test_torchrun_two_cpu_processes_train_every_method(ddp_data: Path, tmp_path:
     assert np.isfinite(meta["training"]["val_dice"]["mean"])
     label = Predictor(tmp_path / "ddp", device="cpu").predict({"ct": str(ddp_data.parent / "all" / "case004" / "ct.nii.gz")}).label
     assert label.GetSize() == (40, 40, 24)
+
+
+def test_service_worker_runs_a_ddp_training_job_under_torchrun(ddp_data: Path, tmp_path: Path):
+    """The service's multi-process job (on GPUs in the product; here two CPU processes): the worker starts torchrun
+    around its `rank` entry, both ranks end cleanly, only rank 0 reports events."""
+    config = TrainConfig.parse({"method": "single", "target": "ct", "epochs": 2, "iterations_per_epoch": 2,
+                                "val_every": 1, "device": "cpu"})
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps({"kind": "train", "dataset": str(ddp_data), "out": str(tmp_path / "model"),
+                                    "resume": False, "processes": 2, "config": config.model_dump(mode="json")}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "crossmodalseg.service.worker", str(os.getpid()), str(job_file)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    events = [json.loads(line)["event"] for line in run.stdout.splitlines() if line.startswith("{")]
+    assert events.count("start") == 1 and events.count("done") == 1
+    assert read_model_meta(tmp_path / "model")["training"]["world_size"] == 2

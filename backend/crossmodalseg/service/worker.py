@@ -40,8 +40,12 @@ def run_job(job: dict[str, Any]) -> int:
 
 def main(argv: list[str]) -> int:
     if argv[0] == "rank":  # one DDP rank under torchrun
+        from ..engine.distributed import end_torchrun_process
+
         job_file = Path(argv[1])
-        return report_user_errors(lambda: run_job(json.loads(job_file.read_text())))
+        exit_code = report_user_errors(lambda: run_job(json.loads(job_file.read_text())))
+        end_torchrun_process(exit_code)  # (why: see there)
+        return exit_code
     parent, job_file = int(argv[0]), Path(argv[1])
     die_with_parent(parent)
     job = json.loads(job_file.read_text())
