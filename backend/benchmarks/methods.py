@@ -67,6 +67,9 @@ EXPERIMENTS = [
     Experiment("maml FLAIR+T1c", "paired", "maml", "flair", ["t1c"], missing=True),
     Experiment("maml FLAIR+T1c, half-width branches (the paper's)", "paired", "maml", "flair", ["t1c"], {"width": 0.5},
                missing=True, default=False),
+    # what a dedicated one-modality model reaches on MAML's cases: the bar for MAML with the other modality missing
+    Experiment("single T1c, maml's cases", "paired", "single", "t1c", [], inputs=["t1c"], default=False),
+    Experiment("single FLAIR, maml's cases", "paired", "single", "flair", [], inputs=["flair"], default=False),
     Experiment("mkd T1c target + unpaired FLAIR", "unpaired", "mkd", "t1c", ["flair"], inputs=["t1c"]),
     # ablation (not in the paper): seg_target also distils into seg_assistant on target images, where both ensemble
     Experiment("mkd ablation: KD t->a on target images too", "unpaired", "mkd", "t1c", ["flair"],
@@ -90,6 +93,8 @@ COMPARISONS = [
     ("maml FLAIR+T1c", "maml FLAIR+T1c @ flair"),
     ("maml FLAIR+T1c", "maml FLAIR+T1c @ t1c"),
     ("maml FLAIR+T1c", "maml FLAIR+T1c, half-width branches (the paper's)"),
+    ("maml FLAIR+T1c @ t1c", "single T1c, maml's cases"),  # FLAIR missing: MAML's T1c branch predicts
+    ("maml FLAIR+T1c @ flair", "single FLAIR, maml's cases"),
     ("mkd T1c target + unpaired FLAIR", "single T1c, mkd's labelled case"),
     ("mkd ablation: KD t->a on target images too", "single T1c, mkd's labelled case"),
     ("mkd ablation: KD t->a on target images too", "mkd T1c target + unpaired FLAIR"),
