@@ -15,8 +15,9 @@ The fused head's loss weight is the paper's (1, next to each branch's deep-super
 (seed 0) weight 2 gave 0.834/0.275/0.267 against 0.778/0.219/0.359, inside the noise of one run, so it stays.
 Optimiser: AdamW at the preset's learning rate, as every method here, so that methods differ only in what they are.
 Against early fusion (`single` with both images as channels; 4 folds x 3 seeds, 200 iterations) the fused head is
-below in every region, on ET beyond the spread (-0.135 +- 0.128), and at 400 iterations (seed 0) the ET gap widens
-(-0.152 -> -0.196): not under-training but late fusion, the modalities meeting only on the last decoder features.
+below in every region, on ET beyond the spread (-0.135 +- 0.128), and at 400 iterations (seeds 0-1) the TC and ET
+gaps widen (ET -0.143 -> -0.241, 0 of 8 pairs won): not under-training but late fusion, the modalities meeting only
+on the last decoder features.
 With a modality missing, the available branch is level with a model trained on that modality alone (inside the
 spread): that, one model for complete and incomplete cases, is what MAML offers over early fusion here.
 Options beyond the paper, off by default: `modality_dropout` (train the fusion on random modality subsets, which
