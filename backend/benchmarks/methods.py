@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from crossmodalseg.data.spec import write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[3] / "shared" / "data"
 BRATS = ROOT / "brats2015_flair_t1c"
 BRATS_2023 = ROOT / "brats2023_gli_unlabelled"
@@ -223,16 +225,9 @@ def run(args: argparse.Namespace) -> dict:
                     report["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                     report["summary"], report["comparisons"] = summarise(runs), compare(runs)
                     if args.out:  # after every run: a stopped benchmark resumes where it was
-                        write_report(args.out, report)
+                        write_json_atomic(args.out, report)
     report["summary"], report["comparisons"] = summarise(runs), compare(runs)
     return report
-
-
-def write_report(path: Path, report: dict) -> None:
-    """Writes the results file atomically (a temporary file, then a rename): a crash never leaves half a file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def run_value(run: dict, inputs: str, region: str) -> float | None:
@@ -385,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         report["against_file"] = args.against.name
         report["against"] = against(report["runs"], json.loads(args.against.read_text())["runs"])
         if args.out:
-            write_report(args.out, report)
+            write_json_atomic(args.out, report)
     table = markdown(report)
     if args.out:
         args.out.with_suffix(".md").write_text(table + "\n")
