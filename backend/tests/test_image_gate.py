@@ -80,6 +80,14 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
                 f"TransformMatrix = 1 0 0 0 1 0 0 0 1\nOffset = {origin}\nElementSpacing = {spacing}\n"
                 f"DimSize = 8 8 8\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n").encode() + bytes(2048)
 
+    # A NaN, infinite or zero pixdim: ITK alone would read it as 1 mm, an invented geometry.
+    for label, value in (("nan", float("nan")), ("inf", float("inf")), ("zero", 0.0)):
+        header = bytearray(_nifti_header((8, 8, 8)))
+        struct.pack_into("<f", header, 80, value)  # pixdim[1]
+        put(f"{label}pixdim.nii.gz", gzip.compress(bytes(header) + bytes(8 * 8 * 8 * 4)), "not a size in mm")
+    # Complex voxels: read as float, the imaginary part would vanish without a word.
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((8, 8, 8), np.complex64)), str(folder / "complex.nii.gz"))
+    cases["complex.nii.gz"] = (folder / "complex.nii.gz", "complex-valued")
     # Broken geometry: resampled to a plan's spacing, a 1e30 mm voxel would ask for ~1e30 voxels.
     put("hugespacing.mha", mha(spacing="1e30 1 1"), "voxel spacing")
     put("farorigin.mha", mha(origin="1e20 0 0"), "not a position in mm")

@@ -17,6 +17,7 @@ decompress it a second time).
 from __future__ import annotations
 
 import bz2
+import math
 import os
 import re
 import stat
@@ -113,6 +114,7 @@ def nifti_header(head: bytes, name: str, limits: Limits) -> tuple[Header, int]:
                 raise ImageError(f"{name}: an Analyze 7.5 header (voxels in a separate .img file); save the image as "
                                  f"one .nii or .nii.gz file")
             dim = struct.unpack(order + "8h", head[40:56])
+            pixdim = struct.unpack(order + "8f", head[76:108])
             bitpix = struct.unpack(order + "h", head[72:74])[0]
             offset = int(struct.unpack(order + "f", head[108:112])[0])
             break
@@ -126,6 +128,7 @@ def nifti_header(head: bytes, name: str, limits: Limits) -> tuple[Header, int]:
                 raise ImageError(f"{name}: not a valid NIfTI-2 header")
             bitpix = struct.unpack(order + "h", head[14:16])[0]
             dim = struct.unpack(order + "8q", head[16:80])
+            pixdim = struct.unpack(order + "8d", head[104:168])
             offset = struct.unpack(order + "q", head[168:176])[0]
             break
     else:
@@ -133,6 +136,12 @@ def nifti_header(head: bytes, name: str, limits: Limits) -> tuple[Header, int]:
     ndim = dim[0]
     if not 1 <= ndim <= 7 or bitpix <= 0 or bitpix % 8 or offset < 348:
         raise ImageError(f"{name}: the NIfTI header is invalid (dim {list(dim)}, bitpix {bitpix})")
+    # ITK reads a NaN, infinite or zero pixdim as 1 mm without a word: the image would load with a made-up geometry.
+    # (An axis of one voxel may carry 0, as some writers give a single slice.)
+    spacing = [float(pixdim[i]) for i in range(1, min(ndim, 3) + 1)]
+    if any(not math.isfinite(v) or (v == 0 and dim[i + 1] > 1) for i, v in enumerate(spacing)):
+        raise ImageError(f"{name}: voxel spacing (pixdim) {spacing} is not a size in mm; the header is broken: fix "
+                         f"the spacing and save the image again")
     return _count(name, _dims(list(dim[1:ndim + 1]), name), bitpix // 8, limits, "nifti"), offset
 
 

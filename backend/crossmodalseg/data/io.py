@@ -77,6 +77,9 @@ def read_image(path: str | Path, require_3d: bool = True, limits: Limits = Limit
                              ) from None
     if require_3d:
         check_3d(image, name)
+    if image.GetPixelID() in COMPLEX_PIXELS:  # reading it as float would drop the imaginary part without a word
+        raise ImageError(f"{name}: complex-valued voxels (raw or phase MR data); give a real-valued image, e.g. "
+                         f"the magnitude")
     check_geometry(image, name)
     return image
 
@@ -100,6 +103,9 @@ def check_geometry(image: sitk.Image, name: str | Path = "image") -> None:
     direction = np.asarray(image.GetDirection()).reshape(image.GetDimension(), image.GetDimension())
     if not (np.all(np.isfinite(direction)) and abs(np.linalg.det(direction)) > 1e-6):
         raise ImageError(f"{name}: its direction matrix is degenerate; the header is broken")
+
+
+COMPLEX_PIXELS = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
 
 
 def check_3d(image: sitk.Image, name: str | Path = "image") -> None:
