@@ -298,7 +298,9 @@ class CrossModalSegLogic:
 
     # ---- training --------------------------------------------------------------------------------------------
     def suggest_method(self, target: str, assistants: list[str]) -> tuple[str, str]:
-        """(method, reason) from the dataset's cases: unpaired -> mkd, paired -> maml, unlabelled pairs -> cmc."""
+        """(method, reason) from the dataset's cases: unpaired -> mkd; paired with unlabelled pairs -> cmc; paired,
+        every case complete -> single early fusion (the modalities as channels: measured above MAML on complete
+        cases, backend/benchmarks/RESULTS.md); paired with cases missing a modality -> maml (segments any subset)."""
         if not assistants:
             return "single", "one modality: the single-modality baseline"
         cases = self._backend().dataset(self.dataset_id)["cases"]
@@ -309,7 +311,12 @@ class CrossModalSegLogic:
         if paired:
             if any(not labelled(c) for c in paired) and any(labelled(c) for c in paired):
                 return "cmc", "paired cases, some unlabelled: semi-supervised cross-modality collaboration"
-            return "maml", "paired (co-registered) modalities: modality-aware mutual learning"
+            if not single:
+                return "single", ("paired, complete cases: early fusion (the modalities as input channels of one "
+                                  "network) scored above MAML on complete cases; for one model that also segments "
+                                  "cases with a modality missing, choose maml")
+            return "maml", ("paired modalities, some cases with one missing: modality-aware mutual learning, which "
+                            "segments with any subset of the modalities")
         if single:
             return "mkd", "unpaired modalities (different patients): mutual knowledge distillation"
         return "single", "no case holds these modalities yet"

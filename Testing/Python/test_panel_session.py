@@ -305,9 +305,9 @@ BRATS_LABELS = {"background": 0, "necrosis": 1, "edema": 2, "non-enhancing": 3, 
 @pytest.mark.slow
 def test_a_paired_session_maml_cmc_cancel_resume_and_a_backend_that_dies(panel, monkeypatch, caplog):
     """The paired paths of issue 12 in the panel, on real co-registered BraTS FLAIR + T1c: two labelled pairs ->
-    MAML is suggested and trained -> segments with both modalities and with T1c missing; an unlabelled pair -> CMC
-    is suggested; its training is cancelled, then resumed, and the backend dies mid-job: the panel says so and stops
-    polling, with no traceback out of a slot. (Runs last: it ends the module's backend.)"""
+    early fusion is suggested, MAML chosen and trained -> segments with both modalities and with T1c missing; an
+    unlabelled pair -> CMC is suggested; its training is cancelled, then resumed, and the backend dies mid-job: the
+    panel says so and stops polling, with no traceback out of a slot. (Runs last: it ends the module's backend.)"""
     from CrossModalSegLib import scene as mrml
 
     app, scene, widget, ui, module = (panel["app"], panel["scene"], panel["widget"], panel["widget"].ui,
@@ -348,9 +348,13 @@ def test_a_paired_session_maml_cmc_cancel_resume_and_a_backend_that_dies(panel, 
         add_pair(flair, t1c, tumour)
     assert "2 in 'brain'" in ui.casesLabel.text, ui.casesLabel.text
     assert node_ids(scene) == before
-    assert "maml" in ui.methodHintLabel.text and "paired" in ui.methodHintLabel.text
+    # Complete labelled pairs: early fusion is suggested (it scored above MAML there); MAML is chosen by hand.
+    hint = ui.methodHintLabel.text
+    assert hint.startswith("suggested: single") and "early fusion" in hint and "maml" in hint, hint
+    ui.methodComboBox.currentIndex = module.METHOD_CHOICES.index("maml")
+    assert ui.methodHintLabel.text == "chosen: maml; suggested: single", ui.methodHintLabel.text
 
-    # MAML, as suggested ("auto"), for 2 short epochs.
+    # MAML for 2 short epochs.
     ui.epochsSpinBox.value = 2
     ui.trainButton.click()
     pump(app, lambda: not widget.timer.isActive(), timeout_s=900)
@@ -374,7 +378,9 @@ def test_a_paired_session_maml_cmc_cancel_resume_and_a_backend_that_dies(panel, 
     # An unlabelled pair: CMC is suggested; its training is cancelled from the panel.
     ui.targetSegmentationSelector.setCurrentNode(None)
     add_pair(pairs[2][0], pairs[2][1], None)
-    assert "3 in 'brain'" in ui.casesLabel.text and "cmc" in ui.methodHintLabel.text, ui.methodHintLabel.text
+    ui.methodComboBox.currentIndex = module.METHOD_CHOICES.index("auto")
+    assert "3 in 'brain'" in ui.casesLabel.text and ui.methodHintLabel.text.startswith("suggested: cmc"), (
+        ui.methodHintLabel.text)
     ui.epochsSpinBox.value = 40
     ui.trainButton.click()
     job = widget.logic.job_id
