@@ -75,9 +75,10 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
         "decompression bomb")
     put("notimage.png", b"\x89PNG\r\n\x1a\n" + bytes(100), "not a readable image")
 
-    def mha(spacing: str = "1 1 1", origin: str = "0 0 0") -> bytes:  # a small, well-formed float image otherwise
+    def mha(spacing: str = "1 1 1", origin: str = "0 0 0", direction: str = "1 0 0 0 1 0 0 0 1") -> bytes:
+        # a small, well-formed float image otherwise
         return (f"ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
-                f"TransformMatrix = 1 0 0 0 1 0 0 0 1\nOffset = {origin}\nElementSpacing = {spacing}\n"
+                f"TransformMatrix = {direction}\nOffset = {origin}\nElementSpacing = {spacing}\n"
                 f"DimSize = 8 8 8\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n").encode() + bytes(2048)
 
     # A NaN, infinite or zero pixdim: ITK alone would read it as 1 mm, an invented geometry.
@@ -91,6 +92,7 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
     # Broken geometry: resampled to a plan's spacing, a 1e30 mm voxel would ask for ~1e30 voxels.
     put("hugespacing.mha", mha(spacing="1e30 1 1"), "voxel spacing")
     put("farorigin.mha", mha(origin="1e20 0 0"), "not a position in mm")
+    put("sheared.mha", mha(direction="1 0 0 0.3 1 0 0 0 1"), "not orthonormal")  # NIfTI would rotate it
     cases["fifo"] = (fifo, "not a regular file")
     return cases
 

@@ -88,6 +88,7 @@ def read_image(path: str | Path, require_3d: bool = True, limits: Limits = Limit
 # (NaN, 0 or 1e30 pixdim), and resampling such an image to a plan's spacing would ask for astronomically many voxels.
 SPACING_RANGE_MM = (1e-4, 1e3)
 MAX_COORDINATE_MM = 1e7  # 10 km: any origin beyond is a broken header
+ORTHONORMAL_TOLERANCE = 1e-3  # |DᵀD - I|: the shared images are within 1e-7 (float32 quaternions)
 
 
 def check_geometry(image: sitk.Image, name: str | Path = "image") -> None:
@@ -103,6 +104,12 @@ def check_geometry(image: sitk.Image, name: str | Path = "image") -> None:
     direction = np.asarray(image.GetDirection()).reshape(image.GetDimension(), image.GetDimension())
     if not (np.all(np.isfinite(direction)) and abs(np.linalg.det(direction)) > 1e-6):
         raise ImageError(f"{name}: its direction matrix is degenerate; the header is broken")
+    # A sheared grid (e.g. CT with gantry tilt) cannot be kept: NIfTI writers turn its directions into a rotation
+    # without a word, so a segmentation written for it would not lie on the image.
+    if np.abs(direction.T @ direction - np.eye(len(direction))).max() > ORTHONORMAL_TOLERANCE:
+        raise ImageError(f"{name}: its direction matrix is not orthonormal (a sheared grid, e.g. CT with gantry "
+                         f"tilt); resample it to an orthogonal grid (in Slicer: DICOM acquisition geometry "
+                         f"regularization, or Resample Scalar Volume) and save it again")
 
 
 COMPLEX_PIXELS = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
