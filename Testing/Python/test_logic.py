@@ -97,6 +97,31 @@ def test_directions_of_the_inputs_differ(session):
     assert directions[0] != directions[1]
 
 
+def test_the_suggested_method_follows_the_dataset_from_complete_pairs_to_missing_modalities_and_unlabelled_pairs(
+        session):
+    """Complete labelled pairs -> `single` early fusion (it scored above MAML there: backend/benchmarks/RESULTS.md);
+    a case with one modality missing -> MAML (it segments any subset); an unlabelled pair -> CMC; nothing paired ->
+    MKD. (Before the workflow test, which chooses its own dataset; the tests after it leave no backend.)"""
+    logic, ct, ct_labels = session["logic"], session["ct"], session["ct_labels"]
+    labels = logic.labels_from_segmentation(ct_labels)
+    logic.use_dataset("suggestions", labels, {"a": "CT", "b": "CT"})
+    assert logic.suggest_method("a", ["b"]) == ("single", "no case holds these modalities yet")
+    logic.add_case({"a": ct, "b": ct}, {"a": ct_labels})  # one volume twice: a pair as co-registered as it gets
+    method, reason = logic.suggest_method("a", ["b"])
+    assert method == "single" and "early fusion" in reason and "maml" in reason, reason
+    assert logic.suggest_method("a", [])[0] == "single"
+    logic.add_case({"a": ct}, {"a": ct_labels})
+    method, reason = logic.suggest_method("a", ["b"])
+    assert method == "maml" and "missing" in reason, reason
+    logic.add_case({"a": ct, "b": ct})
+    assert logic.suggest_method("a", ["b"])[0] == "cmc"
+
+    logic.use_dataset("suggestions-unpaired", labels, {"a": "CT", "b": "CT"})
+    logic.add_case({"a": ct}, {"a": ct_labels})
+    logic.add_case({"b": ct}, {"b": ct_labels})
+    assert logic.suggest_method("a", ["b"])[0] == "mkd"
+
+
 @pytest.mark.slow
 def test_add_cases_train_segment_correct_and_finetune(session, tmp_path: Path):
     logic, scene, ct, mr = session["logic"], session["scene"], session["ct"], session["mr"]
@@ -473,27 +498,3 @@ def test_the_panel_asks_for_epochs_or_minutes_never_both():
     assert training_budget(2, 0, 0.25) == {"epochs": 1, "minutes": None}
     assert training_budget(40, 1, 0.25) == {"epochs": None, "minutes": 0.5}
 
-
-def test_the_suggested_method_follows_the_dataset_from_complete_pairs_to_missing_modalities_and_unlabelled_pairs(
-        session):
-    """Complete labelled pairs -> `single` early fusion (it scored above MAML there: backend/benchmarks/RESULTS.md);
-    a case with one modality missing -> MAML (it segments any subset); an unlabelled pair -> CMC; nothing paired ->
-    MKD. (Last in the file: it moves the shared logic to its own dataset.)"""
-    logic, ct, ct_labels = session["logic"], session["ct"], session["ct_labels"]
-    labels = logic.labels_from_segmentation(ct_labels)
-    logic.use_dataset("suggestions", labels, {"a": "CT", "b": "CT"})
-    assert logic.suggest_method("a", ["b"]) == ("single", "no case holds these modalities yet")
-    logic.add_case({"a": ct, "b": ct}, {"a": ct_labels})  # one volume twice: a pair as co-registered as it gets
-    method, reason = logic.suggest_method("a", ["b"])
-    assert method == "single" and "early fusion" in reason and "maml" in reason, reason
-    assert logic.suggest_method("a", [])[0] == "single"
-    logic.add_case({"a": ct}, {"a": ct_labels})
-    method, reason = logic.suggest_method("a", ["b"])
-    assert method == "maml" and "missing" in reason, reason
-    logic.add_case({"a": ct, "b": ct})
-    assert logic.suggest_method("a", ["b"])[0] == "cmc"
-
-    logic.use_dataset("suggestions-unpaired", labels, {"a": "CT", "b": "CT"})
-    logic.add_case({"a": ct}, {"a": ct_labels})
-    logic.add_case({"b": ct}, {"b": ct_labels})
-    assert logic.suggest_method("a", ["b"])[0] == "mkd"
