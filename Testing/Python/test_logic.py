@@ -497,4 +497,3 @@ def test_the_panel_asks_for_epochs_or_minutes_never_both():
     assert training_budget(40, 10, 0.25) == {"epochs": None, "minutes": 2.5}
     assert training_budget(2, 0, 0.25) == {"epochs": 1, "minutes": None}
     assert training_budget(40, 1, 0.25) == {"epochs": None, "minutes": 0.5}
-

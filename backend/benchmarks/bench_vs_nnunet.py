@@ -11,10 +11,9 @@ input's grid, and the benchmark checks that (and how far the two label maps agre
 nnU-Net v2 runs in its own environment (`--nnunet-python`): a venv with `torch==2.13.0`, `nnunetv2`, `monai` and
 this backend installed without dependencies (`pip install --no-deps -e backend`). Install nnunetv2 with torch held
 (`pip install -c constraints.txt nnunetv2 monai`, the file reading `torch==2.13.0`): without it pip replaces the CPU
-torch with the newest CUDA build. Runs are interleaved: in each
-round, a fresh process per predictor makes `--predictions` predictions (the first pays the start-up), so a change in
-the machine's speed hits both; the report gives every time, the median and the spread of the warm predictions, and
-each process's peak memory.
+torch with the newest CUDA build. Runs are interleaved: in each round, a fresh process per predictor makes
+`--predictions` predictions (the first pays the start-up), so a change in the machine's speed hits both; the report
+gives every time, the median and the spread of the warm predictions, and each process's peak memory.
 
     python backend/benchmarks/bench_vs_nnunet.py --nnunet-python /tmp/nnenv/bin/python --out nnunet_cpu.json
 

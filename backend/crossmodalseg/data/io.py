@@ -89,6 +89,7 @@ def read_image(path: str | Path, require_3d: bool = True, limits: Limits = Limit
 SPACING_RANGE_MM = (1e-4, 1e3)
 MAX_COORDINATE_MM = 1e7  # 10 km: any origin beyond is a broken header
 ORTHONORMAL_TOLERANCE = 1e-3  # |DᵀD - I|: the shared images are within 1e-7 (float32 quaternions)
+COMPLEX_PIXELS = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)  # read as float, imaginary parts vanish
 
 
 def check_geometry(image: sitk.Image, name: str | Path = "image") -> None:
@@ -110,9 +111,6 @@ def check_geometry(image: sitk.Image, name: str | Path = "image") -> None:
         raise ImageError(f"{name}: its direction matrix is not orthonormal (a sheared grid, e.g. CT with gantry "
                          f"tilt); resample it to an orthogonal grid (in Slicer: DICOM acquisition geometry "
                          f"regularization, or Resample Scalar Volume) and save it again")
-
-
-COMPLEX_PIXELS = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
 
 
 def check_3d(image: sitk.Image, name: str | Path = "image") -> None:
