@@ -1,23 +1,27 @@
 """Methods benchmark on real brain MRI: each method against the baseline it exists to beat, with cross-validation
 and several seeds, on BraTS 2015 FLAIR + T1c (4 labelled cases) and the unlabelled BraTS 2023 case.
 
-Every labelled case is held out once (4 folds; the other 3 train), each fold with every seed; one network preset and
-one training budget (iterations) for every experiment, whose wall time is recorded (a method that needs more time
-than its baseline shows it). Dice of the BraTS regions (whole tumour WT, tumour core TC, enhancing tumour ET) on the
-held-out case. The report gives each experiment's mean and spread (standard deviation over folds x seeds) and, for
-each comparison, the paired difference (same fold, same seed) with its spread and how many runs it won: a difference
-inside its spread is no result. Resumable: runs already in `--out` are kept.
+Cross-validation: the labelled cases are split into folds (default 2 folds of 2 cases, as `bench_recipe.py`: every
+case held out once, the other fold's cases train; `--folds 4` holds out one case at a time and trains on three),
+each fold with every seed; one network preset and one training budget (iterations) for every experiment, whose wall
+time is recorded (a method that needs more time than its baseline shows it). Dice of the BraTS regions (whole tumour
+WT, tumour core TC, enhancing tumour ET) on the held-out cases, one value per run: their mean. The report gives each
+experiment's mean and spread (standard deviation over folds x seeds) and, for each comparison, the paired difference
+(same fold, same seed) with its spread and how many runs it won: a difference inside its spread is no result.
+Resumable: runs already in `--out` are kept. Why 2 folds by default: 3 seeds x 4 folds take 3.2 hours on 2 CPU
+cores (RESULTS.md), 3 seeds x 2 folds 1.6, inside the 2 hours a benchmark may take; it is also the few-label
+setting (2 labelled cases per training set).
 
-    python backend/benchmarks/methods.py --mode cpu --seeds 0 1 2 --out backend/benchmarks/methods_cpu.json
+    python backend/benchmarks/methods.py --mode cpu --seeds 0 1 2 --out backend/benchmarks/methods_2fold_cpu.json
     python backend/benchmarks/methods.py --mode full --device cuda --out methods_gpu.json     # on a GPU
 
-Experiments per fold (train cases t0, t1, t2 in name order, the fourth held out):
-- `single` early fusion (FLAIR+T1c), labelled on the three;
+Experiments per fold (training cases t0, t1, ... in name order):
+- `single` early fusion (FLAIR+T1c), labelled on all of them;
 - `maml` FLAIR+T1c on the same, against early fusion and against each of its own branches (the same model scored
   with FLAIR alone and with T1c alone, i.e. its branch heads); the paper's half-width branches only when named
   (`--only half-width`): that question is answered (maml.py's docstring);
-- `mkd` unpaired: T1c target labelled on t0 only, FLAIR of t1, t2 as assistant; against `single` T1c on t0 alone;
-- `cmc`: t0 labelled + t1, t2 and BraTS 2023 unlabelled; against `single` early fusion on t0 alone and against the
+- `mkd` unpaired: T1c target labelled on t0 only, FLAIR of the others as assistant; against `single` T1c on t0 alone;
+- `cmc`: t0 labelled + the others and BraTS 2023 unlabelled; against `single` early fusion on t0 alone and against the
   same two-branch network supervised only (`cmc` with both consistency weights 0).
 Ensembles (MKD, CMC) are also scored member by member against the reference, and the `single` models also with
 8-fold test-time mirroring, so "the ensemble beats each member" and "mirroring helps" are measured on the same runs.
@@ -77,7 +81,7 @@ EXPERIMENTS = [
     Experiment("mkd ablation: KD t->a on target images too", "unpaired", "mkd", "t1c", ["flair"],
                {"kd_t2a_target": 1.0}, inputs=["t1c"], default=False),
     Experiment("single T1c, mkd's labelled case", "t1c_one", "single", "t1c", [], inputs=["t1c"], mirrored=True),
-    Experiment("cmc 1 labelled + 3 unlabelled", "semi", "cmc", "t1c", ["flair"]),
+    Experiment("cmc 1 labelled + unlabelled pairs", "semi", "cmc", "t1c", ["flair"]),
     Experiment("cmc supervised only, its labelled case", "one_labelled", "cmc", "t1c", ["flair"],
                {"csc_weight": 0.0, "cac_weight": 0.0}),
     Experiment("single FLAIR+T1c (early fusion), cmc's labelled case", "one_labelled", "single", "t1c", ["flair"]),
@@ -100,15 +104,15 @@ COMPARISONS = [
     ("mkd T1c target + unpaired FLAIR", "single T1c, mkd's labelled case"),
     ("mkd ablation: KD t->a on target images too", "single T1c, mkd's labelled case"),
     ("mkd ablation: KD t->a on target images too", "mkd T1c target + unpaired FLAIR"),
-    ("cmc 1 labelled + 3 unlabelled", "single FLAIR+T1c (early fusion), cmc's labelled case"),
-    ("cmc 1 labelled + 3 unlabelled", "cmc supervised only, its labelled case"),
+    ("cmc 1 labelled + unlabelled pairs", "single FLAIR+T1c (early fusion), cmc's labelled case"),
+    ("cmc 1 labelled + unlabelled pairs", "cmc supervised only, its labelled case"),
     ("cmc ablation: CSC only (CAC weight 0)", "cmc supervised only, its labelled case"),
     ("cmc ablation: CAC weight 1 (the previous default)", "cmc supervised only, its labelled case"),
     # an ensemble against each of its members (the members' own Dice against the reference)
     ("mkd T1c target + unpaired FLAIR", "mkd T1c target + unpaired FLAIR @ t1c: seg_target"),
     ("mkd T1c target + unpaired FLAIR", "mkd T1c target + unpaired FLAIR @ t1c: seg_assistant"),
-    ("cmc 1 labelled + 3 unlabelled", "cmc 1 labelled + 3 unlabelled @ flair+t1c: decoder_a"),
-    ("cmc 1 labelled + 3 unlabelled", "cmc 1 labelled + 3 unlabelled @ flair+t1c: decoder_b"),
+    ("cmc 1 labelled + unlabelled pairs", "cmc 1 labelled + unlabelled pairs @ flair+t1c: decoder_a"),
+    ("cmc 1 labelled + unlabelled pairs", "cmc 1 labelled + unlabelled pairs @ flair+t1c: decoder_b"),
     # test-time mirroring (issue 9): the same model with and without it
     ("single FLAIR+T1c (early fusion) @ flair+t1c mirrored", "single FLAIR+T1c (early fusion)"),
     ("single T1c, mkd's labelled case @ t1c mirrored", "single T1c, mkd's labelled case"),
@@ -149,18 +153,30 @@ def dataset(root: Path, name: str, entries: list[tuple[str, list[str], list[str]
     return spec.root
 
 
-def fold_datasets(work: Path, held_out: str, files) -> dict[str, Path]:
-    """The datasets of one fold, from the three labelled cases that are not held out."""
-    t0, t1, t2 = [c for c in LABELLED if c != held_out]
-    root = work / f"fold_{held_out}"
+def folds_of(n_folds: int) -> list[list[str]]:
+    """The held-out cases of each fold (`bench_recipe.py`'s split: every n-th case in name order)."""
+    if not 2 <= n_folds <= len(LABELLED):
+        raise SystemExit(f"--folds must be 2 to {len(LABELLED)}")
+    return [LABELLED[i::n_folds] for i in range(n_folds)]
+
+
+def fold_id(held_out: list[str]) -> str:
+    """A fold's key in the results: its held-out cases (one case: its name, as in the 4-fold files)."""
+    return "+".join(held_out)
+
+
+def fold_datasets(work: Path, held_out: list[str], files) -> dict[str, Path]:
+    """The datasets of one fold, from the labelled cases that are not held out (t0 the first in name order)."""
+    t0, *others = [c for c in LABELLED if c not in held_out]
+    root = work / f"fold_{fold_id(held_out)}"
     return {
-        "test": dataset(root, "test", [(held_out, BOTH, BOTH)], files),
-        "paired": dataset(root, "paired", [(c, BOTH, BOTH) for c in (t0, t1, t2)], files),
-        "unpaired": dataset(root, "unpaired", [(t0, ["t1c"], ["t1c"]), (t1, ["flair"], ["flair"]),
-                                               (t2, ["flair"], ["flair"])], files),
+        "test": dataset(root, "test", [(c, BOTH, BOTH) for c in held_out], files),
+        "paired": dataset(root, "paired", [(c, BOTH, BOTH) for c in (t0, *others)], files),
+        "unpaired": dataset(root, "unpaired", [(t0, ["t1c"], ["t1c"])] + [(c, ["flair"], ["flair"]) for c in others],
+                            files),
         "t1c_one": dataset(root, "t1c_one", [(t0, ["t1c"], ["t1c"])], files),
-        "semi": dataset(root, "semi", [(t0, BOTH, BOTH), (t1, BOTH, []), (t2, BOTH, []), ("brats2023", BOTH, [])],
-                        files),
+        "semi": dataset(root, "semi", [(t0, BOTH, BOTH)] + [(c, BOTH, []) for c in others]
+                        + [("brats2023", BOTH, [])], files),
         "one_labelled": dataset(root, "one_labelled", [(t0, BOTH, BOTH)], files),
     }
 
@@ -191,7 +207,10 @@ def run(args: argparse.Namespace) -> dict:
     from crossmodalseg.engine.trainer import software_versions
 
     mode = MODES[args.mode]
+    folds = folds_of(args.folds)
     previous = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
+    if previous and previous.get("folds", len(LABELLED)) != args.folds:  # files before --folds held out 1 of 4
+        raise SystemExit(f"{args.out} holds a {previous.get('folds', len(LABELLED))}-fold run; give another --out")
     runs: list[dict] = [r for r in previous.get("runs", []) if previous.get("mode") == args.mode]
     done = {(r["experiment"], r["held_out"], r["seed"]) for r in runs}
     names = {e.name for e in EXPERIMENTS}
@@ -204,24 +223,26 @@ def run(args: argparse.Namespace) -> dict:
     experiments = [e for e in EXPERIMENTS if chosen(e)]
     report = {"benchmark": "methods", "mode": args.mode, "budget": mode, "device": args.device,
               "command": " ".join(sys.argv), "software": software_versions(), "machine": platform.machine(),
-              "labelled_cases": LABELLED, "runs": runs}
+              "labelled_cases": LABELLED, "folds": args.folds, "runs": runs}
     if previous.get("note"):  # where the file's earlier runs came from, when it was assembled from other files
         report["note"] = previous["note"]
     with tempfile.TemporaryDirectory(prefix="cms-methods-") as tmp:
         work = Path(tmp)
         files = prepare(work / "images", mode["spacing"])
         for seed in args.seeds:  # seed-major: a stopped run still holds every fold of its first seeds
-            for held_out in args.folds or LABELLED:
+            for index, held_out in enumerate(folds):
+                if args.only_fold and index not in args.only_fold:
+                    continue
+                key = fold_id(held_out)
                 data = fold_datasets(work, held_out, files)
                 for experiment in experiments:
-                    if (experiment.name, held_out, seed) in done:
+                    if (experiment.name, key, seed) in done:
                         continue
-                    print(f"[methods] seed {seed}, held out {held_out}: {experiment.name}", file=sys.stderr,
-                          flush=True)
+                    print(f"[methods] seed {seed}, held out {key}: {experiment.name}", file=sys.stderr, flush=True)
                     result = run_one(experiment, data, seed, mode, args.device,
-                                     work / f"{held_out}_{seed}_{EXPERIMENTS.index(experiment)}")
+                                     work / f"{index}_{seed}_{EXPERIMENTS.index(experiment)}")
                     runs.append({"experiment": experiment.name, "method": experiment.method,
-                                 "options": experiment.options, "held_out": held_out, "seed": seed, **result})
+                                 "options": experiment.options, "held_out": key, "seed": seed, **result})
                     report["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                     report["summary"], report["comparisons"] = summarise(runs), compare(runs)
                     if args.out:  # after every run: a stopped benchmark resumes where it was
@@ -231,7 +252,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def run_value(run: dict, inputs: str, region: str) -> float | None:
-    """One number per run: the held-out case's Dice (None where reference and prediction are both empty)."""
+    """One number per run: the mean Dice of its held-out cases (a case whose reference and prediction are both empty
+    has none; None if no case has one)."""
     values = [v[region] for v in run["scores"][inputs].values() if v[region] is not None]
     return statistics.mean(values) if values else None
 
@@ -339,8 +361,8 @@ def score(model: Path, test_set: Path, inputs: list[str], device: str, members: 
 
 def markdown(report: dict) -> str:
     fmt = lambda row, r: "–" if r not in row else f"{row[r]:.3f} ± {row[r + '_sd']:.3f}"  # noqa: E731
-    lines = [f"Mode `{report['mode']}` ({report['budget']}), device `{report['device']}`; each labelled case held out "
-             f"once, seeds {sorted({r['seed'] for r in report['runs']})}; mean ± sd over folds x seeds.", "",
+    lines = [f"Mode `{report['mode']}` ({report['budget']}), device `{report['device']}`; "
+             f"{report.get('folds', len(LABELLED))} folds, each labelled case held out once, seeds {sorted({r['seed'] for r in report['runs']})}; mean ± sd over folds x seeds.", "",
              "| experiment | inputs | runs | WT | TC | ET | train s |", "|---|---|---|---|---|---|---|"]
     for row in report["summary"]:
         lines.append(f"| {row['experiment']} | {row['inputs']} | {row['runs']} | {fmt(row, 'WT')} | "
@@ -366,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=list(MODES), default="cpu")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--folds", nargs="*", choices=LABELLED, help="held-out cases (default: each labelled case)")
+    parser.add_argument("--folds", type=int, default=2, help="cross-validation folds (2: two held-out cases each; "
+                                                              "4: one)")
+    parser.add_argument("--only-fold", type=int, nargs="+", help="run only these folds (0-based; a quick look)")
     parser.add_argument("--iterations", type=int, help="iterations per epoch instead of the mode's (quick checks)")
     parser.add_argument("--only", nargs="*", help="run these experiments (a name, or text a name contains)")
     parser.add_argument("--out", type=Path)
