@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from methods import add_paired  # the benchmarks' one rule for paired differences
+from methods import add_paired, folds_of  # the benchmarks' one rule for paired differences and one split
 
 BRATS = Path(__file__).resolve().parents[3] / "shared" / "data" / "brats2015_flair_t1c"
 FILES = {"flair": "Flair_subtrMeanDivStd.nii.gz", "t1c": "T1c_subtrMeanDivStd.nii.gz"}
@@ -179,10 +179,6 @@ def product_run(train: list[Path], test: list[Path], modalities: list[str], minu
 
 
 # ---- the comparison ----------------------------------------------------------------------------------------------
-def folds_of(folders: list[Path], n_folds: int) -> list[list[Path]]:
-    return [folders[i::n_folds] for i in range(n_folds)]
-
-
 def run_value(run: dict, region: str) -> float:
     """One value per run: the mean Dice over its held-out cases (a case whose reference and prediction are both
     empty, None, is left out)."""

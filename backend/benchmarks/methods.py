@@ -9,7 +9,7 @@ WT, tumour core TC, enhancing tumour ET) on the held-out cases, one value per ru
 experiment's mean and spread (standard deviation over folds x seeds) and, for each comparison, the paired difference
 (same fold, same seed) with its spread and how many runs it won: a difference inside its spread is no result.
 Resumable: runs already in `--out` are kept. Why 2 folds by default: 3 seeds x 4 folds take 3.2 hours on 2 CPU
-cores (RESULTS.md), 3 seeds x 2 folds 1.6, inside the 2 hours a benchmark may take; it is also the few-label
+cores (RESULTS.md), 3 seeds x 2 folds 1.91 (measured), inside the 2 hours a benchmark may take; it is also the few-label
 setting (2 labelled cases per training set).
 
     python backend/benchmarks/methods.py --mode cpu --seeds 0 1 2 --out backend/benchmarks/methods_2fold_cpu.json
@@ -153,11 +153,10 @@ def dataset(root: Path, name: str, entries: list[tuple[str, list[str], list[str]
     return spec.root
 
 
-def folds_of(n_folds: int) -> list[list[str]]:
-    """The held-out cases of each fold (`bench_recipe.py`'s split: every n-th case in name order)."""
-    if not 2 <= n_folds <= len(LABELLED):
-        raise SystemExit(f"--folds must be 2 to {len(LABELLED)}")
-    return [LABELLED[i::n_folds] for i in range(n_folds)]
+def folds_of(cases: list, n_folds: int) -> list[list]:
+    """The held-out cases of each fold: every n-th case in name order (the benchmarks' one split; `bench_recipe.py`
+    uses it too)."""
+    return [cases[i::n_folds] for i in range(n_folds)]
 
 
 def fold_id(held_out: list[str]) -> str:
@@ -207,10 +206,13 @@ def run(args: argparse.Namespace) -> dict:
     from crossmodalseg.engine.trainer import software_versions
 
     mode = MODES[args.mode]
-    folds = folds_of(args.folds)
+    if not 2 <= args.folds <= len(LABELLED):
+        raise SystemExit(f"--folds must be 2 to {len(LABELLED)}")
+    folds = folds_of(LABELLED, args.folds)
     previous = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
-    if previous and previous.get("folds", len(LABELLED)) != args.folds:  # files before --folds held out 1 of 4
-        raise SystemExit(f"{args.out} holds a {previous.get('folds', len(LABELLED))}-fold run; give another --out")
+    previous_folds = previous.get("folds", len(LABELLED))  # files before --folds held out 1 of 4
+    if previous and previous_folds != args.folds:
+        raise SystemExit(f"{args.out} holds a {previous_folds}-fold run; give another --out")
     runs: list[dict] = [r for r in previous.get("runs", []) if previous.get("mode") == args.mode]
     done = {(r["experiment"], r["held_out"], r["seed"]) for r in runs}
     names = {e.name for e in EXPERIMENTS}
@@ -362,7 +364,8 @@ def score(model: Path, test_set: Path, inputs: list[str], device: str, members: 
 def markdown(report: dict) -> str:
     fmt = lambda row, r: "–" if r not in row else f"{row[r]:.3f} ± {row[r + '_sd']:.3f}"  # noqa: E731
     lines = [f"Mode `{report['mode']}` ({report['budget']}), device `{report['device']}`; "
-             f"{report.get('folds', len(LABELLED))} folds, each labelled case held out once, seeds {sorted({r['seed'] for r in report['runs']})}; mean ± sd over folds x seeds.", "",
+             f"{report.get('folds', len(LABELLED))} folds, each labelled case held out once, "
+             f"seeds {sorted({r['seed'] for r in report['runs']})}; mean ± sd over folds x seeds.", "",
              "| experiment | inputs | runs | WT | TC | ET | train s |", "|---|---|---|---|---|---|---|"]
     for row in report["summary"]:
         lines.append(f"| {row['experiment']} | {row['inputs']} | {row['runs']} | {fmt(row, 'WT')} | "
