@@ -73,6 +73,11 @@ EXPERIMENTS = [
     Experiment("maml FLAIR+T1c", "paired", "maml", "flair", ["t1c"], missing=True),
     Experiment("maml FLAIR+T1c, half-width branches (the paper's)", "paired", "maml", "flair", ["t1c"], {"width": 0.5},
                missing=True, default=False),
+    # METHODS.md's two options beyond the paper, benchmarked (RESULTS.md): does either lift the fused head?
+    Experiment("maml FLAIR+T1c, modality dropout 0.5", "paired", "maml", "flair", ["t1c"], {"modality_dropout": 0.5},
+               missing=True, default=False),
+    Experiment("maml FLAIR+T1c, KD fused head -> branches (weight 1)", "paired", "maml", "flair", ["t1c"],
+               {"kd_weight": 1.0}, missing=True, default=False),
     # what a dedicated one-modality model reaches on MAML's cases: the bar for MAML with the other modality missing
     Experiment("single T1c, maml's cases", "paired", "single", "t1c", [], inputs=["t1c"], default=False),
     Experiment("single FLAIR, maml's cases", "paired", "single", "flair", [], inputs=["flair"], default=False),
@@ -99,6 +104,10 @@ COMPARISONS = [
     ("maml FLAIR+T1c", "maml FLAIR+T1c @ flair"),
     ("maml FLAIR+T1c", "maml FLAIR+T1c @ t1c"),
     ("maml FLAIR+T1c", "maml FLAIR+T1c, half-width branches (the paper's)"),
+    ("maml FLAIR+T1c, modality dropout 0.5", "maml FLAIR+T1c"),
+    ("maml FLAIR+T1c, modality dropout 0.5", "single FLAIR+T1c (early fusion)"),
+    ("maml FLAIR+T1c, KD fused head -> branches (weight 1)", "maml FLAIR+T1c"),
+    ("maml FLAIR+T1c, KD fused head -> branches (weight 1)", "single FLAIR+T1c (early fusion)"),
     ("maml FLAIR+T1c @ t1c", "single T1c, maml's cases"),  # FLAIR missing: MAML's T1c branch predicts
     ("maml FLAIR+T1c @ flair", "single FLAIR, maml's cases"),
     ("mkd T1c target + unpaired FLAIR", "single T1c, mkd's labelled case"),

@@ -71,11 +71,40 @@ def datasets(root: Path) -> tuple[dict[str, Path], Callable[[list[str]], Any]]:
     return built, test
 
 
-def main(argv: list[str] | None = None) -> int:
+def train_and_score(dataset: Path, test_set: Any, method: str, target: str, assistants: list[str], options: dict,
+                    seed: int, out: Path) -> dict:
+    """Trains one model at the learning tests' budget and scores it (and each ensemble member) on `test_set`: one
+    JSON-ready row."""
     from crossmodalseg.engine.evaluate import evaluate_model
     from crossmodalseg.engine.events import read_events
     from crossmodalseg.engine.trainer import TrainConfig, train
 
+    config = TrainConfig(method=method, target=target, assistants=assistants, epochs=EPOCHS,
+                         iterations_per_epoch=ITERATIONS, device="cpu", val_every=EPOCHS, seed=seed, options=options)
+    started = time.time()
+    model = train(dataset, out, config)
+    seconds = time.time() - started
+    results = evaluate_model(model, test_set, device="cpu", members=True)
+    last = [e for e in read_events(model / "events.jsonl") if e["event"] == "epoch"][-1]
+    row = {"method": method, "dataset": dataset.name, "options": options, "seed": seed,
+           "train_seconds": round(seconds, 1), "dice": {k: round(v["dice"], 3) for k, v in results["mean"].items()},
+           "members": {m: {k: round(v["dice"], 3) for k, v in r["mean"].items()}
+                       for m, r in results.get("members", {}).items()},
+           "training_set_dice": last.get("val_dice"),
+           "alignment_dice": last.get("alignment_dice")}  # MKD: seg_target on aligned assistant
+    row["mean_dice"] = round(float(np.mean(list(row["dice"].values()))), 3)
+    return row
+
+
+def emit(row: dict, out: Path | None) -> None:
+    """Prints one run's row and appends it to the JSON-lines file `out`."""
+    print(json.dumps(row), flush=True)
+    if out:
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--only", nargs="*", choices=list(COMPARISONS), help="comparisons to run (default: all)")
@@ -87,26 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.only or list(COMPARISONS):
             for seed in args.seeds:
                 for index, (method, dataset, target, assistants, options) in enumerate(COMPARISONS[name]):
-                    config = TrainConfig(method=method, target=target, assistants=assistants, epochs=EPOCHS,
-                                         iterations_per_epoch=ITERATIONS, device="cpu", val_every=EPOCHS, seed=seed,
-                                         options=options)
-                    started = time.time()
-                    model = train(data[dataset], work / "models" / f"{name}_{seed}_{index}", config)
-                    seconds = time.time() - started
-                    results = evaluate_model(model, test([target, *assistants]), device="cpu", members=True)
-                    last = [e for e in read_events(model / "events.jsonl") if e["event"] == "epoch"][-1]
-                    row = {"comparison": name, "method": method, "dataset": dataset, "options": options, "seed": seed,
-                           "train_seconds": round(seconds, 1),
-                           "dice": {k: round(v["dice"], 3) for k, v in results["mean"].items()},
-                           "members": {m: {k: round(v["dice"], 3) for k, v in r["mean"].items()}
-                                       for m, r in results.get("members", {}).items()},
-                           "training_set_dice": last.get("val_dice"),
-                           "alignment_dice": last.get("alignment_dice")}  # MKD: seg_target on aligned assistant
-                    row["mean_dice"] = round(float(np.mean(list(row["dice"].values()))), 3)
-                    print(json.dumps(row), flush=True)
-                    if args.out:
-                        with args.out.open("a") as f:
-                            f.write(json.dumps(row) + "\n")
+                    row = {"comparison": name, **train_and_score(data[dataset], test([target, *assistants]), method,
+                                                                 target, assistants, options, seed,
+                                                                 work / "models" / f"{name}_{seed}_{index}")}
+                    emit(row, args.out)
     return 0
 
 

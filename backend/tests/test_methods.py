@@ -94,12 +94,18 @@ def test_mkd_learns_in_both_directions(unpaired, tmp_path: Path, target: str, as
     assert meta["method"]["hparams"]["iam"] == "histogram" and meta["method"]["hparams"]["temperature"] == 2.0
 
 
+@pytest.fixture(scope="module")
+def maml_on_paired(paired, tmp_path_factory) -> Path:
+    """MAML with its defaults on the 8 training pairs (CT target, MR assistant), trained once for the tests below.
+    Full-width branches (the default): with the paper's half width the 220-voxel phantom kidney stayed below 0.5
+    probability after 300 iterations (soft Dice fine, argmax missing it)."""
+    return fit(paired[0], tmp_path_factory.mktemp("maml") / "model", "maml", "ct", ["mr"])
+
+
 @pytest.mark.slow
-def test_maml_learns_and_predicts_with_every_modality_subset(paired, tmp_path: Path):
-    dataset, test = paired
-    # Full-width branches (the default): with the paper's half width the 220-voxel phantom kidney stayed below 0.5
-    # probability after 300 iterations (soft Dice fine, argmax missing it).
-    model = fit(dataset, tmp_path / "maml", "maml", "ct", ["mr"])
+def test_maml_learns_and_predicts_with_every_modality_subset(paired, maml_on_paired: Path):
+    _, test = paired
+    model = maml_on_paired
     results = evaluate_model(model, test, device="cpu")
     assert mean_dice(results) >= 0.75, format_table(results)
     predictor = Predictor(model, device="cpu")
@@ -139,6 +145,26 @@ def test_cmc_learns_from_few_labelled_cases_plus_unlabelled_pairs(paired, tmp_pa
 
 
 # ---- each method against the baseline it exists to beat, same budget, same held-out patients ----------------
+@pytest.mark.slow
+def test_maml_fused_head_is_level_with_its_best_branch_and_close_to_early_fusion(paired, maml_on_paired: Path,
+                                                                              tmp_path: Path):
+    """MAML against its baselines in this scenario (8 pairs, 300 iterations, mean Dice of the 3 organs on the 2
+    held-out pairs; seeds 0 / 1 / 2, CPU; RESULTS.md "MAML and MKD in the learning tests' own scenarios"): fused head
+    minus its best branch +0.013 / +0.004 / -0.026 (level: inside the spread); minus `single` early fusion on the
+    same pairs -0.036 / -0.006 / -0.059 (below, as on BraTS). Neither claim of the paper holds beyond the spread
+    here, so this test asserts what does, with room for the seed spread: the fused head within 0.05 of its best
+    branch and within 0.1 of early fusion. A fused head that follows a branch down fails it (before the warm-up,
+    one phantom run's fused head reached 0.498 against early fusion's 0.907), as does a fused head returning a
+    weak branch's prediction (the MR branch: 0.76-0.80 against the CT branch's 0.90-0.93)."""
+    dataset, test = paired
+    maml = evaluate_model(maml_on_paired, test, device="cpu", members=True)
+    branches = {m: mean_dice(r) for m, r in maml["members"].items() if m.startswith("branch_")}
+    assert set(branches) == {"branch_ct", "branch_mr"}
+    early_fusion = evaluate_model(fit(dataset, tmp_path / "single", "single", "ct", ["mr"]), test, device="cpu")
+    assert mean_dice(maml) >= max(branches.values()) - 0.05, (format_table(maml), branches)
+    assert mean_dice(maml) >= mean_dice(early_fusion) - 0.1, (format_table(maml), format_table(early_fusion))
+
+
 @pytest.fixture(scope="module")
 def few_labels(tmp_path_factory):
     """The scenario of backend/benchmarks/phantom_methods.py: one labelled CT+MR pair, five unlabelled pairs of

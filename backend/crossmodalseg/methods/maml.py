@@ -22,6 +22,9 @@ With a modality missing, the available branch is level with a model trained on t
 spread): that, one model for complete and incomplete cases, is what MAML offers over early fusion here.
 Options beyond the paper, off by default: `modality_dropout` (train the fusion on random modality subsets, which
 then allows fused prediction with missing modalities) and `kd_weight` (KD from the fused head into each branch).
+Benchmarked (2 folds x 3 seeds, RESULTS.md): neither beats the default beyond the spread nor closes the gap to early
+fusion; dropout 0.5 keeps the fused head from following a dead branch down but loses ET (-0.121 +- 0.146), KD 1.0
+moves nothing (WT/TC/ET +0.021/-0.019/-0.035), so both stay off.
 """
 
 from __future__ import annotations

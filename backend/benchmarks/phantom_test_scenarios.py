@@ -1,0 +1,69 @@
+"""MAML and MKD against their baselines in the learning tests' own scenarios, over several seeds: the measurements
+behind the margins of `test_methods.py`'s comparison tests.
+
+The datasets of `test_methods.py`'s fixtures, rebuilt here (same phantom seeds and sizes):
+- `paired`: 10 co-registered CT+MR phantom patients (seed 3), case008 and case009 held out; `maml` on the other 8
+  against `single` early fusion on them;
+- `unpaired`: 6 CT and 6 MR patients, all different (seed 4), held-out CT of 2 other patients (seed 40); `mkd` (CT
+  target, MR assistant, histogram alignment as in its learning test) against `single` CT on the 6 CT cases.
+The learning tests' budget (12 x 25 iterations, `phantom_methods.py`), every model and member scored on the held-out
+cases; one JSON line per run.
+
+    python backend/benchmarks/phantom_test_scenarios.py --seeds 0 1 2 --out phantom_test_scenarios.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from phantom_methods import SIZE, SPACING, emit, train_and_score
+
+
+def scenarios(root: Path) -> dict[str, tuple[Path, object, str, str, list[str], dict]]:
+    """{run name: (training set, held-out spec, method, target, assistants, options)}."""
+    from crossmodalseg.data.phantom import make_phantom_dataset
+    from crossmodalseg.data.spec import Case, DatasetSpec
+
+    def save(spec: DatasetSpec, name: str, cases: list, modalities: dict | None = None) -> DatasetSpec:
+        made = DatasetSpec(name, spec.labels, modalities or spec.modalities, cases, root / name)
+        made.save()
+        return made
+
+    paired = make_phantom_dataset(root / "paired_all", n_cases=10, seed=3, size=SIZE, spacing=SPACING)
+    held_out_ids = {"case008", "case009"}
+    paired_train = save(paired, "paired", [c for c in paired.cases if c.id not in held_out_ids]).root
+    paired_test = save(paired, "paired_test", [c for c in paired.cases if c.id in held_out_ids])
+    unpaired = make_phantom_dataset(root / "unpaired_all", n_cases=12, seed=4, size=SIZE, spacing=SPACING,
+                                    paired=False)
+    unpaired_train = save(unpaired, "unpaired", unpaired.cases).root
+    ct_only = save(unpaired, "ct_only", unpaired.cases_with("ct"), {"ct": unpaired.modalities["ct"]}).root
+    held = make_phantom_dataset(root / "held_out", n_cases=2, seed=40, size=SIZE, spacing=SPACING)
+    held_ct = save(held, "held_out_ct", [Case(c.id, {"ct": c.images["ct"]}, {"ct": c.labels["ct"]}) for c in held.cases],
+                   {"ct": held.modalities["ct"]})
+    return {"maml": (paired_train, paired_test, "maml", "ct", ["mr"], {}),
+            "single early fusion": (paired_train, paired_test, "single", "ct", ["mr"], {}),
+            "mkd histogram": (unpaired_train, held_ct, "mkd", "ct", ["mr"], {"iam": "histogram"}),
+            "single CT": (ct_only, held_ct, "single", "ct", [], {})}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, help="append one JSON line per run")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="phantom_test_scenarios_") as tmp:
+        work = Path(tmp)
+        runs = scenarios(work / "data")
+        for seed in args.seeds:
+            for name, (dataset, test_set, method, target, assistants, options) in runs.items():
+                emit({"run": name, **train_and_score(dataset, test_set, method, target, assistants, options, seed,
+                                                     work / "models" / f"{name}_{seed}".replace(" ", "_"))}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(main())
