@@ -151,11 +151,12 @@ def test_maml_fused_head_is_level_with_its_best_branch_and_close_to_early_fusion
     """MAML against its baselines in this scenario (8 pairs, 300 iterations, mean Dice of the 3 organs on the 2
     held-out pairs; seeds 0 / 1 / 2, CPU; RESULTS.md "MAML and MKD in the learning tests' own scenarios"): fused head
     minus its best branch +0.013 / +0.004 / -0.026 (level: inside the spread); minus `single` early fusion on the
-    same pairs -0.036 / -0.006 / -0.059 (below, as on BraTS). Neither claim of the paper holds beyond the spread
-    here, so this test asserts what does, with room for the seed spread: the fused head within 0.05 of its best
-    branch and within 0.1 of early fusion. A fused head that follows a branch down fails it (before the warm-up,
-    one phantom run's fused head reached 0.498 against early fusion's 0.907), as does a fused head returning a
-    weak branch's prediction (the MR branch: 0.76-0.80 against the CT branch's 0.90-0.93)."""
+    same pairs -0.036 / -0.006 / -0.059 (below, as on BraTS). Issue 10's bars (fused head above both, beyond the
+    spread) do not hold here, so this test asserts what does, with room for the seed spread: the fused head within
+    0.05 of its best branch and within 0.1 of early fusion. A fused head that follows a branch down fails it (before
+    the warm-up, one fused head of phantom_methods.py's 3-pair scenario reached 0.498 against early fusion's 0.907),
+    as does a fused key carrying a weak branch's prediction (the MR branch: 0.76-0.80 against the CT branch's
+    0.90-0.93; checked, it fails)."""
     dataset, test = paired
     maml = evaluate_model(maml_on_paired, test, device="cpu", members=True)
     branches = {m: mean_dice(r) for m, r in maml["members"].items() if m.startswith("branch_")}
