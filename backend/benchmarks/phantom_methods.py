@@ -41,10 +41,26 @@ COMPARISONS = {
 }
 
 
+def only(case: Any, modalities: list[str], labelled: bool = True) -> Any:
+    """The case with these modalities' images (and labels, unless `labelled` is False) alone."""
+    from crossmodalseg.data.spec import Case
+
+    return Case(case.id, {m: case.images[m] for m in modalities},
+                {m: case.labels[m] for m in modalities} if labelled else {}, co_registered=len(modalities) > 1)
+
+
+def held_out_set(held_out: Any, modalities: list[str]) -> Any:
+    """The held-out phantom dataset reduced to these modalities (images and labels), as a spec to evaluate on."""
+    from crossmodalseg.data.spec import DatasetSpec
+
+    return DatasetSpec("held-out", held_out.labels, {m: held_out.modalities[m] for m in modalities},
+                       [only(c, modalities) for c in held_out.cases], held_out.root)
+
+
 def datasets(root: Path) -> tuple[dict[str, Path], Callable[[list[str]], Any]]:
     """Writes the phantom datasets under `root`: {name: dataset folder} and test(modalities) -> held-out spec."""
     from crossmodalseg.data.phantom import make_phantom_dataset
-    from crossmodalseg.data.spec import Case, DatasetSpec
+    from crossmodalseg.data.spec import DatasetSpec
 
     paired = make_phantom_dataset(root / "paired", n_cases=6, seed=5, size=SIZE, spacing=SPACING)
     unpaired = make_phantom_dataset(root / "unpaired", n_cases=12, seed=6, size=SIZE, spacing=SPACING, paired=False)
@@ -55,20 +71,13 @@ def datasets(root: Path) -> tuple[dict[str, Path], Callable[[list[str]], Any]]:
         s.save()
         return s.root
 
-    def only(case, modalities: list[str], labelled: bool = True):
-        return Case(case.id, {m: case.images[m] for m in modalities},
-                    {m: case.labels[m] for m in modalities} if labelled else {}, co_registered=len(modalities) > 1)
-
     ct, mr = unpaired.cases_with("ct"), unpaired.cases_with("mr")
     built = {"mkd_ct": spec("mkd_ct", [ct[0], *mr[:5]]), "ct_one": spec("ct_one", [ct[0]]),
              "paired3": spec("paired3", paired.cases[:3]),
              "semi": spec("semi", [paired.cases[0], *(only(c, ["ct", "mr"], False) for c in paired.cases[1:6])]),
              "one": spec("one", [paired.cases[0]])}
 
-    def test(modalities: list[str]) -> DatasetSpec:
-        return DatasetSpec("held-out", held_out.labels, {m: held_out.modalities[m] for m in modalities},
-                           [only(c, modalities) for c in held_out.cases], held_out.root)
-    return built, test
+    return built, lambda modalities: held_out_set(held_out, modalities)
 
 
 def train_and_score(dataset: Path, test_set: Any, method: str, target: str, assistants: list[str], options: dict,

@@ -21,13 +21,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from phantom_methods import SIZE, SPACING, emit, train_and_score
+from phantom_methods import SIZE, SPACING, emit, held_out_set, train_and_score
 
 
 def scenarios(root: Path) -> dict[str, tuple[Path, object, str, str, list[str], dict]]:
     """{run name: (training set, held-out spec, method, target, assistants, options)}."""
     from crossmodalseg.data.phantom import make_phantom_dataset
-    from crossmodalseg.data.spec import Case, DatasetSpec
+    from crossmodalseg.data.spec import DatasetSpec
 
     def save(spec: DatasetSpec, name: str, cases: list, modalities: dict | None = None) -> DatasetSpec:
         made = DatasetSpec(name, spec.labels, modalities or spec.modalities, cases, root / name)
@@ -43,8 +43,7 @@ def scenarios(root: Path) -> dict[str, tuple[Path, object, str, str, list[str], 
     unpaired_train = save(unpaired, "unpaired", unpaired.cases).root
     ct_only = save(unpaired, "ct_only", unpaired.cases_with("ct"), {"ct": unpaired.modalities["ct"]}).root
     held = make_phantom_dataset(root / "held_out", n_cases=2, seed=40, size=SIZE, spacing=SPACING)
-    held_ct = save(held, "held_out_ct", [Case(c.id, {"ct": c.images["ct"]}, {"ct": c.labels["ct"]}) for c in held.cases],
-                   {"ct": held.modalities["ct"]})
+    held_ct = held_out_set(held, ["ct"])
     return {"maml": (paired_train, paired_test, "maml", "ct", ["mr"], {}),
             "single early fusion": (paired_train, paired_test, "single", "ct", ["mr"], {}),
             "mkd histogram": (unpaired_train, held_ct, "mkd", "ct", ["mr"], {"iam": "histogram"}),
