@@ -15,7 +15,7 @@ import torch
 from crossmodalseg.data.io import Geometry, read_image, to_array
 from crossmodalseg.data.phantom import make_phantom_dataset
 from crossmodalseg.data.plan import make_plan
-from crossmodalseg.data.spec import DatasetSpec
+from crossmodalseg.data.spec import DatasetSpec, load_spec
 from crossmodalseg.data.transforms import LoadCased
 from crossmodalseg.engine.checkpoint import read_model_meta
 from crossmodalseg.engine.evaluate import evaluate_model, format_table
@@ -69,6 +69,13 @@ def fit(dataset: Path, out: Path, method: str, target: str, assistants: list[str
     return train(dataset, out, config)
 
 
+def held_out_in(held_out: DatasetSpec, modality: str) -> DatasetSpec:
+    """The held-out patients' images and labels of one modality."""
+    return DatasetSpec(f"held-out-{modality}", held_out.labels, {modality: held_out.modalities[modality]},
+                       [type(c)(c.id, {modality: c.images[modality]}, {modality: c.labels[modality]})
+                        for c in held_out.cases], held_out.root)
+
+
 def mean_dice(results: dict) -> float:
     return float(np.mean([v["dice"] for v in results["mean"].values()]))
 
@@ -84,10 +91,7 @@ def test_mkd_learns_in_both_directions(unpaired, tmp_path: Path, target: str, as
                                        threshold: float):
     dataset, held_out = unpaired
     model = fit(dataset, tmp_path / "mkd", "mkd", target, [assistant], epochs=epochs, iam="histogram")
-    test = DatasetSpec("held-out", held_out.labels, {target: held_out.modalities[target]},
-                       [type(c)(c.id, {target: c.images[target]}, {target: c.labels[target]}) for c in held_out.cases],
-                       held_out.root)
-    results = evaluate_model(model, test, device="cpu")
+    results = evaluate_model(model, held_out_in(held_out, target), device="cpu")
     assert mean_dice(results) >= threshold, format_table(results)
     meta = read_model_meta(model)
     assert meta["method"]["members"] == {"seg_target": [target], "seg_assistant": [target]}
@@ -166,6 +170,31 @@ def test_maml_fused_head_is_level_with_its_best_branch_and_close_to_early_fusion
     assert mean_dice(maml) >= mean_dice(early_fusion) - 0.1, (format_table(maml), format_table(early_fusion))
 
 
+@pytest.mark.slow
+def test_mkd_ensemble_with_the_demo_options_is_level_with_target_only_and_its_best_member(unpaired, tmp_path: Path):
+    """MKD (CT target, MR assistant, the demo's options: histogram alignment and `kd_t2a_target` 1) against `single`
+    on the same 6 CT cases, scored on 2 held-out CT patients; measured at seeds 0 / 1 / 2, CPU (RESULTS.md "MAML and
+    MKD in the learning tests' own scenarios", phantom_test_scenarios_cpu.jsonl). Ensemble minus CT-only: -0.064 /
+    +0.005 / +0.003 (level: issue 10's bar, above beyond the spread, does not hold); ensemble minus its best member:
+    -0.015 / +0.015 / +0.016. With the published objective (no `kd_t2a_target`) the MR member's spleen on CT (0.00 /
+    0.39 / 0.19) pulls the ensemble below its CT member (-0.067 / -0.075 / -0.139) and below CT-only (-0.098 / -0.104
+    / -0.143): the member bar below fails on that in all 3 seeds, the baseline bar in 2 of 3. Seed 0 here."""
+    dataset, held_out = unpaired
+    ct_only = held_out_in(held_out, "ct")
+    mkd = evaluate_model(fit(dataset, tmp_path / "mkd", "mkd", "ct", ["mr"], iam="histogram", kd_t2a_target=1.0),
+                         ct_only, device="cpu", members=True)
+    members = {m: mean_dice(r) for m, r in mkd["members"].items()}
+    assert set(members) == {"seg_target", "seg_assistant"}
+    training = load_spec(dataset)  # the same 6 CT cases, without the MR patients
+    ct_cases = DatasetSpec("ct-only", training.labels, {"ct": training.modalities["ct"]}, training.cases_with("ct"),
+                           tmp_path / "ct")
+    ct_cases.save()
+    assert len(ct_cases.cases) == 6
+    target_only = evaluate_model(fit(ct_cases.root, tmp_path / "single", "single", "ct", []), ct_only, device="cpu")
+    assert mean_dice(mkd) >= max(members.values()) - 0.05, (format_table(mkd), members)
+    assert mean_dice(mkd) >= mean_dice(target_only) - 0.1, (format_table(mkd), format_table(target_only))
+
+
 @pytest.fixture(scope="module")
 def few_labels(tmp_path_factory):
     """The scenario of backend/benchmarks/phantom_methods.py: one labelled CT+MR pair, five unlabelled pairs of
@@ -209,8 +238,6 @@ def tiny_method(name: str, spec: DatasetSpec, target: str, assistants: list[str]
 
 @pytest.fixture(scope="module")
 def paired_spec(paired) -> DatasetSpec:
-    from crossmodalseg.data.spec import load_spec
-
     return load_spec(paired[0])
 
 
