@@ -217,6 +217,8 @@ def run(args: argparse.Namespace) -> dict:
     mode = MODES[args.mode]
     if not 2 <= args.folds <= len(LABELLED):
         raise SystemExit(f"--folds must be 2 to {len(LABELLED)}")
+    if args.only_fold and not set(args.only_fold) <= set(range(args.folds)):
+        raise SystemExit(f"--only-fold: folds are numbered 0 to {args.folds - 1}")
     folds = folds_of(LABELLED, args.folds)
     previous = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
     previous_folds = previous.get("folds", len(LABELLED))  # files before --folds held out 1 of 4
@@ -232,6 +234,9 @@ def run(args: argparse.Namespace) -> dict:
         return e.name in args.only or any(o in e.name for o in args.only if o not in names)
 
     experiments = [e for e in EXPERIMENTS if chosen(e)]
+    if not experiments:
+        raise SystemExit(f"--only {' '.join(args.only)} names no experiment; they are: "
+                         + "; ".join(sorted(names)))
     report = {"benchmark": "methods", "mode": args.mode, "budget": mode, "device": args.device,
               "command": " ".join(sys.argv), "software": software_versions(), "machine": platform.machine(),
               "labelled_cases": LABELLED, "folds": args.folds, "runs": runs}
