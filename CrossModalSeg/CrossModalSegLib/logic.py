@@ -509,7 +509,8 @@ class CrossModalSegLogic:
             result.disagreement = mrml.add_disagreement_volume(self.scene, files["segmentation_disagreement.nrrd"],
                                                                reference, f"{base} disagreement")
         if pending.uncertainty and "segmentation.json" in files:
-            structures = [n for n in labels if labels[n] != 0]
+            # "ignore" marks voxels of unknown class (the backend's convention): never predicted, nothing to compare
+            structures = [n for n in labels if labels[n] != 0 and n != "ignore"]
             result.agreement_table = mrml.add_agreement_table(self.scene, files["segmentation.json"], structures,
                                                               f"{base} member agreement")
         return result

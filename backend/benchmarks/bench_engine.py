@@ -71,7 +71,7 @@ def phase_train(dataset: Path, preset: str, device_name: str, iterations: int, w
     t0 = time.perf_counter()
     plan = make_plan(spec, ["ct"], preset)
     method = get_method("single")(task, plan).to(device)
-    item = LoadCased(["ct"], plan, task.label_values)({"case": spec.cases[0]})
+    item = LoadCased(["ct"], plan, task)({"case": spec.cases[0]})
     preprocess_s = time.perf_counter() - t0
     stream = method.batches({"labelled": [item]}, seed=0, device=device)
     amp = autocast_dtype(device)

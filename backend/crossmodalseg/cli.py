@@ -21,32 +21,34 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crossmodalseg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="crossmodalseg", description=(
+        "CrossModalSeg: train and run cross-modality segmentation with few labels (single, mkd, maml, cmc). "
+        "Errors in what you give end with a message and exit code 2."))
     parser.add_argument("--version", action="version", version=f"crossmodalseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ds = sub.add_parser("dataset", help="check or import datasets").add_subparsers(dest="dataset_command",
                                                                                      required=True)
     p = ds.add_parser("check", help="validate a dataset folder and print every problem")
-    p.add_argument("path", type=Path)
+    p.add_argument("path", type=Path, help="dataset folder holding dataset.json")
     for name, help_text in (("import-nnunet", "import an nnU-Net v2 raw dataset"),
                             ("import-msd", "import a Medical Segmentation Decathlon task folder")):
         p = ds.add_parser(name, help=help_text)
-        p.add_argument("src", type=Path)
-        p.add_argument("dst", type=Path)
+        p.add_argument("src", type=Path, help="the folder to import")
+        p.add_argument("dst", type=Path, help="the new dataset folder to write")
         p.add_argument("--type", action="append", type=_key_value, default=[], metavar="CHANNEL=CT|MR",
                        help="override a channel's modality type")
         p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("train", help="train (or fine-tune) a model")
-    p.add_argument("dataset", type=Path)
+    p.add_argument("dataset", type=Path, help="dataset folder holding dataset.json (`crossmodalseg dataset check` validates it)")
     p.add_argument("--out", type=Path, required=True, help="model folder to write")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     add_train_arguments(p)  # one option per field of the typed run configuration (config.TrainConfig)
     p.add_argument("--json-events", action="store_true", help="print progress as JSON lines instead of a bar")
 
     p = sub.add_parser("predict", help="segment one case")
-    p.add_argument("model", type=Path)
+    p.add_argument("model", type=Path, help="model folder written by train")
     p.add_argument("--image", action="append", type=_key_value, required=True, metavar="MODALITY=PATH")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--members", action="store_true", help="also write each member's label map")
@@ -56,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     p = sub.add_parser("evaluate", help="Dice and HD95 per structure on a labelled dataset")
-    p.add_argument("model", type=Path)
-    p.add_argument("dataset", type=Path)
-    p.add_argument("--cases", nargs="+")
+    p.add_argument("model", type=Path, help="model folder written by train")
+    p.add_argument("dataset", type=Path, help="labelled dataset folder holding dataset.json")
+    p.add_argument("--cases", nargs="+", help="score only these case ids")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--members", action="store_true", help="also score each ensemble member on its own")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file holding the access token (default: $CROSSMODALSEG_TOKEN; none = no token)")
     p.add_argument("--max-upload-mb", type=float, default=2048)
 
-    sub.add_parser("info", help="version, devices and methods")
+    sub.add_parser("info", help="version, devices, methods and their options")
     return parser
 
 
@@ -137,11 +139,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "info":
         import torch
 
-        from .methods import METHODS
+        from .data.plan import PRESETS
+        from .methods import method_catalogue
 
         devices = ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
-        print(json.dumps({"version": __version__, "devices": devices,
-                          "methods": {n: m.description for n, m in METHODS.items()}}, indent=2))
+        print(json.dumps({"version": __version__, "devices": devices, **method_catalogue(),
+                          "presets": list(PRESETS)}, indent=2))
         return 0
     raise AssertionError(args.command)
 

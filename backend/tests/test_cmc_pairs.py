@@ -37,7 +37,7 @@ def cmc_items(tmp_path, paired: bool, misaligned: bool = False):
     for name, stream in method.streams(spec).items():
         loaded = []
         for case in stream.cases:
-            item = LoadCased(stream.modalities, plan, task.label_values, use_label=stream.labelled)({"case": case})
+            item = LoadCased(stream.modalities, plan, task, use_label=stream.labelled)({"case": case})
             index = int(case.id[-3:])
             for channel, modality in enumerate(stream.modalities):
                 item["image"][channel] = index + (100 if modality == "mr" else 0)

@@ -80,3 +80,27 @@ def test_a_fine_tuning_job_chooses_only_its_budget():
     FinetuneJob.model_validate({"kind": "finetune", "dataset": "d", "model": "m", "minutes": 1})
     with pytest.raises(Exception, match="method"):
         FinetuneJob.model_validate({"kind": "finetune", "dataset": "d", "model": "m", "method": "mkd"})
+
+
+def test_crossmodalseg_info_lists_every_method_option_that_train_takes():
+    """`--option NAME=VALUE` points users at `crossmodalseg info`: it must list every option of every method (as GET
+    /info does), each default must be one `train` accepts, and a name it does not list must be refused."""
+    import subprocess
+    import sys
+
+    from crossmodalseg.errors import UserError
+    from crossmodalseg.methods import METHODS
+
+    run = subprocess.run([sys.executable, "-m", "crossmodalseg.cli", "info"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    info = json.loads(run.stdout)
+    assert set(info["methods"]) == set(info["method_options"]) == set(METHODS) == {"single", "mkd", "maml", "cmc"}
+    assert info["presets"] == ["fast", "full"]
+    for name, options in info["method_options"].items():
+        assert set(options) == set(METHODS[name].Options.model_fields), name
+        assert METHODS[name].check_options(options) == options
+        config = cli_config("--method", name, *(a for k, v in options.items() for a in ("--option", f"{k}={v}")))
+        assert config.options == options
+        with pytest.raises(UserError, match="no option 'not_an_option'"):
+            METHODS[name].check_options({"not_an_option": 1})

@@ -77,7 +77,7 @@ def test_gpu_loader_workers_draw_distinct_pinned_batches(paired):
     spec = load_spec(dataset)
     plan = make_plan(spec, ["ct"], "fast")
     plan.augment = True
-    item = patch_ready(LoadCased(["ct"], plan, spec.label_values)({"case": spec.cases[0]}), plan, spec.num_classes)
+    item = patch_ready(LoadCased(["ct"], plan, spec)({"case": spec.cases[0]}), plan, spec.num_classes)
     transform = labelled_patch_transform(plan, spec.num_classes)
     device = torch.device("cuda", 0)
     gpu = patch_stream([item], transform, seed=5, device=device)  # the GPU default: 4 workers, pinned memory

@@ -244,7 +244,7 @@ def paired_spec(paired) -> DatasetSpec:
 def test_mkd_ensemble_is_the_mean_of_member_softmax(paired_spec: DatasetSpec):
     torch.manual_seed(0)
     method = tiny_method("mkd", paired_spec, "ct", ["mr"], iam="none")
-    item = LoadCased(["ct"], method.plan, method.task.label_values)({"case": paired_spec.cases[0]})
+    item = LoadCased(["ct"], method.plan, method.task)({"case": paired_spec.cases[0]})
     probs = predict_probabilities(method, item["image"], ["ct"], torch.device("cpu"))
     assert set(probs) == {"seg_target", "seg_assistant"}
     np.testing.assert_allclose(method.ensemble(probs).numpy(),
@@ -257,7 +257,7 @@ def test_a_volume_smaller_than_the_patch_is_predicted_whole(paired_spec: Dataset
     found on a real 122x101x30 CT at 3 mm, where MONAI refused the padding mode ("edge") and prediction crashed."""
     torch.manual_seed(0)
     method = tiny_method("single", paired_spec, "ct", [])
-    item = LoadCased(["ct"], method.plan, method.task.label_values)({"case": paired_spec.cases[0]})
+    item = LoadCased(["ct"], method.plan, method.task)({"case": paired_spec.cases[0]})
     small = item["image"][:, :5, :7, :9]
     assert all(n < p for n, p in zip(small.shape[1:], method.plan.patch_size))
     probs = predict_probabilities(method, small, ["ct"], torch.device("cpu"))["unet"]
@@ -268,7 +268,7 @@ def test_a_volume_smaller_than_the_patch_is_predicted_whole(paired_spec: Dataset
 def test_maml_uses_the_fused_head_when_all_modalities_are_there(paired_spec: DatasetSpec):
     torch.manual_seed(0)
     method = tiny_method("maml", paired_spec, "ct", ["mr"])
-    item = LoadCased(["ct", "mr"], method.plan, method.task.label_values)({"case": paired_spec.cases[0]})
+    item = LoadCased(["ct", "mr"], method.plan, method.task)({"case": paired_spec.cases[0]})
     probs = predict_probabilities(method, item["image"], ["ct", "mr"], torch.device("cpu"))
     assert set(probs) == {"fused", "branch_ct", "branch_mr"}
     assert torch.equal(method.ensemble(probs), probs["fused"])
@@ -294,7 +294,7 @@ def test_maml_uses_the_fused_head_when_all_modalities_are_there(paired_spec: Dat
 def test_cmc_predicts_with_either_modality(paired_spec: DatasetSpec):
     torch.manual_seed(0)
     method = tiny_method("cmc", paired_spec, "ct", ["mr"])
-    item = LoadCased(["ct", "mr"], method.plan, method.task.label_values)({"case": paired_spec.cases[0]})
+    item = LoadCased(["ct", "mr"], method.plan, method.task)({"case": paired_spec.cases[0]})
     both = predict_probabilities(method, item["image"], ["ct", "mr"], torch.device("cpu"))
     assert set(both) == {"decoder_a", "decoder_b"}
     np.testing.assert_allclose(method.ensemble(both).numpy(), ((both["decoder_a"] + both["decoder_b"]) / 2).numpy(),
@@ -324,7 +324,7 @@ def changed_networks(before: dict, method) -> set[str]:
 def load_items(method, spec: DatasetSpec) -> dict[str, list[dict]]:
     items = {}
     for name, stream in method.streams(spec).items():
-        loader = LoadCased(stream.modalities, method.plan, method.task.label_values, use_label=stream.labelled)
+        loader = LoadCased(stream.modalities, method.plan, method.task, use_label=stream.labelled)
         items[name] = [loader({"case": c}) for c in stream.cases[:2]]
     return items
 
@@ -432,7 +432,7 @@ def test_cmc_consistency_terms_switch_on_after_warm_up(paired_spec: DatasetSpec)
     assert method.consistency_weight(0.1) == 0.0
     assert 0 < method.consistency_weight(0.5) < method.consistency_weight(0.9) < method.consistency_weight(1.0) == 1.0
     items = load_items(method, paired_spec)
-    items["unlabelled"] = [LoadCased(["ct", "mr"], method.plan, method.task.label_values, use_label=False)(
+    items["unlabelled"] = [LoadCased(["ct", "mr"], method.plan, method.task, use_label=False)(
         {"case": paired_spec.cases[3]})]
     assert "csc" not in one_step(method, items, progress=0.1)
     logs = one_step(method, items, progress=0.9)

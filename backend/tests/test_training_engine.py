@@ -128,7 +128,7 @@ def test_loader_workers_draw_different_batches_and_the_same_stream(tiny: Dataset
     and the stream must not depend on how many worker processes compute it."""
     plan = make_plan(tiny, ["ct"], "fast")
     plan.augment = True
-    item = patch_ready(LoadCased(["ct"], plan, tiny.label_values)({"case": tiny.cases[0]}), plan, tiny.num_classes)
+    item = patch_ready(LoadCased(["ct"], plan, tiny)({"case": tiny.cases[0]}), plan, tiny.num_classes)
     transform = labelled_patch_transform(plan, tiny.num_classes)
 
     def first(n: int, workers: int, start: int = 0) -> list[torch.Tensor]:

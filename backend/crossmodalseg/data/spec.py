@@ -6,6 +6,8 @@ modalities only where the case says its images are co-registered (`"co_registere
 world coordinates onto a misaligned or another patient's image would teach wrong anatomy. Label values on disk may be anything
 (MM-WHS uses 205, 420, ...): `labels` maps structure names to those values, and training works on contiguous class
 indices 0..K in the order of `labels` (background first).
+A structure named "ignore" (nnU-Net v2's convention, e.g. MM-WHS's 5) marks voxels whose class is unknown: they carry
+no loss, are not scored, and are never predicted (the networks have no output for them).
 """
 
 from __future__ import annotations
@@ -57,15 +59,25 @@ class Case:
         return [m for m in self.images if m not in self.labels]
 
 
+IGNORE = "ignore"  # the structure name that marks unlabelled voxels
+IGNORE_INDEX = -1  # their class index in label arrays: no loss, no score
+
+
 class LabelSet:
-    """Views of a `labels` mapping (structure name -> on-disk value): class k is the k-th structure, 0 background."""
+    """Views of a `labels` mapping (structure name -> on-disk value): class k is the k-th structure, 0 background;
+    a structure named "ignore" is no class (see the module docstring)."""
 
     labels: dict[str, int]
 
     @property
     def structures(self) -> list[str]:
         """Foreground structure names, in class-index order (index 1 first)."""
-        return [name for name in self.labels if self.labels[name] != 0]
+        return [name for name in self.labels if self.labels[name] != 0 and name != IGNORE]
+
+    @property
+    def ignore_value(self) -> int | None:
+        """The on-disk value of voxels to leave out of training and scoring, if the labels name one."""
+        return self.labels.get(IGNORE)
 
     @property
     def num_classes(self) -> int:
@@ -154,6 +166,8 @@ def parse_spec(data: Any, root: Path) -> DatasetSpec:
             problems.append("two structures share one label value")
         if 0 not in values:
             problems.append("'labels' must name the background value 0")
+        if labels.get(IGNORE) == 0:
+            problems.append("'ignore' cannot be the background value 0; give it its own value (e.g. the highest)")
 
     modalities = data["modalities"]
     if not isinstance(modalities, dict) or not modalities:

@@ -32,29 +32,36 @@ from ..errors import UserError
 from .geometry import grid_with_spacing, resample_to_grid
 from .io import Geometry, ImageError, read_image, to_array
 from .plan import Plan
-from .spec import Case
+from .spec import IGNORE_INDEX, Case, LabelSet
 
 
 class LabelValueError(UserError):
     """A label holds values that the dataset spec does not name."""
 
 
-def values_to_indices(label: np.ndarray, label_values: Sequence[int], name: str = "label") -> np.ndarray:
-    """Maps on-disk label values to class indices 0..K-1; unknown values raise LabelValueError."""
+def values_to_indices(label: np.ndarray, label_values: Sequence[int], name: str = "label",
+                      ignore_value: int | None = None) -> np.ndarray:
+    """Maps on-disk label values to class indices 0..K-1, and `ignore_value` to IGNORE_INDEX; unknown values raise
+    LabelValueError."""
     if not np.all(np.isfinite(label)) or not np.all(np.equal(np.mod(label, 1), 0)):
         raise LabelValueError(f"{name}: label voxels must be whole numbers (found fractional or NaN values)")
     label = label.astype(np.int64)
-    lut_size = max(int(label.max(initial=0)), max(label_values)) + 1
+    lut_size = max(int(label.max(initial=0)), max(label_values), ignore_value or 0) + 1
     if label.min(initial=0) < 0:
         raise LabelValueError(f"{name}: negative label values {sorted(set(np.unique(label[label < 0]).tolist()))}")
-    lut = np.full(lut_size, -1, dtype=np.int64)
+    unknown_value = IGNORE_INDEX - 1
+    lut = np.full(lut_size, unknown_value, dtype=np.int64)
     for index, value in enumerate(label_values):
         lut[value] = index
+    if ignore_value is not None:
+        lut[ignore_value] = IGNORE_INDEX
     out = lut[label]
-    if (out < 0).any():
-        unknown = sorted(set(np.unique(label[out < 0]).tolist()))
+    if (out == unknown_value).any():
+        unknown = sorted(set(np.unique(label[out == unknown_value]).tolist()))
+        allowed = [*label_values, *([] if ignore_value is None else [ignore_value])]
         raise LabelValueError(f"{name}: label values {unknown} are not in the dataset spec (allowed: "
-                              f"{', '.join(map(str, label_values))}); fix the label or add them to 'labels'")
+                              f"{', '.join(map(str, allowed))}); fix the label, add them to 'labels', or name "
+                              f"voxels of unknown class \"ignore\" there")
     return out
 
 
@@ -65,7 +72,7 @@ def reference_grid(image: sitk.Image, plan: Plan) -> Geometry:
 
 def load_case_arrays(images: Mapping[str, sitk.Image | str | Path], modalities: Sequence[str], plan: Plan,
                      label: sitk.Image | str | Path | None = None, label_values: Sequence[int] | None = None,
-                     ) -> dict[str, Any]:
+                     ignore_value: int | None = None) -> dict[str, Any]:
     """Stacks `modalities` (first = reference grid) into a (C, Z, Y, X) float32 array on the plan's grid.
 
     Returns {"image", "grid"} and, with a label, {"label": (1, Z, Y, X) int64 class indices}.
@@ -89,21 +96,23 @@ def load_case_arrays(images: Mapping[str, sitk.Image | str | Path], modalities: 
         label_image = label if isinstance(label, sitk.Image) else read_image(label)
         label_image = resample_to_grid(label_image, grid, "nearest", default=0)
         out["label"] = values_to_indices(to_array(label_image, np.float64), label_values or [0, 1],
-                                         name=str(label if not isinstance(label, sitk.Image) else "label"))[None]
+                                         name=str(label if not isinstance(label, sitk.Image) else "label"),
+                                         ignore_value=ignore_value)[None]
     return out
 
 
 class LoadCased(MapTransform):
     """{"case": Case} -> {"image", "label"?, "grid", "case_id"} for the given modalities."""
 
-    def __init__(self, modalities: Sequence[str], plan: Plan, label_values: Sequence[int], use_label: bool = True):
+    def __init__(self, modalities: Sequence[str], plan: Plan, labels: LabelSet, use_label: bool = True):
         super().__init__(keys=["case"])
-        self.modalities, self.plan, self.label_values, self.use_label = list(modalities), plan, label_values, use_label
+        self.modalities, self.plan, self.labels, self.use_label = list(modalities), plan, labels, use_label
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         case: Case = data["case"]
         label = case.label_for(self.modalities[0]) if self.use_label else None
-        out = load_case_arrays(case.images, self.modalities, self.plan, label, self.label_values)
+        out = load_case_arrays(case.images, self.modalities, self.plan, label, self.labels.label_values,
+                               self.labels.ignore_value)
         out["case_id"] = case.id
         return out
 

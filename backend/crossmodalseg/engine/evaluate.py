@@ -13,7 +13,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 
 from ..data.geometry import resample_to_grid
 from ..data.io import read_image, to_array
-from ..data.spec import DatasetError, DatasetSpec, load_spec, write_json_atomic
+from ..data.spec import IGNORE_INDEX, DatasetError, DatasetSpec, load_spec, write_json_atomic
 from ..data.transforms import values_to_indices
 from .inferer import Predictor
 
@@ -25,7 +25,9 @@ def _one_hot(index: np.ndarray, num_classes: int) -> torch.Tensor:
 def score(prediction: np.ndarray, reference: np.ndarray, structures: Sequence[str],
           spacing_zyx: Sequence[float], regions: Mapping[str, Sequence[int]] | None = None) -> dict[str, dict]:
     """Dice and HD95 (mm) per structure of two class-index maps (z, y, x); None where undefined (both empty for
-    Dice; either empty for HD95). `regions` adds unions of classes, e.g. BraTS whole tumour {1, 2, 3, 4}."""
+    Dice; either empty for HD95). `regions` adds unions of classes, e.g. BraTS whole tumour {1, 2, 3, 4}. Voxels the
+    reference marks IGNORE_INDEX count for nothing: the prediction there is left out."""
+    prediction = np.where(reference == IGNORE_INDEX, 0, prediction)
     groups = {name: [k] for k, name in enumerate(structures, start=1)}
     groups.update({name: list(classes) for name, classes in (regions or {}).items()})
     out: dict[str, dict] = {}
@@ -72,7 +74,8 @@ def evaluate_model(model_dir: str | Path, dataset: str | Path | DatasetSpec, cas
             prediction.save(Path(save_predictions) / case.id)
         target_image = read_image(case.images[task.target])
         reference = resample_to_grid(read_image(label_path), target_image, "nearest")
-        ref_index = values_to_indices(to_array(reference, np.float64), task.label_values, str(label_path))
+        ref_index = values_to_indices(to_array(reference, np.float64), task.label_values, str(label_path),
+                                      task.ignore_value)
         spacing = list(target_image.GetSpacing())[::-1]
 
         def scored(label) -> dict[str, dict]:

@@ -20,6 +20,7 @@ from monai.inferers import sliding_window_inference
 from ..data.geometry import resample_to_grid
 from ..data.io import Geometry, ImageError, from_array, read_image, write_image
 from ..data.plan import Plan
+from ..data.spec import IGNORE_INDEX
 from ..data.transforms import load_case_arrays
 from ..errors import UserError
 from ..methods import Method, Task, get_method
@@ -89,7 +90,9 @@ def mutual_information(member_probs: Sequence[torch.Tensor], eps: float = 1e-8) 
 
 
 def dice_between(a: np.ndarray, b: np.ndarray, structures: Sequence[str]) -> dict[str, float | None]:
-    """Per-structure Dice of two class-index maps (None where both are empty)."""
+    """Per-structure Dice of two class-index maps (None where both are empty); voxels `b` marks IGNORE_INDEX are
+    left out."""
+    a = np.where(b == IGNORE_INDEX, 0, a)
     out = {}
     for k, name in enumerate(structures, start=1):
         sa, sb = a == k, b == k

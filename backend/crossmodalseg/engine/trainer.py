@@ -329,9 +329,8 @@ class Trainer:
         """Preprocessed training items per stream (validation cases taken out of labelled streams) and the
         validation: the held-out cases, else up to four training cases (then named training-set Dice)."""
         items: dict[str, list[dict]] = {}
-        label_values = method.task.label_values
         for name, stream in method.streams(self.spec).items():
-            loader = LoadCased(stream.modalities, method.plan, label_values, use_label=stream.labelled)
+            loader = LoadCased(stream.modalities, method.plan, method.task, use_label=stream.labelled)
             cases = [c for c in stream.cases if not (stream.labelled and c.id in val_ids)]
             if not cases and stream.required:
                 raise TrainingError(f"method {method.name!r} has no training cases for its {name!r} data (needs "
@@ -347,7 +346,7 @@ class Trainer:
     def _scoring_item(method: Method, case) -> dict:
         """A case as the validation scores it: the input modalities it has (target first) and the target label."""
         available = [m for m in method.input_modalities() if m in case.images]
-        item = LoadCased(available, method.plan, method.task.label_values)({"case": case})
+        item = LoadCased(available, method.plan, method.task)({"case": case})
         item["available"] = available
         return item
 

@@ -6,20 +6,34 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
+from monai.networks.utils import one_hot
 from torch import nn
+
+from ..data.spec import IGNORE_INDEX
 
 
 class SegLoss(nn.Module):
-    """DiceCE on logits (B, K, ...) against class indices (B, 1, ...)."""
+    """DiceCE on logits (B, K, ...) against class indices (B, 1, ...). Voxels labelled IGNORE_INDEX (an "ignore"
+    structure) give no loss and no gradient: cross-entropy skips them and the Dice terms see neither their
+    probabilities nor their (absent) class, as nnU-Net v2 does with its ignore label."""
 
     def __init__(self):
         super().__init__()
-        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, smooth_nr=1e-5,
-                               smooth_dr=1e-5, batch=True)
+        smooth = {"include_background": False, "smooth_nr": 1e-5, "smooth_dr": 1e-5, "batch": True}
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, **smooth)
+        self.dice_on_probabilities = DiceLoss(**smooth)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.loss(logits.float(), target)
+        logits = logits.float()
+        known = target != IGNORE_INDEX
+        if bool(known.all()):
+            return self.loss(logits, target)
+        classes = torch.where(known, target, 0)
+        probabilities = torch.softmax(logits, 1) * known
+        dice = self.dice_on_probabilities(probabilities, one_hot(classes, logits.shape[1]) * known)
+        cross_entropy = F.cross_entropy(logits, target[:, 0].long(), ignore_index=IGNORE_INDEX)
+        return dice + cross_entropy if bool(known.any()) else logits.sum() * 0.0
 
 
 def deep_supervision_weights(n: int) -> list[float]:

@@ -18,4 +18,11 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "Method", "StepContext", "Task", "get_method"]
+def method_catalogue() -> dict[str, dict]:
+    """What `crossmodalseg info` and GET /info tell about the methods: what each is for, and each option's
+    default (the names `--option NAME=VALUE` and a job's `options` take)."""
+    return {"methods": {n: m.description for n, m in METHODS.items()},
+            "method_options": {n: m.default_options() for n, m in METHODS.items()}}
+
+
+__all__ = ["METHODS", "Method", "StepContext", "Task", "get_method", "method_catalogue"]

@@ -45,7 +45,7 @@ from torch import nn
 from ..config import MethodOptions
 from ..data.loaders import patch_stream
 from ..data.plan import Plan
-from ..data.spec import DatasetSpec
+from ..data.spec import IGNORE_INDEX, DatasetSpec
 from ..data.transforms import labelled_patch_transform
 from ..errors import UserError
 from ..losses.consistency import cycle_loss, lsgan_loss
@@ -248,8 +248,9 @@ def hard_dice(logits: torch.Tensor, label: torch.Tensor) -> float:
     """Mean Dice of argmax(`logits`) against `label` (class indices, B x 1 x spatial) over the samples and foreground
     classes; a class absent from a sample's label scores 1 there if it is not predicted either, else 0."""
     classes = logits.shape[1]
-    predicted = one_hot(logits.argmax(1, keepdim=True), classes)
-    reference = one_hot(label.long(), classes)
+    known = label != IGNORE_INDEX  # voxels of unknown class are left out of both
+    predicted = one_hot(torch.where(known, logits.argmax(1, keepdim=True), 0), classes)
+    reference = one_hot(torch.where(known, label.long(), 0), classes)
     return float(compute_dice(predicted, reference, include_background=False, ignore_empty=False).mean())
 
 
@@ -260,7 +261,8 @@ def _full_resolution(outputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor
 def match_histogram(x: torch.Tensor, label: torch.Tensor, target_quantiles: torch.Tensor) -> torch.Tensor:
     """Per-structure histogram matching: in each sample, the voxels of class k (from the assistant's own label) get
     the intensity quantiles of class k in target images (`target_quantiles[k]`), piecewise linearly. A global match
-    cannot align CT and MR (fat is dark on one, bright on the other); within one structure the order holds."""
+    cannot align CT and MR (fat is dark on one, bright on the other); within one structure the order holds. Voxels
+    of unknown class (an "ignore" label) keep their intensities."""
     levels = torch.linspace(0, 1, target_quantiles.shape[1], device=x.device)
     out = x.clone()
     for i in range(x.shape[0]):

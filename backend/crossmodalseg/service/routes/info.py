@@ -23,11 +23,10 @@ def info_router(svc: Service) -> APIRouter:
 
     @router.get("/info")
     def info() -> InfoOut:
-        from ...methods import METHODS
+        from ...data.plan import PRESETS
+        from ...methods import method_catalogue
 
-        return {"version": __version__, "devices": runner.devices, "methods": {n: m.description for n, m in
-                                                                               METHODS.items()},
-                "method_options": {n: m.default_options() for n, m in METHODS.items()},
-                "presets": ["fast", "full"], "label_tags": list(LABEL_TAGS), "max_upload_bytes": max_upload_bytes}
+        return {"version": __version__, "devices": runner.devices, **method_catalogue(),
+                "presets": list(PRESETS), "label_tags": list(LABEL_TAGS), "max_upload_bytes": max_upload_bytes}
 
     return router
