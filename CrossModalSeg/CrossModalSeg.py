@@ -28,6 +28,7 @@ from CrossModalSegLib.install import (
     backend_source,
     install_backend,
     missing_requirements,
+    python_too_old,
     read_requirements,
     torch_installed,
 )
@@ -300,6 +301,9 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     "job from its last checkpoint later). Go on?"):
                 return
             if self.ui.localRadioButton.checked:
+                too_old = None if self.ui.pythonLineEdit.text.strip() else python_too_old()
+                if too_old:
+                    raise BackendError(f"cannot run the backend in Slicer's Python: {too_old}")
                 info = self.logic.start_local_backend(python=python)
             else:
                 info = self.logic.connect(self.ui.urlLineEdit.text.strip(), self.ui.tokenLineEdit.text.strip())
@@ -400,6 +404,10 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onInstallBackend(self):
         """Installs what the backend needs into Slicer's Python: PyTorch through the PyTorch extension (only when it
         is missing), then only the missing packages, after the user agreed to the list."""
+        too_old = python_too_old()
+        if too_old:  # pip would fail on every pinned package with a message that does not say why
+            slicer.util.errorDisplay(f"Cannot install the backend into Slicer's Python: {too_old}.")
+            return
         requirements = read_requirements(Path(self.resourcePath("requirements.txt")))
         try:
             if not torch_installed():
@@ -685,6 +693,9 @@ def backend_missing() -> str | None:
     """Why the backend cannot run in Slicer's Python (what to do about it), or None when it can."""
     import importlib.util
 
+    too_old = python_too_old()
+    if too_old:
+        return too_old
     requirements = read_requirements(Path(__file__).parent / "Resources" / "requirements.txt")
     missing = missing_requirements(requirements)
     if not torch_installed() or missing or importlib.util.find_spec("crossmodalseg") is None:

@@ -10,11 +10,23 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import re
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+BACKEND_PYTHON = (3, 10)  # backend/pyproject.toml's requires-python; Slicer ships 3.9 up to 5.8 and 3.12 from 5.10
 SLICER_OWNED = frozenset({"simpleitk", "requests", "numpy"})  # never replaced: Slicer itself depends on them
 SHIPPED_BACKEND = "CrossModalSegBackend"  # the folder the extension's build puts beside the module (CMakeLists.txt)
+
+
+def python_too_old(version_info: tuple[int, ...] = tuple(sys.version_info)) -> str | None:
+    """Why the backend cannot be installed into this Python (and what to do instead), or None when it can."""
+    if tuple(version_info[:2]) >= BACKEND_PYTHON:
+        return None
+    have, need = ".".join(map(str, version_info[:2])), ".".join(map(str, BACKEND_PYTHON))
+    return (f"the backend needs Python {need} or later and this Slicer's Python is {have} (Slicer 5.10 and later ship "
+            f"3.12). With this Slicer: install crossmodalseg into a Python {need}+ of your own and enter that Python "
+            f"under Python (Local), or connect to a Remote GPU server")
 
 
 def backend_source(module_dir: Path) -> Path | None:

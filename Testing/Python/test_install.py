@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy
 
 from CrossModalSegLib.install import (
+    BACKEND_PYTHON,
     SHIPPED_BACKEND,
     backend_source,
     install_backend,
     missing_requirements,
+    python_too_old,
     read_requirements,
     torch_installed,
 )
@@ -57,3 +59,32 @@ def test_the_backend_to_install_is_the_shipped_copy_else_the_source_checkouts(tm
     assert backend_source(tmp_path / "elsewhere") is None
     cmake = (root / "CrossModalSeg" / "CMakeLists.txt").read_text()
     assert f"/{SHIPPED_BACKEND})" in cmake and "/backend)" not in cmake.replace("../backend)", "")
+
+
+def test_a_python_older_than_the_backend_needs_is_refused_with_what_to_do_instead():
+    """Slicer up to 5.8 ships Python 3.9, which the backend (requires-python >= 3.10) cannot run: pip would fail on
+    every pinned package without saying why. The module says so and points at the two ways that work."""
+    import tomllib
+
+    required = tomllib.loads((MODULE.parent / "backend" / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert required == ">=" + ".".join(map(str, BACKEND_PYTHON))
+    message = python_too_old((3, 9, 10, "final", 0))
+    assert message is not None and "Python 3.10 or later" in message and "3.9" in message
+    assert "under Python (Local)" in message and "Remote GPU server" in message
+    assert python_too_old((3, 10, 0)) is None and python_too_old((3, 12, 10)) is None
+    assert python_too_old() is None  # this Python runs the backend (the tests here use it)
+
+
+def test_the_module_itself_reads_as_python_3_9_for_slicer_5_8():
+    """The module runs inside Slicer's own Python: 3.9 up to Slicer 5.8. Each file must parse with 3.9's grammar
+    (no `match`, no 3.10+ syntax) and defer its annotations, so that `X | None` and `list[int]` hints are never
+    evaluated there."""
+    import ast
+
+    files = sorted((MODULE).rglob("*.py"))
+    assert len(files) >= 7
+    for path in files:
+        tree = ast.parse(path.read_text(), str(path), feature_version=(3, 9))
+        imports = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "__future__"]
+        has_code = any(not isinstance(n, (ast.Expr, ast.Import, ast.ImportFrom)) for n in tree.body)
+        assert not has_code or any(a.name == "annotations" for n in imports for a in n.names), path
