@@ -127,6 +127,19 @@ def test_train_argument_errors(tmp_path: Path):
     assert_clean_error(cli(*train_args(root, tmp_path / "m", "--resume")), "no run to resume")
 
 
+def test_a_paired_method_on_unpaired_cases_names_the_method_for_them(tmp_path: Path):
+    from crossmodalseg.data.phantom import make_phantom_dataset
+
+    spec = make_phantom_dataset(tmp_path / "unpaired", n_cases=4, size=(16, 16, 8), paired=False)
+    for method in ("maml", "cmc"):
+        run = cli("train", str(spec.root), "--target", "ct", "--assistant", "mr", "--method", method, "--out",
+                  str(tmp_path / method), "--device", "cpu", "--epochs", "1")
+        if method == "maml":
+            assert_clean_error(run, "needs ct, mr with labels in one case", "--method mkd is for")
+        else:  # CMC also learns from misaligned pairs and from single labelled images: it trains
+            assert run.returncode == 0, run.stderr
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     root = small_dataset(tmp_path_factory.mktemp("tiny") / "d")

@@ -333,8 +333,11 @@ class Trainer:
             loader = LoadCased(stream.modalities, method.plan, method.task, use_label=stream.labelled)
             cases = [c for c in stream.cases if not (stream.labelled and c.id in val_ids)]
             if not cases and stream.required:
+                paired = (" in one case; cases with one modality each are unpaired data, which --method mkd is "
+                          "for" if len(stream.modalities) > 1 else "")
                 raise TrainingError(f"method {method.name!r} has no training cases for its {name!r} data (needs "
-                                    f"{', '.join(stream.modalities)}{' with labels' if stream.labelled else ''})")
+                                    f"{', '.join(stream.modalities)}{' with labels' if stream.labelled else ''}"
+                                    f"{paired})")
             classes = method.task.num_classes if stream.labelled else None
             items[name] = [patch_ready(loader({"case": c}), method.plan, classes) for c in cases]
         scorable = {c.id: c for c in method.scorable_cases(method.task, self.spec)}
