@@ -182,7 +182,7 @@ class CrossModalSegLogic:
 
     # ---- dataset and cases -----------------------------------------------------------------------------------
     @staticmethod
-    def labels_from_segmentation(segmentation_node) -> dict[str, int]:
+    def labels_from_segmentation(segmentation_node: Any) -> dict[str, int]:
         """Structure names and values from a segmentation: its segments in order, values 1, 2, ..."""
         names = list(mrml.segment_names(segmentation_node).values())
         if not names:
@@ -515,13 +515,13 @@ class CrossModalSegLogic:
                                                               f"{base} member agreement")
         return result
 
-    def submit_correction(self, segmentation_node, volumes: dict[str, Any], modality: str) -> str:
+    def submit_correction(self, segmentation_node: Any, volumes: dict[str, Any], modality: str) -> str:
         """Sends a corrected segmentation and waits (see `start_correction`, which the panel uses)."""
         pending = self.start_correction(segmentation_node, volumes, modality)
         pending.wait()
         return self.finish_upload(pending)
 
-    def start_correction(self, segmentation_node, volumes: dict[str, Any], modality: str) -> PendingUpload:
+    def start_correction(self, segmentation_node: Any, volumes: dict[str, Any], modality: str) -> PendingUpload:
         """Starts sending a corrected segmentation of `volumes[modality]` as that case's `final` label (the case is
         added first when these volumes were never sent); `finish_upload` gives the case id."""
         volumes = {m: v for m, v in volumes.items() if v is not None}

@@ -8,6 +8,7 @@ Uses only MRML classes (no Qt), so it runs in the Slicer application and on `sli
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ def structure_color(index: int) -> tuple[float, float, float]:
     return PALETTE[index % len(PALETTE)]
 
 
-def write_volume(node, path: Path, compress: bool = True) -> Path:
+def write_volume(node: slicer.vtkMRMLScalarVolumeNode, path: Path, compress: bool = True) -> Path:
     """Writes a scalar or label map volume (NRRD keeps its geometry in double precision); refuses a transformed
     volume, whose voxels would not be where the scene shows them. `compress=False` for a temporary copy that is
     sent at once: no gzip pass (seconds for a large CT on the thread that writes it)."""
@@ -55,13 +56,14 @@ def write_volume(node, path: Path, compress: bool = True) -> Path:
     return Path(path)
 
 
-def segment_names(segmentation_node) -> dict[str, str]:
+def segment_names(segmentation_node: slicer.vtkMRMLSegmentationNode) -> dict[str, str]:
     """segment id -> name."""
     s = segmentation_node.GetSegmentation()
     return {s.GetNthSegmentID(i): s.GetNthSegment(i).GetName() for i in range(s.GetNumberOfSegments())}
 
 
-def write_segmentation(segmentation_node, reference_volume, labels: dict[str, int], path: Path) -> Path:
+def write_segmentation(segmentation_node: slicer.vtkMRMLSegmentationNode,
+                       reference_volume: slicer.vtkMRMLScalarVolumeNode, labels: dict[str, int], path: Path) -> Path:
     """The segmentation as a label map on `reference_volume`'s grid, with each segment written as the value of the
     structure of the same name (case-insensitive). Segments no structure names are refused, not silently dropped."""
     if segmentation_node is None:
@@ -96,7 +98,7 @@ def write_segmentation(segmentation_node, reference_volume, labels: dict[str, in
 
 
 @contextmanager
-def scratch_nodes(scene, keep: tuple = ()):
+def scratch_nodes(scene: slicer.vtkMRMLScene, keep: tuple = ()) -> Iterator[list]:
     """Removes every node added to `scene` inside the block except those in `keep` (checked at the end): the
     temporary label map and what Slicer adds around it (its display node, the `_ColorTable` an export creates), so
     that no step leaves nodes behind in the user's scene (and in the scene file they save)."""
@@ -120,7 +122,8 @@ def _blank_like(volume):
     return image
 
 
-def read_volume(scene, path: Path, name: str, labelmap: bool = False):
+def read_volume(scene: slicer.vtkMRMLScene, path: Path, name: str, labelmap: bool = False
+                ) -> slicer.vtkMRMLScalarVolumeNode:
     node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))
@@ -131,7 +134,8 @@ def read_volume(scene, path: Path, name: str, labelmap: bool = False):
     return node
 
 
-def add_segmentation(scene, label_path: Path, reference_volume, labels: dict[str, int], name: str):
+def add_segmentation(scene: slicer.vtkMRMLScene, label_path: Path, reference_volume: slicer.vtkMRMLScalarVolumeNode,
+                     labels: dict[str, int], name: str) -> slicer.vtkMRMLSegmentationNode:
     """A segmentation node from a label map: one segment per structure (empty ones too, ready to be painted), named
     and coloured, with `reference_volume` as its reference geometry, beside that volume in the subject hierarchy."""
     with scratch_nodes(scene) as keep:
@@ -174,7 +178,7 @@ def _order_segments(segmentation, structures: list[str]) -> None:
         s.SetSegmentIndex(by_name[structure], index)
 
 
-def disagreement_colors(scene):
+def disagreement_colors(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLColorTableNode:
     """The scene's disagreement colour table (made once): entry 0 fully transparent, then a ramp of rising
     brightness, so that where the members agree the slice shows the image alone."""
     existing = scene.GetFirstNodeByName(DISAGREEMENT_COLORS)
@@ -192,7 +196,8 @@ def disagreement_colors(scene):
     return table
 
 
-def add_disagreement_volume(scene, path: Path, reference_volume, name: str):
+def add_disagreement_volume(scene: slicer.vtkMRMLScene, path: Path, reference_volume: slicer.vtkMRMLScalarVolumeNode,
+                            name: str) -> slicer.vtkMRMLScalarVolumeNode:
     """The members' disagreement (mutual information, nats) as a scalar volume: the colour table above, voxels
     where the members agree transparent (display threshold), window from 0 to the largest value. None where the
     map is zero everywhere (a one-member model, or members that agree on every voxel): nothing to show."""
@@ -215,7 +220,8 @@ def add_disagreement_volume(scene, path: Path, reference_volume, name: str):
     return node
 
 
-def add_agreement_table(scene, report_path: Path, structures: list[str], name: str):
+def add_agreement_table(scene: slicer.vtkMRMLScene, report_path: Path, structures: list[str], name: str
+                        ) -> slicer.vtkMRMLTableNode:
     """Per-structure Dice between every pair of members (rows: structures; columns: member pairs)."""
     report = json.loads(Path(report_path).read_text())
     agreement = report.get("member_agreement", {})
@@ -234,14 +240,14 @@ def add_agreement_table(scene, report_path: Path, structures: list[str], name: s
     return table
 
 
-def show_table(application_logic, table) -> None:
+def show_table(application_logic: Any, table: slicer.vtkMRMLTableNode) -> None:
     """Makes `table` the one the table views show (the application's selection node; a layout with a table view
     then shows it)."""
     application_logic.GetSelectionNode().SetActiveTableID(table.GetID())
     application_logic.PropagateTableSelection()
 
 
-def show_in_3d(segmentation_node, show: bool) -> None:
+def show_in_3d(segmentation_node: slicer.vtkMRMLSegmentationNode, show: bool) -> None:
     """Surfaces of the segments in the 3D view (made once, from the label map), or hidden again."""
     if show and not segmentation_node.CreateClosedSurfaceRepresentation():
         raise SceneError(f"could not make 3D surfaces of {segmentation_node.GetName()!r}")
@@ -250,7 +256,8 @@ def show_in_3d(segmentation_node, show: bool) -> None:
         display.SetVisibility3D(bool(show))
 
 
-def edit_in_segment_editor(segmentation_node, source_volume) -> Any:
+def edit_in_segment_editor(segmentation_node: slicer.vtkMRMLSegmentationNode,
+                           source_volume: slicer.vtkMRMLScalarVolumeNode) -> Any:
     """Points the Segment Editor module's parameter node (the scene's "SegmentEditor" singleton) at the segmentation
     and its source volume, so that the editor opens on them; returns that node."""
     scene = segmentation_node.GetScene()
@@ -267,7 +274,7 @@ def edit_in_segment_editor(segmentation_node, source_volume) -> Any:
 PARAMETER_NODE_TAG = "CrossModalSeg"  # the module's parameter node: one per scene, saved with it
 
 
-def parameter_node(scene):
+def parameter_node(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLScriptedModuleNode:
     """The module's parameter node (a scripted-module node, singleton in the scene)."""
     node = scene.GetSingletonNode(PARAMETER_NODE_TAG, "vtkMRMLScriptedModuleNode")
     if node is None:
@@ -278,7 +285,7 @@ def parameter_node(scene):
     return node
 
 
-def save_selections(scene, values: dict[str, str], nodes: dict[str, Any]) -> None:
+def save_selections(scene: slicer.vtkMRMLScene, values: dict[str, str], nodes: dict[str, Any]) -> None:
     """Keeps what the panel has selected (text values and node references) in the parameter node."""
     node = parameter_node(scene)
     for name, value in values.items():
@@ -287,7 +294,7 @@ def save_selections(scene, values: dict[str, str], nodes: dict[str, Any]) -> Non
         node.SetNodeReferenceID(role, referenced.GetID() if referenced is not None else None)
 
 
-def load_selections(scene, names: tuple[str, ...], roles: tuple[str, ...]) -> tuple[dict[str, str], dict[str, Any]]:
+def load_selections(scene: slicer.vtkMRMLScene, names: tuple[str, ...], roles: tuple[str, ...]) -> tuple[dict[str, str], dict[str, Any]]:
     """The values and node references `save_selections` kept (only those set; nothing when the scene has none)."""
     node = scene.GetSingletonNode(PARAMETER_NODE_TAG, "vtkMRMLScriptedModuleNode")
     if node is None:
@@ -297,7 +304,7 @@ def load_selections(scene, names: tuple[str, ...], roles: tuple[str, ...]) -> tu
     return values, nodes
 
 
-def place_beside(node, reference) -> None:
+def place_beside(node: slicer.vtkMRMLNode, reference: slicer.vtkMRMLNode) -> None:
     """Same parent as `reference` in the subject hierarchy (the patient/study folder it is in)."""
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
     if sh is None:

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
@@ -18,7 +19,7 @@ from .data.io import to_array  # noqa: E402
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
 
 
-def radiological(image: sitk.Image, dtype=np.float32) -> np.ndarray:
+def radiological(image: sitk.Image, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
     """The (z, y, x) array of an image reoriented so that axial slices show as radiologists read them: anterior up,
     the patient's right on the viewer's left (whatever the file's direction matrix)."""
     return to_array(sitk.DICOMOrient(image, "LPS"), dtype)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import SimpleITK as sitk
 
 from .gate import ImageError, Limits, gated
@@ -142,7 +143,7 @@ def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> P
     return path
 
 
-def to_array(image: sitk.Image, dtype=np.float32) -> np.ndarray:
+def to_array(image: sitk.Image, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
     """Voxel array in (z, y, x) order."""
     return sitk.GetArrayFromImage(image).astype(dtype, copy=False)
 

@@ -46,14 +46,14 @@ from torch import nn
 
 from ..config import MethodOptions
 from ..data.loaders import batch_seed, patch_stream
-from ..data.spec import DatasetSpec
+from ..data.spec import Case, DatasetSpec
 from ..data.transforms import labelled_patch_transform, unlabelled_patch_transform
 from ..errors import UserError
 from ..losses.consistency import channel_semantic_consistency, soft_dice_consistency
 from ..losses.supervision import DeepSupervisionLoss
 from ..nets.fusion import ChannelAttention, UnifiedFusion
 from ..nets.unet import UNet, UNetConfig
-from .base import Batch, Method, StepContext, Stream, keep_in_graph
+from .base import Batch, Method, StepContext, Stream, Task, keep_in_graph
 
 
 class CrossModalityNet(nn.Module):
@@ -70,7 +70,7 @@ class CrossModalityNet(nn.Module):
         self.mia_a, self.mia_b = ChannelAttention(channels), ChannelAttention(channels)
         self.fusion = UnifiedFusion(channels)
 
-    def forward(self, x_a: torch.Tensor | None, x_b: torch.Tensor | None):
+    def forward(self, x_a: torch.Tensor | None, x_b: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         enc_a = self.branch_a.encode(x_a) if x_a is not None else None
         enc_b = self.branch_b.encode(x_b) if x_b is not None else None
         f_a = self.mia_a(enc_a[-1]) if enc_a is not None else None
@@ -214,7 +214,7 @@ class CMC(Method):
         return logs
 
     @classmethod
-    def scorable_cases(cls, task, spec: DatasetSpec) -> list:
+    def scorable_cases(cls, task: Task, spec: DatasetSpec) -> list[Case]:
         # Scored on the target modality; the assistant image is used when the case has it.
         return [c for c in spec.cases if task.target in c.images and c.label_for(task.target) is not None]
 

@@ -53,7 +53,7 @@ from ..losses.distillation import kd_loss, sigmoid_rampup
 from ..losses.supervision import DeepSupervisionLoss
 from ..nets.translator import Discriminator, Generator, TranslatorConfig
 from ..nets.unet import UNet, UNetConfig
-from .base import Batch, Method, StepContext, Stream
+from .base import Batch, Method, StepContext, Stream, Task
 
 QUANTILE_LEVELS = 101
 
@@ -112,7 +112,7 @@ class MKD(Method):
         return {"seg_target": [self.task.target], "seg_assistant": [self.task.target]}
 
     @classmethod
-    def inputs_for(cls, task) -> list[str]:
+    def inputs_for(cls, task: Task) -> list[str]:
         return [task.target]  # at test time only the target modality is given
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:

@@ -142,7 +142,8 @@ class UNet(nn.Module):
             logits += [head(per_level[i]) for i, head in enumerate(self.ds_heads, start=1)]
         return x, logits
 
-    def forward(self, x: torch.Tensor, with_features: bool = False):
+    def forward(self, x: torch.Tensor, with_features: bool = False
+                ) -> torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits (a list in training mode with deep-supervision heads); with_features: (last features, logits
         list). Going through forward (not encode/decode) keeps DDP's gradient synchronisation working."""
         features, logits = self.decode(self.encode(x))

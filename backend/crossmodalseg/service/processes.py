@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 import psutil
 
@@ -129,7 +129,7 @@ class HomeInUse(UserError):
     """Another live server holds this home folder."""
 
 
-def hold_home(home: Any, owner: dict[str, Any]):
+def hold_home(home: Any, owner: dict[str, Any]) -> IO[str]:
     """Takes the home folder's lock for this server's lifetime (the OS drops it when the process ends, kill -9
     included) and records `owner` (pid, url) in it; HomeInUse, naming the holder, when another server has it. One
     server per home: a second one would recover (end) the first one's running jobs as if they were its own."""
