@@ -510,7 +510,7 @@ class CrossModalSegLogic:
                                                                reference, f"{base} disagreement")
         if pending.uncertainty and "segmentation.json" in files:
             # "ignore" marks voxels of unknown class (the backend's convention): never predicted, nothing to compare
-            structures = [n for n in labels if labels[n] != 0 and n != "ignore"]
+            structures = [n for n in labels if labels[n] != 0 and n.strip().lower() != "ignore"]
             result.agreement_table = mrml.add_agreement_table(self.scene, files["segmentation.json"], structures,
                                                               f"{base} member agreement")
         return result

@@ -44,6 +44,9 @@ def test_an_ignore_structure_is_no_class_and_its_voxels_map_to_the_ignore_index(
         values_to_indices(label, spec.label_values)  # a dataset that does not name 5 "ignore"
     with pytest.raises(DatasetError, match="'ignore' cannot be the background value 0"):
         load_spec(write_spec(tmp_path / "bad", {"background": 0, "ignore": 0}, []))
+    with pytest.raises(DatasetError, match="name 2 'ignore' structures"):
+        load_spec(write_spec(tmp_path / "two", {"background": 0, "ignore": 5, "Ignore": 6}, []))
+    assert load_spec(write_spec(tmp_path / "case", {"background": 0, "liver": 1, "Ignore": 7}, [])).ignore_value == 7
 
 
 def test_ignored_voxels_change_neither_the_loss_nor_its_gradient():

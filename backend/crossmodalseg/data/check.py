@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .io import Geometry, ImageError, read_image
-from .spec import IGNORE, DatasetError, DatasetSpec, load_spec, spec_path
+from .spec import DatasetError, DatasetSpec, is_ignore, load_spec, spec_path
 
 _SLAB_VOXELS = 1 << 22  # voxels inspected per step: bounds the temporaries (~32 MB at int64)
 _MAX_VALUES = 1000  # distinct offending label values kept; a wrong file (an image given as label) has millions
@@ -96,7 +96,7 @@ def format_report(spec: DatasetSpec | None, problems: list[Problem], warnings: l
         lines.append("dataset.json could not be loaded")
     else:
         lines.append(f"dataset {spec.name!r}: {len(spec.cases)} case(s) at {spec.root}")
-        lines.append("structures: " + ", ".join(f"{n}={v}" for n, v in spec.labels.items() if n != IGNORE))
+        lines.append("structures: " + ", ".join(f"{n}={v}" for n, v in spec.labels.items() if not is_ignore(n)))
         if spec.ignore_value is not None:
             lines.append(f"ignore={spec.ignore_value}: voxels of unknown class, left out of training and scoring")
         for m, kind in spec.modalities.items():

@@ -59,7 +59,11 @@ class Case:
         return [m for m in self.images if m not in self.labels]
 
 
-IGNORE = "ignore"  # the structure name that marks unlabelled voxels
+IGNORE = "ignore"  # the structure name (any letter case) that marks unlabelled voxels
+
+
+def is_ignore(name: str) -> bool:
+    return name.strip().lower() == IGNORE
 IGNORE_INDEX = -1  # their class index in label arrays: no loss, no score
 
 
@@ -72,12 +76,12 @@ class LabelSet:
     @property
     def structures(self) -> list[str]:
         """Foreground structure names, in class-index order (index 1 first)."""
-        return [name for name in self.labels if self.labels[name] != 0 and name != IGNORE]
+        return [name for name in self.labels if self.labels[name] != 0 and not is_ignore(name)]
 
     @property
     def ignore_value(self) -> int | None:
         """The on-disk value of voxels to leave out of training and scoring, if the labels name one."""
-        return self.labels.get(IGNORE)
+        return next((value for name, value in self.labels.items() if is_ignore(name)), None)
 
     @property
     def num_classes(self) -> int:
@@ -166,7 +170,10 @@ def parse_spec(data: Any, root: Path) -> DatasetSpec:
             problems.append("two structures share one label value")
         if 0 not in values:
             problems.append("'labels' must name the background value 0")
-        if labels.get(IGNORE) == 0:
+        ignored = [name for name in labels if is_ignore(str(name))]
+        if len(ignored) > 1:
+            problems.append(f"'labels' name {len(ignored)} 'ignore' structures ({', '.join(ignored)}); keep one")
+        if any(labels[name] == 0 for name in ignored):
             problems.append("'ignore' cannot be the background value 0; give it its own value (e.g. the highest)")
 
     modalities = data["modalities"]
