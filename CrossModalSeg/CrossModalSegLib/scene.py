@@ -294,7 +294,8 @@ def save_selections(scene: slicer.vtkMRMLScene, values: dict[str, str], nodes: d
         node.SetNodeReferenceID(role, referenced.GetID() if referenced is not None else None)
 
 
-def load_selections(scene: slicer.vtkMRMLScene, names: tuple[str, ...], roles: tuple[str, ...]) -> tuple[dict[str, str], dict[str, Any]]:
+def load_selections(scene: slicer.vtkMRMLScene, names: tuple[str, ...], roles: tuple[str, ...]
+                    ) -> tuple[dict[str, str], dict[str, Any]]:
     """The values and node references `save_selections` kept (only those set; nothing when the scene has none)."""
     node = scene.GetSingletonNode(PARAMETER_NODE_TAG, "vtkMRMLScriptedModuleNode")
     if node is None:

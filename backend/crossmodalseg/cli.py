@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("train", help="train (or fine-tune) a model")
-    p.add_argument("dataset", type=Path, help="dataset folder holding dataset.json (`crossmodalseg dataset check` validates it)")
+    p.add_argument("dataset", type=Path,
+                   help="dataset folder holding dataset.json (`crossmodalseg dataset check` validates it)")
     p.add_argument("--out", type=Path, required=True, help="model folder to write")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     add_train_arguments(p)  # one option per field of the typed run configuration (config.TrainConfig)

@@ -141,12 +141,13 @@ class RunBudget(StrictModel):
 class TrainSettings(RunBudget):
     """Everything a client chooses about a training run (the job request's body has exactly these, plus the job's
     own fields)."""
-    method: str = Field("single", max_length=32, description="single | mkd | maml | cmc (`crossmodalseg info`, GET /info)")
+    method: str = Field("single", max_length=32,
+                        description="single | mkd | maml | cmc (`crossmodalseg info`, GET /info)")
     target: Identifier | None = Field(None, description="the modality to segment")
     assistants: list[Identifier] = Field([], max_length=8, description="assistant modalities")
     preset: Preset = "fast"
-    options: dict[Identifier, OptionValue] = Field({}, max_length=64,
-                                                   description="the method's options (`crossmodalseg info` and GET /info list them)")
+    options: dict[Identifier, OptionValue] = Field(
+        {}, max_length=64, description="the method's options (`crossmodalseg info` and GET /info list them)")
 
     @model_validator(mode="after")
     def _method_and_options(self) -> "TrainSettings":
