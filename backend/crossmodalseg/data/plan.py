@@ -187,7 +187,7 @@ def collect_statistics(spec: DatasetSpec, modalities: list[str], max_samples_per
             image = read_image(case.images[m])
             array = to_array(image)
             label = to_array(_label_on(read_image(label_path), image), np.int64)
-            values = array[(label > 0) & (label != (spec.ignore_value or 0))]  # structures, not unknown ones
+            values = array[(label > 0) & (label != (spec.ignore_value or 0))]  # structures only
             if values.size == 0:
                 values = array[foreground_mask(array)]
             if values.size > max_samples_per_case:
