@@ -107,6 +107,11 @@ def test_a_model_learns_a_structure_from_labels_that_mark_half_its_voxels_ignore
     model = train(training, tmp_path / "model", config)
     results = evaluate_model(model, held_out, device="cpu")
     assert results["mean"]["myocardium"]["dice"] >= 0.9, format_table(results)
+    # The ignore value belongs to a dataset's files: the same model scores a dataset that names none alike.
+    plain = write_spec(tmp_path / "plain", {"background": 0, "myocardium": 1}, cases[6:])
+    assert evaluate_model(model, plain, device="cpu")["mean"] == results["mean"]
+    with pytest.raises(DatasetError, match="differ from the model's"):
+        evaluate_model(model, write_spec(tmp_path / "other", {"background": 0, "liver": 1}, cases[6:]), device="cpu")
 
 
 def test_mmwhs_slices_with_their_ignore_label_check_train_and_predict(tmp_path: Path):

@@ -60,7 +60,8 @@ def evaluate_model(model_dir: str | Path, dataset: str | Path | DatasetSpec, cas
     spec = dataset if isinstance(dataset, DatasetSpec) else load_spec(dataset)
     predictor = Predictor(model_dir, device=device)
     task = predictor.task
-    if sorted(spec.labels.items()) != sorted(task.labels.items()):
+    # The structures must match; an "ignore" value belongs to each dataset's files (the reference's is used here).
+    if sorted(zip(spec.structures, spec.label_values[1:])) != sorted(zip(task.structures, task.label_values[1:])):
         raise DatasetError(f"dataset labels {spec.labels} differ from the model's {task.labels}")
     chosen = [spec.case(c) for c in cases] if cases else spec.cases
     results: dict[str, Any] = {"model": str(model_dir), "dataset": spec.name, "cases": {}}
@@ -75,7 +76,7 @@ def evaluate_model(model_dir: str | Path, dataset: str | Path | DatasetSpec, cas
         target_image = read_image(case.images[task.target])
         reference = resample_to_grid(read_image(label_path), target_image, "nearest")
         ref_index = values_to_indices(to_array(reference, np.float64), task.label_values, str(label_path),
-                                      task.ignore_value)
+                                      spec.ignore_value)
         spacing = list(target_image.GetSpacing())[::-1]
 
         def scored(label) -> dict[str, dict]:
