@@ -509,10 +509,8 @@ class CrossModalSegLogic:
             result.disagreement = mrml.add_disagreement_volume(self.scene, files["segmentation_disagreement.nrrd"],
                                                                reference, f"{base} disagreement")
         if pending.uncertainty and "segmentation.json" in files:
-            # "ignore" marks voxels of unknown class (the backend's convention): never predicted, nothing to compare
-            structures = [n for n in labels if labels[n] != 0 and n.strip().lower() != "ignore"]
-            result.agreement_table = mrml.add_agreement_table(self.scene, files["segmentation.json"], structures,
-                                                              f"{base} member agreement")
+            result.agreement_table = mrml.add_agreement_table(self.scene, files["segmentation.json"],
+                                                              predicted_structures(labels), f"{base} member agreement")
         return result
 
     def submit_correction(self, segmentation_node: Any, volumes: dict[str, Any], modality: str) -> str:
@@ -579,6 +577,12 @@ def model_title(model: dict[str, Any]) -> str:
 POLL_MS = 1000
 POLL_MAX_MS = 30000
 POLL_GIVE_UP_AFTER = 8  # failed polls in a row (at least 1.5 minutes with the back-off) before the panel stops
+
+
+def predicted_structures(labels: dict[str, int]) -> list[str]:
+    """The structures a model predicts: not background, and not "ignore" (any letter case; the backend's mark for
+    voxels of unknown class, which no model predicts)."""
+    return [name for name, value in labels.items() if value != 0 and name.strip().lower() != "ignore"]
 
 
 def poll_interval_ms(failures: int) -> int:

@@ -23,6 +23,7 @@ from CrossModalSegLib.logic import (
     correction_volumes,
     model_title,
     poll_interval_ms,
+    predicted_structures,
     prediction_inputs,
     safe_id,
     structures_fit,
@@ -497,3 +498,10 @@ def test_the_panel_asks_for_epochs_or_minutes_never_both():
     assert training_budget(40, 10, 0.25) == {"epochs": None, "minutes": 2.5}
     assert training_budget(2, 0, 0.25) == {"epochs": 1, "minutes": None}
     assert training_budget(40, 1, 0.25) == {"epochs": None, "minutes": 0.5}
+
+
+def test_the_agreement_table_compares_the_structures_a_model_predicts():
+    """A model trained with an "ignore" label (voxels of unknown class) never predicts it: no row for it."""
+    labels = {"background": 0, "myocardium": 1, "left atrium": 2, "Ignore": 5}
+    assert predicted_structures(labels) == ["myocardium", "left atrium"]
+    assert predicted_structures({"background": 0, "liver": 1}) == ["liver"]
