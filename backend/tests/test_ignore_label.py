@@ -50,13 +50,19 @@ def test_an_ignore_structure_is_no_class_and_its_voxels_map_to_the_ignore_index(
 
 
 def test_ignored_voxels_change_neither_the_loss_nor_its_gradient():
-    """The loss of a batch equals MONAI's DiceCE of the same batch with a block of ignored voxels appended (any
-    logits there), and no gradient reaches those logits."""
+    """The loss is MONAI's DiceCE where nothing is ignored; with a block of ignored voxels appended (any logits
+    there) it keeps DiceCE's value on the rest, and no gradient reaches those logits."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 8, 8, 8, generator=g)
     target = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=g)
-    reference = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5,
-                           batch=True)(logits, target)
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5,
+                         batch=True)
+    reference = dice_ce(logits, target)
+    # with nothing ignored it is DiceCE itself, value and gradient
+    plain, ours = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    dice_ce(plain, target).backward()
+    SegLoss()(ours, target).backward()
+    assert torch.allclose(ours.grad, plain.grad, atol=1e-7)
     junk = torch.randn(2, 3, 8, 8, 4, generator=g) * 10
     padded = torch.cat([logits, junk], dim=-1).requires_grad_(True)
     padded_target = torch.cat([target, torch.full((2, 1, 8, 8, 4), IGNORE_INDEX)], dim=-1)

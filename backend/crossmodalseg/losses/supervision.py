@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss, DiceLoss
+from monai.losses import DiceLoss
 from monai.networks.utils import one_hot
 from torch import nn
 
@@ -14,26 +14,23 @@ from ..data.spec import IGNORE_INDEX
 
 
 class SegLoss(nn.Module):
-    """DiceCE on logits (B, K, ...) against class indices (B, 1, ...). Voxels labelled IGNORE_INDEX (an "ignore"
-    structure) give no loss and no gradient: cross-entropy skips them and the Dice terms see neither their
-    probabilities nor their (absent) class, as nnU-Net v2 does with its ignore label."""
+    """Dice + cross-entropy on logits (B, K, ...) against class indices (B, 1, ...), background left out of Dice,
+    batch Dice (MONAI's DiceCE with `batch=True`). Voxels labelled IGNORE_INDEX (an "ignore" structure) give no loss
+    and no gradient: cross-entropy skips them and the Dice terms see neither their probabilities nor their (absent)
+    class, as nnU-Net v2 does with its ignore label. One formulation with or without ignored voxels (it equals
+    DiceCE where there are none), so a step never asks the device whether there are any."""
 
     def __init__(self):
         super().__init__()
-        smooth = {"include_background": False, "smooth_nr": 1e-5, "smooth_dr": 1e-5, "batch": True}
-        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, **smooth)
-        self.dice_on_probabilities = DiceLoss(**smooth)
+        self.dice = DiceLoss(include_background=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=True)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         known = target != IGNORE_INDEX
-        if bool(known.all()):
-            return self.loss(logits, target)
-        classes = torch.where(known, target, 0)
         probabilities = torch.softmax(logits, 1) * known
-        dice = self.dice_on_probabilities(probabilities, one_hot(classes, logits.shape[1]) * known)
-        cross_entropy = F.cross_entropy(logits, target[:, 0].long(), ignore_index=IGNORE_INDEX)
-        return dice + cross_entropy if bool(known.any()) else logits.sum() * 0.0
+        dice = self.dice(probabilities, one_hot(torch.where(known, target, 0), logits.shape[1]) * known)
+        cross_entropy = F.cross_entropy(logits, target[:, 0].long(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return dice + cross_entropy / known.sum().clamp_min(1)
 
 
 def deep_supervision_weights(n: int) -> list[float]:
