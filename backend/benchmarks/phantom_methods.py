@@ -35,6 +35,14 @@ COMPARISONS = {
     # ablation: seg_target also distils into seg_assistant on the target images both are ensembled on
     "mkd, KD t->a on target": [("mkd", "mkd_ct", "ct", ["mr"], {"kd_t2a_target": 1.0})],
     "mkd histogram, KD t->a on target": [("mkd", "mkd_ct", "ct", ["mr"], {"iam": "histogram", "kd_t2a_target": 1.0})],
+    # the learned IAM: as published (translators and segmentors every iteration), or the translators first, alone,
+    # in their own share of the budget (3D or 2D slices), then frozen
+    "mkd cyclegan": [("mkd", "mkd_ct", "ct", ["mr"], {"iam": "cyclegan"})],
+    "mkd cyclegan, translator phase": [("mkd", "mkd_ct", "ct", ["mr"], {"iam": "cyclegan", "translator_phase": 0.3})],
+    "mkd cyclegan 2D, translator phase": [("mkd", "mkd_ct", "ct", ["mr"], {"iam": "cyclegan", "translator_phase": 0.3,
+                                                                           "translator_dims": 2})],
+    "mkd cyclegan, translator phase, GAN lr 1e-3": [("mkd", "mkd_ct", "ct", ["mr"], {
+        "iam": "cyclegan", "translator_phase": 0.3, "gan_learning_rate": 1e-3})],
     "maml": [("maml", "paired3", "ct", ["mr"], {}), ("single", "paired3", "ct", ["mr"], {})],
     "cmc": [("cmc", "semi", "ct", ["mr"], {}), ("cmc", "one", "ct", ["mr"], {"csc_weight": 0.0, "cac_weight": 0.0}),
             ("single", "one", "ct", ["mr"], {})],

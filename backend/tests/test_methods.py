@@ -21,6 +21,7 @@ from crossmodalseg.engine.checkpoint import read_model_meta
 from crossmodalseg.engine.evaluate import evaluate_model, format_table
 from crossmodalseg.engine.inferer import Predictor, predict_probabilities
 from crossmodalseg.engine.trainer import TrainConfig, train
+from crossmodalseg.errors import UserError
 from crossmodalseg.methods import StepContext, Task, get_method
 
 SIZE, SPACING = (40, 40, 24), (4.5, 4.5, 6.0)  # the tiny phantom: 180 x 180 x 144 mm at coarse spacing
@@ -356,6 +357,48 @@ def test_one_cmc_step_trains_both_branches_their_attention_and_the_fusion(paired
     changed = {".".join(key.split(".")[:2]) for key in before if not torch.equal(before[key], after[key])}
     assert parts == {"cmc.branch_a", "cmc.branch_b", "cmc.mia_a", "cmc.mia_b", "cmc.fusion"}
     assert changed == parts
+
+
+@pytest.mark.parametrize("dims", [3, 2])
+def test_mkd_translator_phase_trains_the_translators_alone_then_freezes_them(paired_spec: DatasetSpec, dims: int):
+    torch.manual_seed(0)
+    method = tiny_method("mkd", paired_spec, "ct", ["mr"], iam="cyclegan", translator_phase=0.3,
+                         translator_dims=dims, translator_filters=4)
+    items = load_items(method, paired_spec)
+    before = snapshot(method)
+    logs = one_step(method, items, progress=0.1)
+    assert changed_networks(before, method) == {"g_a2t", "g_t2a", "d_target", "d_assistant"}
+    assert "alignment_dice" not in logs and all(np.isfinite(v) for v in logs.values())
+    before = snapshot(method)
+    logs = one_step(method, items, progress=0.31)
+    assert changed_networks(before, method) == {"seg_target", "seg_assistant"}
+    assert 0.0 <= logs["alignment_dice"] <= 1.0
+    # each phase runs its own schedule: the translators' ends with their phase, the segmentors' starts there
+    assert [method.schedule_progress("gen", p) for p in (0.0, 0.15, 0.3, 0.8)] == pytest.approx([0, 0.5, 1, 1])
+    assert [method.schedule_progress("seg", p) for p in (0.1, 0.3, 0.65, 1.0)] == pytest.approx([0, 0, 0.5, 1])
+    with pytest.raises(UserError, match="needs iam=cyclegan"):
+        tiny_method("mkd", paired_spec, "ct", ["mr"], iam="histogram", translator_phase=0.3)
+
+
+def test_a_2d_translator_translates_each_axial_slice_on_its_own():
+    """The paper's IAM works on 2D slices: a 3D patch goes through slice by slice (padded to the generator's
+    multiple of 4 and cropped back), and slice z of the output depends on slice z of the input alone."""
+    from crossmodalseg.methods.mkd import slices, translate
+    from crossmodalseg.nets.translator import Generator, TranslatorConfig
+
+    torch.manual_seed(0)
+    generator = Generator(TranslatorConfig(spatial_dims=2, filters=4, residual_blocks=1))
+    with torch.no_grad():
+        generator.residual[-1].conv.weight.normal_(std=0.3)  # far from the identity, so a mix-up would show
+        x = torch.randn(2, 1, 5, 10, 14)
+        out = translate(generator, x, 2)
+        assert out.shape == x.shape
+        for b in range(2):
+            for z in range(5):
+                alone = translate(generator, x[b:b + 1, :, z:z + 1], 2)
+                torch.testing.assert_close(out[b:b + 1, :, z:z + 1], alone, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(out, x, atol=1e-2)
+    assert slices(x, 2).shape == (10, 1, 10, 14) and torch.equal(slices(x, 2)[7], x[1, :, 2])
 
 
 @pytest.mark.parametrize("name,options,students", [

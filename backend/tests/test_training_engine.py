@@ -4,6 +4,7 @@ validation says what it was measured on."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -58,14 +59,18 @@ class CrashAfterEpoch(EventLog):
 
 
 METHOD_CASES = [("single", [], {}), ("mkd", ["mr"], {"iam": "cyclegan", "translator_filters": 4}),
-                ("maml", ["mr"], {"modality_dropout": 0.5}), ("cmc", ["mr"], {"warmup": 0.3})]
+                ("maml", ["mr"], {"modality_dropout": 0.5}), ("cmc", ["mr"], {"warmup": 0.3}),
+                # cut right at the end of the translators' phase (2 of 4 epochs)
+                ("mkd", ["mr"], {"iam": "cyclegan", "translator_filters": 4, "translator_phase": 0.5,
+                                 "translator_dims": 2})]
+METHOD_IDS = ["single", "mkd", "maml", "cmc", "mkd-translator-phase"]
 
 
 def epochs_of(out: Path) -> list[dict]:
     return [e for e in read_events(out / "events.jsonl") if e["event"] == "epoch"]
 
 
-@pytest.mark.parametrize("method,assistants,hparams", METHOD_CASES, ids=[m[0] for m in METHOD_CASES])
+@pytest.mark.parametrize("method,assistants,hparams", METHOD_CASES, ids=METHOD_IDS)
 def test_a_resumed_run_continues_the_uninterrupted_one(tiny: DatasetSpec, tmp_path: Path, method: str,
                                                         assistants: list[str], hparams: dict):
     config = dict(method=method, target="ct", assistants=assistants, epochs=4, iterations_per_epoch=2, device="cpu",
@@ -78,10 +83,11 @@ def test_a_resumed_run_continues_the_uninterrupted_one(tiny: DatasetSpec, tmp_pa
 
     whole, cut = epochs_of(tmp_path / "whole"), epochs_of(tmp_path / "cut")
     assert [e["epoch"] for e in cut] == [1, 2, 3, 4]
-    loss_keys = [k for k in whole[0] if k not in ("event", "time", "eta_s", "elapsed_s", "of", "val_on")]
     for a, b in zip(whole, cut):
         # The learning rate follows one curve (a double decay on resume would put it at 0.58x here and below).
         assert b["lr_factor"] == pytest.approx(a["lr_factor"], rel=1e-9, abs=1e-12), (a, b)
+        loss_keys = [k for k in a if k not in ("event", "time", "eta_s", "elapsed_s", "of", "val_on")]
+        assert set(loss_keys) <= set(b), (a, b)  # the same terms (a phase of a method logs its own)
         for key in loss_keys:  # same batches, same random draws, same weights: same losses on the CPU
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (key, a, b)
 
@@ -121,6 +127,19 @@ def test_the_trainer_follows_the_plans_learning_rate_curve(tiny: DatasetSpec, tm
     for bad in ({"warmup_fraction": 1.0}, {"warmup_fraction": -0.1}, {"warmup_start_factor": 0}, {"warmup_fraction": "x"}):
         with pytest.raises(UserError, match="warmup_fraction"):  # a hand-edited or hostile model.json
             Plan.from_json({**old, **bad})
+
+
+def test_each_phase_of_a_method_follows_its_own_learning_rate_curve(tiny: DatasetSpec, tmp_path: Path):
+    """MKD with a translator phase over half the run: by the last of 4 iterations (progress 0.75) the translators'
+    curve has ended (rate 0) and the segmentors' is half-way (poly at 0.5), not both at the run's 0.75."""
+    options = {"iam": "cyclegan", "translator_filters": 4, "translator_phase": 0.5}
+    config = TrainConfig(method="mkd", target="ct", assistants=["mr"], epochs=4, iterations_per_epoch=1,
+                         device="cpu", val_every=100, options=options)
+    out = train(tiny.root, tmp_path / "mkd", config)
+    state = json.loads((out / "checkpoint" / "ckpt-00004" / "state.json").read_text())
+    plan = Plan.from_json(read_model_meta(out)["plan"])
+    rates = {name: meta["param_groups"][0]["lr"] for name, meta in state["optimizers"].items()}
+    assert rates == pytest.approx({"seg": plan.learning_rate * 0.5 ** 0.9, "gen": 0.0, "disc": 0.0}, rel=1e-9)
 
 
 def test_loader_workers_draw_different_batches_and_the_same_stream(tiny: DatasetSpec):

@@ -206,11 +206,12 @@ class Trainer:
         progress = self.dist.broadcast_value(progress)
         self.ctx.progress = progress
         plan = self.method.plan
-        factor = learning_rate_factor(progress, plan.warmup_fraction, plan.warmup_start_factor)
         for name, opt in self.optimizers.items():
+            factor = learning_rate_factor(self.method.schedule_progress(name, progress), plan.warmup_fraction,
+                                          plan.warmup_start_factor)
             for group, base in zip(opt.param_groups, self.base_lrs[name]):
                 group["lr"] = base * factor
-        self.lr_factor = factor
+        self.lr_factor = learning_rate_factor(progress, plan.warmup_fraction, plan.warmup_start_factor)
 
     def end_epoch(self) -> None:
         """The epoch's bookkeeping: mean losses, validation and checkpoint when due, the progress event."""

@@ -154,6 +154,12 @@ class Method(ABC):
         params = [p for net in self.nets.values() for p in net.parameters()]
         return {"main": torch.optim.AdamW(params, lr=self.plan.learning_rate, weight_decay=3e-5)}
 
+    def schedule_progress(self, optimizer: str, progress: float) -> float:
+        """Where in its learning-rate schedule `optimizer` is at `progress` of the training (default: there). A
+        method that trains its networks in phases maps the training's progress onto each phase's own schedule; a
+        function of progress alone, so a resumed run follows the same curves."""
+        return progress
+
     def to(self, device: torch.device) -> "Method":
         for net in self.nets.values():
             net.to(device)
