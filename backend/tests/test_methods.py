@@ -387,10 +387,11 @@ def test_a_2d_translator_translates_each_axial_slice_on_its_own():
     from crossmodalseg.nets.translator import Generator, TranslatorConfig
 
     torch.manual_seed(0)
-    generator = Generator(TranslatorConfig(spatial_dims=2, filters=4, residual_blocks=1))
+    # 2 channels: with one, a reshape that skipped the slice/channel transpose would give the same result
+    generator = Generator(TranslatorConfig(channels=2, spatial_dims=2, filters=4, residual_blocks=1))
     with torch.no_grad():
         generator.residual[-1].conv.weight.normal_(std=0.3)  # far from the identity, so a mix-up would show
-        x = torch.randn(2, 1, 5, 10, 14)
+        x = torch.randn(2, 2, 5, 10, 14)
         out = translate(generator, x, 2)
         assert out.shape == x.shape
         for b in range(2):
@@ -398,7 +399,7 @@ def test_a_2d_translator_translates_each_axial_slice_on_its_own():
                 alone = translate(generator, x[b:b + 1, :, z:z + 1], 2)
                 torch.testing.assert_close(out[b:b + 1, :, z:z + 1], alone, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(out, x, atol=1e-2)
-    assert slices(x, 2).shape == (10, 1, 10, 14) and torch.equal(slices(x, 2)[7], x[1, :, 2])
+    assert slices(x, 2).shape == (10, 2, 10, 14) and torch.equal(slices(x, 2)[7], x[1, :, 2])
 
 
 @pytest.mark.parametrize("name,options,students", [
