@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..config import MethodOptions
@@ -94,13 +94,17 @@ class MKD(Method):
         gan_learning_rate: float = Field(2e-4, gt=0, le=1)
         width: float = Field(1.0, gt=0, le=4, description="channel width factor of each segmentor")
 
+        @model_validator(mode="after")
+        def _phase_needs_translators(self) -> "MKD.Options":
+            if self.translator_phase and self.iam != "cyclegan":
+                raise ValueError("translator_phase trains the CycleGAN translators; it needs iam=cyclegan")
+            return self
+
     def __init__(self, task, plan, hparams=None):
         if len(task.assistants) != 1:
             raise UserError("mkd needs exactly one --assistant modality (the unpaired modality that helps)")
         super().__init__(task, plan, hparams)
         self.translator_phase = float(self.hparams["translator_phase"])
-        if self.translator_phase and self.hparams["iam"] != "cyclegan":
-            raise UserError("mkd: translator_phase trains the CycleGAN translators; it needs iam=cyclegan")
 
     @classmethod
     def adapt_plan(cls, plan: Plan) -> Plan:
