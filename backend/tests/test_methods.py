@@ -64,9 +64,9 @@ def unpaired(tmp_path_factory):
 
 
 def fit(dataset: Path, out: Path, method: str, target: str, assistants: list[str], epochs: int = EPOCHS,
-        **hparams) -> Path:
+        seed: int = 0, **hparams) -> Path:
     config = TrainConfig(method=method, target=target, assistants=assistants, epochs=epochs,
-                         iterations_per_epoch=ITERATIONS, device="cpu", val_every=epochs, options=hparams)
+                         iterations_per_epoch=ITERATIONS, device="cpu", val_every=epochs, seed=seed, options=hparams)
     return train(dataset, out, config)
 
 
@@ -217,14 +217,18 @@ def few_labels(tmp_path_factory):
 @pytest.mark.slow
 def test_cmc_beats_its_supervised_only_network_with_unlabelled_pairs(few_labels, tmp_path: Path):
     """CMC's claim: the consistency terms on unlabelled pairs add to what the one labelled pair teaches. Measured
-    with this scenario (phantom_methods.py, RESULTS.md): mean Dice 0.719 against 0.648 at seed 0, 0.664 against
-    0.619 at seed 1; the test runs seed 0 and asks for a lead of at least 0.03."""
+    with this scenario (phantom_methods.py, RESULTS.md), CMC minus supervised-only, mean Dice at seeds 0 / 1: +0.071
+    / +0.045 on one machine, +0.017 / +0.074 on another (AMD EPYC, 2026-12-06). One seed's lead moves with the CPU's
+    floating-point kernels, so the test asks for a mean lead of at least 0.03 over seeds 0 and 1."""
     data, held_out = few_labels
-    cmc = evaluate_model(fit(data["one_pair_and_unlabelled"], tmp_path / "cmc", "cmc", "ct", ["mr"]), held_out,
-                         device="cpu")
-    supervised = evaluate_model(fit(data["one_pair"], tmp_path / "supervised", "cmc", "ct", ["mr"], csc_weight=0.0,
-                                    cac_weight=0.0), held_out, device="cpu")
-    assert mean_dice(cmc) >= mean_dice(supervised) + 0.03, (format_table(cmc), format_table(supervised))
+    leads = []
+    for seed in (0, 1):
+        cmc = evaluate_model(fit(data["one_pair_and_unlabelled"], tmp_path / f"cmc{seed}", "cmc", "ct", ["mr"],
+                                 seed=seed), held_out, device="cpu")
+        supervised = evaluate_model(fit(data["one_pair"], tmp_path / f"supervised{seed}", "cmc", "ct", ["mr"],
+                                        seed=seed, csc_weight=0.0, cac_weight=0.0), held_out, device="cpu")
+        leads.append(mean_dice(cmc) - mean_dice(supervised))
+    assert np.mean(leads) >= 0.03, leads
 
 
 # ---- ensemble rules and QA outputs -------------------------------------------------------------------------
