@@ -33,7 +33,7 @@ class TranslatorConfig:
 
 def _cbr(dims: int, in_channels: int, out_channels: int, stride: int = 1, act: tuple | str | None = "RELU",
          transposed: bool = False) -> Convolution:
-    """Conv3 (3³ or 3², stride 1 or 2; transposed doubles the size exactly) → InstanceNorm → activation, no conv bias."""
+    """Conv3³ or 3² (stride 1 or 2; transposed doubles the size exactly) → InstanceNorm → activation, no conv bias."""
     return Convolution(dims, in_channels, out_channels, strides=stride, kernel_size=3, adn_ordering="NA", norm=_NORM,
                        act=act, bias=False, is_transposed=transposed, padding=1,
                        output_padding=1 if transposed else None)
@@ -51,9 +51,9 @@ class _ResidualBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """Translator `G(x) = x + R(x)` (kernels 3³, or 3² in 2D): Conv3³ (c → f) → 2 stride-2 downsamplings (f → 2f → 4f) → residual blocks
-    → 2 transposed-conv upsamplings (4f → 2f → f) → Conv3³ (f → c). InstanceNorm + ReLU after every inner conv.
-    Spatial size of the input must be divisible by 4; output shape = input shape."""
+    """Translator `G(x) = x + R(x)`: Conv3³ (c → f) → 2 stride-2 downsamplings (f → 2f → 4f) → residual blocks
+    → 2 transposed-conv upsamplings (4f → 2f → f) → Conv3³ (f → c). InstanceNorm + ReLU after every inner conv;
+    kernels 3² in 2D. Spatial size of the input must be divisible by 4; output shape = input shape."""
 
     RESIDUAL_INIT_STD = 1e-3
 
@@ -82,25 +82,26 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """PatchGAN (3D or 2D): Conv4³ s2 + LeakyReLU(0.2), then (layers − 1) × [Conv4³ s2 + InstanceNorm + LeakyReLU(0.2)]
-    (filters doubling, capped at 8×), then Conv3³ s1 → 1 channel of raw patch scores (least-squares GAN, no sigmoid).
+    """PatchGAN: Conv4³ s2 + LeakyReLU(0.2), then (layers − 1) × [Conv4³ s2 + InstanceNorm + LeakyReLU(0.2)]
+    (filters doubling, capped at 8×), then Conv3³ s1 → 1 channel of raw patch scores (least-squares GAN, no sigmoid);
+    kernels 4² and 3² in 2D.
     The stride-2 convs pad by 2, so each maps a size n to ⌊n/2⌋ + 1 ≥ 1: any patch size and depth works."""
 
     def __init__(self, config: TranslatorConfig):
         super().__init__()
         self.config = config
-        f = config.discriminator_filters
+        f, d = config.discriminator_filters, config.spatial_dims
         layers: list[nn.Module] = [
-            Convolution(config.spatial_dims, config.channels, f, strides=2, kernel_size=4, padding=2, adn_ordering="A", act=_LEAKY,
+            Convolution(d, config.channels, f, strides=2, kernel_size=4, padding=2, adn_ordering="A", act=_LEAKY,
                         norm=None)
         ]
         channels = f
         for i in range(1, config.discriminator_layers):
             out = f * min(2 ** i, 8)
-            layers.append(Convolution(config.spatial_dims, channels, out, strides=2, kernel_size=4, padding=2, adn_ordering="NA",
+            layers.append(Convolution(d, channels, out, strides=2, kernel_size=4, padding=2, adn_ordering="NA",
                                       norm=_NORM, act=_LEAKY, bias=False))
             channels = out
-        layers.append(Convolution(config.spatial_dims, channels, 1, kernel_size=3, padding=1, conv_only=True))
+        layers.append(Convolution(d, channels, 1, kernel_size=3, padding=1, conv_only=True))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
