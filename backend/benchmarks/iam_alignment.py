@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         ct, mr = unpaired.cases_with("ct"), unpaired.cases_with("mr")
         spec = DatasetSpec("mkd", unpaired.labels, unpaired.modalities, [ct[0], *mr[:5]], unpaired.root)
         task = Task.from_spec(spec, "ct", ["mr"])
+        # the translators' phase as MKD runs it (translator_step without segmentation), here at a constant rate
         options = {"iam": "cyclegan", "translator_phase": 0.5, "translator_dims": args.dims,
                    "gan_learning_rate": args.gan_lr, "cycle_weight": args.cycle_weight, **TRANSLATOR}
         mkd = get_method("mkd")(task, plan, options)
