@@ -1,9 +1,22 @@
 #!/usr/bin/env bash
 # The whole test suite (CPU only): the lint step (ruff.toml), then the backend's tests and the Slicer module's tests.
-# Installs what they need first.
+# Installs what they need first. Arguments go to pytest (options such as -m "not slow" or -k, not paths).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/bootstrap.sh" --testing
 cd "$root"
 "$root/.venv/bin/ruff" check .
-exec "$root/.venv/bin/python" -m pytest backend/tests Testing/Python "$@"
+
+# The two learning modules train for about half of the suite's time. They run side by side, one module per
+# pytest-xdist worker, at the one torch thread their bars hold at (why: backend/tests/learning.py); then the rest,
+# one test at a time. pytest's exit code 5 means that the arguments selected none of a part's tests.
+learning=(backend/tests/test_methods.py backend/tests/test_cmc_learning.py)
+failed=0
+part() {
+  local rc=0
+  "$root/.venv/bin/python" -m pytest "$@" || rc=$?
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then failed=1; fi
+}
+part -n 2 --dist loadfile "${learning[@]}" "$@"
+part backend/tests Testing/Python "${learning[@]/#/--ignore=}" "$@"
+exit "$failed"

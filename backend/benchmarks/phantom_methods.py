@@ -92,6 +92,8 @@ def train_and_score(dataset: Path, test_set: Any, method: str, target: str, assi
                     seed: int, out: Path) -> dict:
     """Trains one model at the learning tests' budget and scores it (and each ensemble member) on `test_set`: one
     JSON-ready row."""
+    import torch
+
     from crossmodalseg.engine.evaluate import evaluate_model
     from crossmodalseg.engine.events import read_events
     from crossmodalseg.engine.trainer import TrainConfig, train
@@ -104,7 +106,7 @@ def train_and_score(dataset: Path, test_set: Any, method: str, target: str, assi
     results = evaluate_model(model, test_set, device="cpu", members=True)
     last = [e for e in read_events(model / "events.jsonl") if e["event"] == "epoch"][-1]
     row = {"method": method, "dataset": dataset.name, "options": options, "seed": seed,
-           "train_seconds": round(seconds, 1), "dice": {k: round(v["dice"], 3) for k, v in results["mean"].items()},
+           "torch_threads": torch.get_num_threads(), "train_seconds": round(seconds, 1), "dice": {k: round(v["dice"], 3) for k, v in results["mean"].items()},
            "members": {m: {k: round(v["dice"], 3) for k, v in r["mean"].items()}
                        for m, r in results.get("members", {}).items()},
            "training_set_dice": last.get("val_dice"),
@@ -121,12 +123,26 @@ def emit(row: dict, out: Path | None) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core); the learning "
+                        "tests train at 1 (backend/tests/learning.py)")
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--only", nargs="*", choices=list(COMPARISONS), help="comparisons to run (default: all)")
     parser.add_argument("--out", type=Path, help="append one JSON line per run")
+    add_threads_option(parser)
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="phantom_methods_") as tmp:
         work = Path(tmp)
         data, test = datasets(work)

@@ -6,11 +6,13 @@ The datasets of `test_methods.py`'s fixtures, rebuilt here (same phantom seeds a
   against `single` early fusion on them;
 - `unpaired`: 6 CT and 6 MR patients, all different (seed 4), held-out CT of 2 other patients (seed 40); `mkd` (CT
   target, MR assistant, histogram alignment as in its learning test) against `single` CT on the 6 CT cases; also
-  with option `kd_t2a_target`.
+  with option `kd_t2a_target`; and MKD with MR as the target, scored on the same 2 patients' MR.
 The learning tests' budget (12 x 25 iterations, `phantom_methods.py`), every model and member scored on the held-out
 cases; one JSON line per run.
 
     python backend/benchmarks/phantom_test_scenarios.py --seeds 0 1 2 --out phantom_test_scenarios.jsonl
+
+The tests train at one torch thread (backend/tests/learning.py): `--threads 1` measures what they see.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from phantom_methods import SIZE, SPACING, emit, held_out_set, train_and_score
+from phantom_methods import SIZE, SPACING, add_threads_option, emit, held_out_set, set_threads, train_and_score
 
 
 def scenarios(root: Path) -> dict[str, tuple[Path, object, str, str, list[str], dict]]:
@@ -44,13 +46,18 @@ def scenarios(root: Path) -> dict[str, tuple[Path, object, str, str, list[str], 
     ct_only = save(unpaired, "ct_only", unpaired.cases_with("ct"), {"ct": unpaired.modalities["ct"]}).root
     held = make_phantom_dataset(root / "held_out", n_cases=2, seed=40, size=SIZE, spacing=SPACING)
     held_ct = held_out_set(held, ["ct"])
+    held_mr = held_out_set(held, ["mr"])
     return {"maml": (paired_train, paired_test, "maml", "ct", ["mr"], {}),
             "single early fusion": (paired_train, paired_test, "single", "ct", ["mr"], {}),
             "mkd histogram": (unpaired_train, held_ct, "mkd", "ct", ["mr"], {"iam": "histogram"}),
             # the option that has the assistant member learn CT images too (RESULTS.md: lifts the phantom ensemble)
             "mkd histogram, KD t->a on target": (unpaired_train, held_ct, "mkd", "ct", ["mr"],
                                                  {"iam": "histogram", "kd_t2a_target": 1.0}),
-            "single CT": (ct_only, held_ct, "single", "ct", [], {})}
+            "single CT": (ct_only, held_ct, "single", "ct", [], {}),
+            # MR as the target (test_mkd_learns_with_mr_as_the_target_and_ct_as_the_assistant)
+            "mkd MR target, histogram": (unpaired_train, held_mr, "mkd", "mr", ["ct"], {"iam": "histogram"}),
+            "mkd MR target, histogram, KD t->a on target": (unpaired_train, held_mr, "mkd", "mr", ["ct"],
+                                                            {"iam": "histogram", "kd_t2a_target": 1.0})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, help="append one JSON line per run")
     parser.add_argument("--only", nargs="*", help="run only these (default: all)")
+    add_threads_option(parser)
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="phantom_test_scenarios_") as tmp:
         work = Path(tmp)
         runs = scenarios(work / "data")

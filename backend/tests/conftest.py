@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from crossmodalseg.data.phantom import make_phantom_dataset
 from crossmodalseg.data.spec import DatasetSpec
@@ -37,6 +38,15 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: trains a model for a while (still CPU, still part of the suite)")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a learning module (why: tests/learning.py), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def shared_data(name: str) -> Path:

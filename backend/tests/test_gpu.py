@@ -24,7 +24,7 @@ from crossmodalseg.engine.events import read_events
 from crossmodalseg.engine.inferer import Predictor
 from crossmodalseg.engine.trainer import TrainConfig, train
 
-from .test_methods import mean_dice, split
+from .learning import mean_dice, split
 from .test_training_engine import CrashAfterEpoch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (PyTorch sees none)")

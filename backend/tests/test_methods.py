@@ -24,25 +24,9 @@ from crossmodalseg.engine.trainer import TrainConfig, train
 from crossmodalseg.errors import UserError
 from crossmodalseg.methods import StepContext, Task, get_method
 
-SIZE, SPACING = (40, 40, 24), (4.5, 4.5, 6.0)  # the tiny phantom: 180 x 180 x 144 mm at coarse spacing
-EPOCHS = 12
-ITERATIONS = 25
+from .learning import SIZE, SPACING, fit, held_out_in, mean_dice, split
 
-
-def split(spec: DatasetSpec, root: Path, test_ids: list[str], drop_labels: list[str] = ()) -> tuple[Path, DatasetSpec]:
-    train_cases = []
-    for case in spec.cases:
-        if case.id in test_ids:
-            continue
-        if case.id in drop_labels:
-            case = type(case)(case.id, case.images, {})
-        train_cases.append(case)
-    train_spec = DatasetSpec(spec.name + "-train", spec.labels, spec.modalities, train_cases, root / "train")
-    test_spec = DatasetSpec(spec.name + "-test", spec.labels, spec.modalities,
-                            [c for c in spec.cases if c.id in test_ids], root / "test")
-    train_spec.save()
-    test_spec.save()
-    return train_spec.root, test_spec
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -63,40 +47,24 @@ def unpaired(tmp_path_factory):
     return dataset, held_out
 
 
-def fit(dataset: Path, out: Path, method: str, target: str, assistants: list[str], epochs: int = EPOCHS,
-        seed: int = 0, **hparams) -> Path:
-    config = TrainConfig(method=method, target=target, assistants=assistants, epochs=epochs,
-                         iterations_per_epoch=ITERATIONS, device="cpu", val_every=epochs, seed=seed, options=hparams)
-    return train(dataset, out, config)
-
-
-def held_out_in(held_out: DatasetSpec, modality: str) -> DatasetSpec:
-    """The held-out patients' images and labels of one modality."""
-    return DatasetSpec(f"held-out-{modality}", held_out.labels, {modality: held_out.modalities[modality]},
-                       [type(c)(c.id, {modality: c.images[modality]}, {modality: c.labels[modality]})
-                        for c in held_out.cases], held_out.root)
-
-
-def mean_dice(results: dict) -> float:
-    return float(np.mean([v["dice"] for v in results["mean"].values()]))
-
-
-# ---- learning ----------------------------------------------------------------------------------------------
-# CT target carries the learning claim (Dice >= 0.75). MR target is harder on this phantom (bias field, Rician
-# noise): with 200 iterations (the earlier DynUNet recipe) a measured run gave mean Dice 0.54, so that direction must
-# clearly work (>= 0.4), not match CT. The budget is 300 iterations since the `fast` U-Net lost deep supervision:
-# a step costs a fraction of what it did, and with 200 the CT spleen was still at 0.36.
+# ---- learning, and each method against the baseline it exists to beat (same budget, same held-out patients) ----
+# CMC's learning test trains four networks, as long as all tests below together: it has a module of its own
+# (test_cmc_learning.py), which scripts/test.sh runs beside this one.
+#
+# MKD with MR as the target: this phantom's MR (bias field, Rician noise) is harder than its CT. With 200
+# iterations (the earlier DynUNet recipe) a measured run gave mean Dice 0.54, so this direction must clearly work
+# (>= 0.4), not match CT. The budget is 300 iterations since the `fast` U-Net lost deep supervision.
 @pytest.mark.slow
-@pytest.mark.parametrize("target,assistant,epochs,threshold", [("ct", "mr", EPOCHS, 0.75), ("mr", "ct", EPOCHS, 0.4)])
-def test_mkd_learns_in_both_directions(unpaired, tmp_path: Path, target: str, assistant: str, epochs: int,
-                                       threshold: float):
+def test_mkd_learns_with_mr_as_the_target_and_ct_as_the_assistant(unpaired, tmp_path: Path):
     dataset, held_out = unpaired
-    model = fit(dataset, tmp_path / "mkd", "mkd", target, [assistant], epochs=epochs, iam="histogram")
-    results = evaluate_model(model, held_out_in(held_out, target), device="cpu")
-    assert mean_dice(results) >= threshold, format_table(results)
+    model = fit(dataset, tmp_path / "mkd", "mkd", "mr", ["ct"], iam="histogram")
+    results = evaluate_model(model, held_out_in(held_out, "mr"), device="cpu")
+    print(f"MKD ensemble on MR {mean_dice(results):.3f}")
+    assert mean_dice(results) >= 0.4, format_table(results)
     meta = read_model_meta(model)
-    assert meta["method"]["members"] == {"seg_target": [target], "seg_assistant": [target]}
+    assert meta["method"]["members"] == {"seg_target": ["mr"], "seg_assistant": ["mr"]}
     assert meta["method"]["hparams"]["iam"] == "histogram" and meta["method"]["hparams"]["temperature"] == 2.0
+    assert meta["method"]["hparams"]["kd_t2a_target"] == 0.0  # METHODS.md's objective, the default
 
 
 @pytest.fixture(scope="module")
@@ -127,30 +95,6 @@ def test_maml_learns_and_predicts_with_every_modality_subset(paired, maml_on_pai
 
 
 @pytest.mark.slow
-def test_cmc_learns_from_few_labelled_cases_plus_unlabelled_pairs(paired, tmp_path: Path):
-    dataset, test = paired
-    spec = json.loads((dataset / "dataset.json").read_text())
-    for case in spec["cases"][3:]:  # three labelled cases, five unlabelled pairs
-        case.pop("labels", None)
-    (dataset.parent / "semi").mkdir()
-    for case in spec["cases"]:
-        case["images"] = {m: str((dataset / p).resolve()) for m, p in case["images"].items()}
-        if "labels" in case:
-            case["labels"] = {m: str((dataset / p).resolve()) for m, p in case["labels"].items()}
-    (dataset.parent / "semi" / "dataset.json").write_text(json.dumps(spec))
-    model = fit(dataset.parent / "semi", tmp_path / "cmc", "cmc", "ct", ["mr"])
-    results = evaluate_model(model, test, device="cpu")
-    assert mean_dice(results) >= 0.75, format_table(results)
-    events = [json.loads(line) for line in (tmp_path / "cmc" / "events.jsonl").read_text().splitlines()]
-    start = next(e for e in events if e["event"] == "start")
-    # Labelled CT images with their own MR train as true pairs; the label is the MR's too (co-registered phantoms),
-    # so both decoders learn on the fused pass and no MR image needs a pass of its own.
-    assert start["train_cases"] == {"labelled_pairs": 3, "labelled_misaligned_pairs": 0, "labelled_a": 0,
-                                    "labelled_b": 0, "unlabelled": 5}
-
-
-# ---- each method against the baseline it exists to beat, same budget, same held-out patients ----------------
-@pytest.mark.slow
 def test_maml_fused_head_is_level_with_its_best_branch_and_close_to_early_fusion(paired, maml_on_paired: Path,
                                                                               tmp_path: Path):
     """MAML against its baselines in this scenario (8 pairs, 300 iterations, mean Dice of the 3 organs on the 2
@@ -167,23 +111,27 @@ def test_maml_fused_head_is_level_with_its_best_branch_and_close_to_early_fusion
     branches = {m: mean_dice(r) for m, r in maml["members"].items() if m.startswith("branch_")}
     assert set(branches) == {"branch_ct", "branch_mr"}
     early_fusion = evaluate_model(fit(dataset, tmp_path / "single", "single", "ct", ["mr"]), test, device="cpu")
+    print(f"MAML fused {mean_dice(maml):.3f}, branches {branches}, early fusion {mean_dice(early_fusion):.3f}")
     assert mean_dice(maml) >= max(branches.values()) - 0.05, (format_table(maml), branches)
     assert mean_dice(maml) >= mean_dice(early_fusion) - 0.1, (format_table(maml), format_table(early_fusion))
 
 
 @pytest.mark.slow
-def test_mkd_ensemble_with_the_demo_options_is_level_with_target_only_and_its_best_member(unpaired, tmp_path: Path):
-    """MKD (CT target, MR assistant, the demo's options: histogram alignment and `kd_t2a_target` 1) against `single`
-    on the same 6 CT cases, scored on 2 held-out CT patients; measured at seeds 0 / 1 / 2, CPU (RESULTS.md "MAML and
-    MKD in the learning tests' own scenarios", phantom_test_scenarios_cpu.jsonl). Ensemble minus CT-only: -0.064 /
-    +0.005 / +0.003 (level: issue 10's bar, above beyond the spread, does not hold); ensemble minus its best member:
-    -0.015 / +0.015 / +0.016. With the published objective (no `kd_t2a_target`) the MR member's spleen on CT (0.00 /
-    0.39 / 0.19) pulls the ensemble below its CT member (-0.067 / -0.075 / -0.139) and below CT-only (-0.098 / -0.104
-    / -0.143): the member bar below fails on that in all 3 seeds, the baseline bar in 2 of 3. Seed 0 here."""
+def test_mkd_learns_with_ct_as_the_target_level_with_target_only_and_its_best_member(unpaired, tmp_path: Path):
+    """MKD (CT target, MR assistant, the demo's options: histogram alignment and `kd_t2a_target` 1) learns CT
+    (mean Dice >= 0.75 on 2 held-out CT patients) and is level with `single` on the same 6 CT cases and with its best
+    member. Measured at seeds 0 / 1 / 2, CPU, 2 threads (RESULTS.md "MAML and MKD in the learning tests' own
+    scenarios", phantom_test_scenarios_cpu.jsonl): ensemble 0.802 / 0.877 / 0.863; minus CT-only -0.064 / +0.005 /
+    +0.003 (level: issue 10's bar, above beyond the spread, does not hold); minus its best member -0.015 / +0.015 /
+    +0.016. With the published objective (no `kd_t2a_target`) the ensemble reached 0.768 / 0.768 / 0.717: the MR
+    member's spleen on CT (0.00 / 0.39 / 0.19) pulls it below its CT member (-0.067 / -0.075 / -0.139) and below
+    CT-only (-0.098 / -0.104 / -0.143), so this test's member bar fails on that objective in all 3 seeds; it is
+    learnt in the MR direction above. Seed 0 here, at one torch thread."""
     dataset, held_out = unpaired
     ct_only = held_out_in(held_out, "ct")
-    mkd = evaluate_model(fit(dataset, tmp_path / "mkd", "mkd", "ct", ["mr"], iam="histogram", kd_t2a_target=1.0),
-                         ct_only, device="cpu", members=True)
+    model = fit(dataset, tmp_path / "mkd", "mkd", "ct", ["mr"], iam="histogram", kd_t2a_target=1.0)
+    mkd = evaluate_model(model, ct_only, device="cpu", members=True)
+    assert read_model_meta(model)["method"]["members"] == {"seg_target": ["ct"], "seg_assistant": ["ct"]}
     members = {m: mean_dice(r) for m, r in mkd["members"].items()}
     assert set(members) == {"seg_target", "seg_assistant"}
     training = load_spec(dataset)  # the same 6 CT cases, without the MR patients
@@ -192,43 +140,10 @@ def test_mkd_ensemble_with_the_demo_options_is_level_with_target_only_and_its_be
     ct_cases.save()
     assert len(ct_cases.cases) == 6
     target_only = evaluate_model(fit(ct_cases.root, tmp_path / "single", "single", "ct", []), ct_only, device="cpu")
+    print(f"MKD ensemble {mean_dice(mkd):.3f}, members {members}, CT-only {mean_dice(target_only):.3f}")
+    assert mean_dice(mkd) >= 0.75, format_table(mkd)
     assert mean_dice(mkd) >= max(members.values()) - 0.05, (format_table(mkd), members)
     assert mean_dice(mkd) >= mean_dice(target_only) - 0.1, (format_table(mkd), format_table(target_only))
-
-
-@pytest.fixture(scope="module")
-def few_labels(tmp_path_factory):
-    """The scenario of backend/benchmarks/phantom_methods.py: one labelled CT+MR pair, five unlabelled pairs of
-    other patients, three held-out patients of a phantom seed never trained on."""
-    from crossmodalseg.data.spec import Case
-
-    root = tmp_path_factory.mktemp("few_labels")
-    pairs = make_phantom_dataset(root / "pairs", n_cases=6, seed=5, size=SIZE, spacing=SPACING)
-    held_out = make_phantom_dataset(root / "held_out", n_cases=3, seed=50, size=SIZE, spacing=SPACING)
-    unlabelled = [Case(c.id, dict(c.images), {}, co_registered=True) for c in pairs.cases[1:]]
-    made = {}
-    for name, cases in (("one_pair", pairs.cases[:1]), ("one_pair_and_unlabelled", [pairs.cases[0], *unlabelled])):
-        spec = DatasetSpec(name, pairs.labels, pairs.modalities, cases, root / name)
-        spec.save()
-        made[name] = spec.root
-    return made, held_out
-
-
-@pytest.mark.slow
-def test_cmc_beats_its_supervised_only_network_with_unlabelled_pairs(few_labels, tmp_path: Path):
-    """CMC's claim: the consistency terms on unlabelled pairs add to what the one labelled pair teaches. Measured
-    with this scenario (phantom_methods.py, RESULTS.md), CMC minus supervised-only, mean Dice at seeds 0 / 1: +0.071
-    / +0.045 on one machine, +0.017 / +0.074 on another (AMD EPYC, 2026-12-06). One seed's lead moves with the CPU's
-    floating-point kernels, so the test asks for a mean lead of at least 0.03 over seeds 0 and 1."""
-    data, held_out = few_labels
-    leads = []
-    for seed in (0, 1):
-        cmc = evaluate_model(fit(data["one_pair_and_unlabelled"], tmp_path / f"cmc{seed}", "cmc", "ct", ["mr"],
-                                 seed=seed), held_out, device="cpu")
-        supervised = evaluate_model(fit(data["one_pair"], tmp_path / f"supervised{seed}", "cmc", "ct", ["mr"],
-                                        seed=seed, csc_weight=0.0, cac_weight=0.0), held_out, device="cpu")
-        leads.append(mean_dice(cmc) - mean_dice(supervised))
-    assert np.mean(leads) >= 0.03, leads
 
 
 # ---- ensemble rules and QA outputs -------------------------------------------------------------------------

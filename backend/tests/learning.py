@@ -1,0 +1,58 @@
+"""What the learning tests share: the tiny phantom, the training budget, dataset splits and scores.
+
+The learning tests train at one torch thread. `scripts/test.sh` runs their two modules (test_methods.py and
+test_cmc_learning.py) side by side, one core each: 1124 s, where the same trainings one after the other at two
+threads took about 1350 s (RESULTS.md, "The learning tests at one torch thread"). A trained model's numbers depend on
+the thread count (oneDNN splits its reductions by thread: the losses of a 50-iteration run differ in the fourth
+digit), so the tests pin it, and their bars hold at one thread in a serial run too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crossmodalseg.data.spec import DatasetSpec
+from crossmodalseg.engine.trainer import TrainConfig, train
+
+SIZE, SPACING = (40, 40, 24), (4.5, 4.5, 6.0)  # the tiny phantom: 180 x 180 x 144 mm at coarse spacing
+EPOCHS = 12
+ITERATIONS = 25
+
+
+def split(spec: DatasetSpec, root: Path, test_ids: list[str], drop_labels: list[str] = ()) -> tuple[Path, DatasetSpec]:
+    train_cases = []
+    for case in spec.cases:
+        if case.id in test_ids:
+            continue
+        if case.id in drop_labels:
+            case = type(case)(case.id, case.images, {})
+        train_cases.append(case)
+    train_spec = DatasetSpec(spec.name + "-train", spec.labels, spec.modalities, train_cases, root / "train")
+    test_spec = DatasetSpec(spec.name + "-test", spec.labels, spec.modalities,
+                            [c for c in spec.cases if c.id in test_ids], root / "test")
+    train_spec.save()
+    test_spec.save()
+    return train_spec.root, test_spec
+
+
+def fit(dataset: Path, out: Path, method: str, target: str, assistants: list[str], epochs: int = EPOCHS,
+        seed: int = 0, **hparams) -> Path:
+    """Train on the CPU at the learning tests' budget, at the one torch thread their bars were measured with."""
+    assert torch.get_num_threads() == 1, "learning tests train at one torch thread (the one_torch_thread fixture of conftest.py)"
+    config = TrainConfig(method=method, target=target, assistants=assistants, epochs=epochs,
+                         iterations_per_epoch=ITERATIONS, device="cpu", val_every=epochs, seed=seed, options=hparams)
+    return train(dataset, out, config)
+
+
+def held_out_in(held_out: DatasetSpec, modality: str) -> DatasetSpec:
+    """The held-out patients' images and labels of one modality."""
+    return DatasetSpec(f"held-out-{modality}", held_out.labels, {modality: held_out.modalities[modality]},
+                       [type(c)(c.id, {modality: c.images[modality]}, {modality: c.labels[modality]})
+                        for c in held_out.cases], held_out.root)
+
+
+def mean_dice(results: dict) -> float:
+    return float(np.mean([v["dice"] for v in results["mean"].values()]))
