@@ -106,7 +106,8 @@ def train_and_score(dataset: Path, test_set: Any, method: str, target: str, assi
     results = evaluate_model(model, test_set, device="cpu", members=True)
     last = [e for e in read_events(model / "events.jsonl") if e["event"] == "epoch"][-1]
     row = {"method": method, "dataset": dataset.name, "options": options, "seed": seed,
-           "torch_threads": torch.get_num_threads(), "train_seconds": round(seconds, 1), "dice": {k: round(v["dice"], 3) for k, v in results["mean"].items()},
+           "torch_threads": torch.get_num_threads(), "train_seconds": round(seconds, 1),
+           "dice": {k: round(v["dice"], 3) for k, v in results["mean"].items()},
            "members": {m: {k: round(v["dice"], 3) for k, v in r["mean"].items()}
                        for m, r in results.get("members", {}).items()},
            "training_set_dice": last.get("val_dice"),
