@@ -41,7 +41,8 @@ def split(spec: DatasetSpec, root: Path, test_ids: list[str], drop_labels: list[
 def fit(dataset: Path, out: Path, method: str, target: str, assistants: list[str], epochs: int = EPOCHS,
         seed: int = 0, **hparams) -> Path:
     """Train on the CPU at the learning tests' budget, at the one torch thread their bars were measured with."""
-    assert torch.get_num_threads() == 1, "learning tests train at one torch thread (the one_torch_thread fixture of conftest.py)"
+    assert torch.get_num_threads() == 1, ("learning tests train at one torch thread (the one_torch_thread fixture of "
+                                          "conftest.py)")
     config = TrainConfig(method=method, target=target, assistants=assistants, epochs=epochs,
                          iterations_per_epoch=ITERATIONS, device="cpu", val_every=epochs, seed=seed, options=hparams)
     return train(dataset, out, config)

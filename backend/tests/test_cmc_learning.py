@@ -4,7 +4,6 @@ side by side, one core each (tests/learning.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 from crossmodalseg.data.phantom import make_phantom_dataset
 from crossmodalseg.data.spec import Case, DatasetSpec
 from crossmodalseg.engine.evaluate import evaluate_model, format_table
+from crossmodalseg.engine.events import read_events
 
 from .learning import SIZE, SPACING, fit, mean_dice
 
@@ -36,8 +36,7 @@ def few_labels(tmp_path_factory):
 
 
 def train_cases(model: Path) -> dict[str, int]:
-    events = [json.loads(line) for line in (model / "events.jsonl").read_text().splitlines()]
-    return next(e for e in events if e["event"] == "start")["train_cases"]
+    return next(e for e in read_events(model / "events.jsonl") if e["event"] == "start")["train_cases"]
 
 
 @pytest.mark.slow
