@@ -29,11 +29,25 @@ SESSION_ITERATIONS = 25
 
 SLOW_FIXTURES = {"trained_single"}  # tests that need a model trained for minutes belong to the slow part
 
+# scripts/test.sh runs the suite on two pytest-xdist workers (--dist loadgroup). One group per module keeps a
+# module's fixtures (a server, the panel and its backend) on one worker, and the modules that use the session model
+# form one group, so that it is trained once. The longest groups start first, so that no worker is left with one of
+# them at the end (at one torch thread on this 2-core CPU, at least 465, 195, 205, 95, 90 and 135 s).
+LONGEST_GROUPS_FIRST = ("test_panel_session.py", "trained_single", "test_real_brats.py", "test_demo.py",
+                        "test_logic.py", "test_training_engine.py")
 
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
+    sharing = {item.path for item in items if "trained_single" in getattr(item, "fixturenames", ())}
+    groups = {}
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        groups[item] = "trained_single" if item.path in sharing else item.path.name
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    rank = {group: i for i, group in enumerate(LONGEST_GROUPS_FIRST)}
+    items.sort(key=lambda item: rank.get(groups[item], len(rank)))  # stable: a module's tests stay in order
 
 
 def pytest_configure(config) -> None:

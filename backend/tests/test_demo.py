@@ -25,6 +25,7 @@ def test_demo_writes_a_complete_report(tmp_path: Path):
     assert all(len(c["images"]) == 1 for c in train_cases)  # unpaired: one modality per patient
     for name in ("baseline", "mkd"):
         metrics = json.loads((out / name / "metrics.json").read_text())
+        print(name, {k: round(v["dice"], 3) for k, v in metrics["mean"].items()})
         assert set(metrics["cases"]) == {"case006", "case008"}  # the held-out CT cases, never trained on
         assert set(metrics["mean"]) == {"liver", "kidney", "spleen"}
         assert metrics["mean"]["liver"]["dice"] > 0.3, (name, metrics["mean"])  # found in 24 s (baseline), 72 s (MKD)

@@ -112,6 +112,7 @@ def test_a_model_learns_a_structure_from_labels_that_mark_half_its_voxels_ignore
     config = TrainConfig(method="single", target="ct", epochs=6, iterations_per_epoch=20, device="cpu", val_every=6)
     model = train(training, tmp_path / "model", config)
     results = evaluate_model(model, held_out, device="cpu")
+    print(format_table(results))
     assert results["mean"]["myocardium"]["dice"] >= 0.9, format_table(results)
     # The ignore value belongs to a dataset's files: the same model scores a dataset that names none alike.
     plain = write_spec(tmp_path / "plain", {"background": 0, "myocardium": 1}, cases[6:])

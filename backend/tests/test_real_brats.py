@@ -64,4 +64,5 @@ def test_single_on_real_brats_finds_the_tumour_in_the_input_geometry(brats, tmp_
 
     scores = evaluate_model(model, test_spec, device="cpu", regions=BRATS_REGIONS)
     whole_tumour = scores["cases"][case.id]["WT"]["dice"]
+    print(format_table(scores))
     assert whole_tumour is not None and whole_tumour > 0.5, format_table(scores)

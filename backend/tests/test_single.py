@@ -24,6 +24,7 @@ CLI = [sys.executable, "-m", "crossmodalseg.cli"]
 def test_single_reaches_dice_on_held_out_phantom_cases(trained_single: Path, phantom_split):
     _, test = phantom_split
     results = evaluate_model(trained_single, test, device="cpu")
+    print(format_table(results))
     assert set(results["cases"]) == {c.id for c in test.cases}
     for structure in ("liver", "kidney", "spleen"):
         assert results["mean"][structure]["dice"] >= 0.8, format_table(results)
@@ -97,6 +98,7 @@ def test_fine_tuning_from_a_model(trained_single: Path, phantom_split, tmp_path:
     assert meta["plan"]["spacing"] == read_model_meta(trained_single)["plan"]["spacing"]  # the plan is inherited
     # Starting from trained weights, a few small steps keep the model good (a random start would be near 0).
     results = evaluate_model(tuned, test, device="cpu")
+    print(f"fine-tuned: liver Dice {results['mean']['liver']['dice']:.3f}")
     assert results["mean"]["liver"]["dice"] > 0.8
 
 
