@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="offline demo: phantom data -> train -> segment -> report")
     p.add_argument("--out", type=Path, default=Path("demo_output"))
-    p.add_argument("--minutes", type=float, default=1.0,
-                   help="training budget of the CT-only baseline; MKD gets 3x (it trains two networks)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="training budget of the CT-only baseline (default 2); MKD gets 3x (it trains two networks)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     p = sub.add_parser("serve", help="run the HTTP service (FastAPI on uvicorn)")
@@ -127,7 +127,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(args.out, minutes=args.minutes, device=args.device)
+        budget = {} if args.minutes is None else {"minutes": args.minutes}
+        run_demo(args.out, device=args.device, **budget)
         return 0
     if args.command == "serve":
         import os

@@ -37,6 +37,10 @@ CT_SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # level 40 HU, width 400 HU
 # time of a baseline iteration on 2 CPU cores), and at equal minutes its 80 iterations did not find the spleen (nor
 # did the baseline's at 80 iterations); 3x the baseline's minutes gives both about the same iterations (phantom,
 # seeds 0 / 1: baseline 1 min, 190 iterations, spleen Dice 0.90 / 0.74; MKD 3 min, 165, 0.75 / 0.63).
+# DEMO_MINUTES: the baseline's minutes by default. A minute goes less far on a slower machine: on 2026-12-06 one of
+# the same kind made 107 baseline and 101 MKD iterations at 1 minute, and MKD found no spleen (Dice 0.000); at 2
+# minutes, 210 and 198 iterations, spleen 0.897 (baseline) and 0.809 (MKD).
+DEMO_MINUTES = 2.0
 
 
 class DemoModel(NamedTuple):
@@ -50,13 +54,19 @@ MODELS = {"baseline": DemoModel("single", [], {}, time_share=1.0),
           "mkd": DemoModel("mkd", ["mr"], {"iam": "histogram", "kd_t2a_target": 1.0}, time_share=3.0)}
 
 
-def run_demo(out: str | Path, minutes: float = 1.0, device: str = "auto", seed: int = 0,
+def run_demo(out: str | Path, minutes: float = DEMO_MINUTES, device: str = "auto", seed: int = 0,
              events: EventLog | None = None) -> dict[str, Any]:
     """Runs the demo into `out`; `minutes` is the baseline's training budget, MKD gets 3x (see MODELS)."""
     out = Path(out)
     started = time.time()
     events = events or EventLog()
     say = lambda msg: events.emit("log", message=msg)  # noqa: E731
+    budgets = {name: minutes * model.time_share for name, model in MODELS.items()}
+    # Settings checked before anything is built: a bad --minutes or --device ends the demo with one line.
+    configs = {name: TrainConfig.parse({"method": model.method, "target": "ct", "assistants": model.assistants,
+                                        "preset": "fast", "minutes": budgets[name], "device": device, "seed": seed,
+                                        "val_every": 4, "options": model.options})
+               for name, model in MODELS.items()}
 
     say(f"[demo] building the unpaired phantom dataset ({DEMO_CASES} cases: CT and MR of different patients) in "
         f"{out / 'data'}")
@@ -68,14 +78,11 @@ def run_demo(out: str | Path, minutes: float = 1.0, device: str = "auto", seed: 
 
     results: dict[str, dict] = {}
     iterations: dict[str, int] = {}
-    budgets = {name: minutes * model.time_share for name, model in MODELS.items()}
     for name, model in MODELS.items():
         method = model.method
         what = "CT only" if not model.assistants else f"CT + unpaired MR ({n_mr} MR cases of other patients)"
         say(f"[demo] training `{method}` on {what}, {n_ct} labelled CT cases, up to {budgets[name]:g} min ({device})")
-        config = TrainConfig(method=method, target="ct", assistants=model.assistants, preset="fast",
-                             minutes=budgets[name], device=device, seed=seed, val_every=4, options=model.options)
-        train(train_spec.root, out / name / "model", config, events=events)
+        train(train_spec.root, out / name / "model", configs[name], events=events)
         iterations[name] = int(read_model_meta(out / name / "model")["training"]["iterations"])
         say(f"[demo] segmenting the held-out CT cases with `{method}` and scoring them")
         results[name] = evaluate_model(out / name / "model", test_spec, device=device, members=True,

@@ -127,6 +127,14 @@ def test_train_argument_errors(tmp_path: Path):
     assert_clean_error(cli(*train_args(root, tmp_path / "m", "--resume")), "no run to resume")
 
 
+def test_demo_argument_errors(tmp_path: Path):
+    """Refused before the demo builds or trains anything."""
+    for minutes, fragment in (("-1", "greater than 0"), ("nan", "finite"), ("0", "greater than 0")):
+        out = tmp_path / f"demo{minutes}"
+        assert_clean_error(cli("demo", "--out", str(out), "--minutes", minutes, "--device", "cpu"), "minutes", fragment)
+        assert not out.exists()
+
+
 def test_a_paired_method_on_unpaired_cases_names_the_method_for_them(tmp_path: Path):
     from crossmodalseg.data.phantom import make_phantom_dataset
 
