@@ -5,6 +5,9 @@ memory on a GPU), for one image and label (default: the CHAOS CT, 512x512x78). W
 
 Each phase runs in its own process, so each peak-memory figure is that phase's alone. Prediction uses a model with
 the real architecture and plan but untrained weights: its speed does not depend on the weights' values.
+`--pipeline-only` times what a prediction does outside the network (read, preprocess, back to the input grid, write)
+on the CPU, with the reference label standing in for the network's output: where a GPU prediction's time goes,
+measured without a GPU (e.g. `--preset full --slices 300`).
 """
 
 from __future__ import annotations
@@ -142,6 +145,53 @@ def phase_predict(dataset: Path, preset: str, device_name: str, repeats: int, tt
                    "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(predictor.device)})
 
 
+def phase_pipeline(dataset: Path, preset: str, repeats: int, queue) -> None:
+    """What a prediction costs outside the network, on the CPU: reading the file, preprocessing, the argmax or
+    resampling back onto the input grid, the label image and its write. The network's place is taken by the
+    reference label's soft one-hot probabilities (0.9 / 0.1) on the plan's grid, so the label map written must equal
+    the reference label wherever the plan keeps the input grid (checked)."""
+    import numpy as np
+    import torch
+
+    from crossmodalseg.data.io import Geometry, from_array, read_image, to_array, write_image
+    from crossmodalseg.data.plan import make_plan
+    from crossmodalseg.data.spec import load_spec
+    from crossmodalseg.data.transforms import load_case_arrays
+    from crossmodalseg.engine.inferer import back_to_grid
+
+    spec = load_spec(dataset)
+    plan = make_plan(spec, ["ct"], preset)
+    case = spec.cases[0]
+    reference = load_case_arrays({"ct": case.images["ct"]}, ["ct"], plan, case.labels["ct"], [0, 1])["label"][0]
+    probabilities = torch.nn.functional.one_hot(torch.as_tensor(reference), 2).permute(3, 0, 1, 2).float() * 0.8 + 0.1
+    del reference
+    laps: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats + 1):  # the first is a warm-up
+            times, t = {}, time.perf_counter()
+            image = read_image(case.images["ct"])
+            times["read"], t = time.perf_counter() - t, time.perf_counter()
+            arrays = load_case_arrays({"ct": image}, ["ct"], plan)
+            times["preprocess"], t = time.perf_counter() - t, time.perf_counter()
+            index = back_to_grid(probabilities, arrays["grid"], Geometry.of(image))
+            label = from_array(index, image)
+            times["output"], t = time.perf_counter() - t, time.perf_counter()
+            write_image(label, Path(tmp) / "segmentation.nii.gz")
+            times["write"] = time.perf_counter() - t
+            times["total"] = sum(times.values())
+            for name, value in times.items():
+                laps.setdefault(name, []).append(value)
+            grid = arrays["grid"]
+            del arrays
+    same_grid = Geometry.of(image).matches(grid, tolerance=1e-6)
+    queue.put({"preset": preset, "repeats": repeats, "same_grid_as_input": same_grid,
+               "label_equals_reference": bool(np.array_equal(index, to_array(read_image(case.labels["ct"]), np.uint8)))
+               if same_grid else None,
+               "seconds_median": {k: round(statistics.median(v[1:]), 3) for k, v in laps.items()},
+               "seconds_all": {k: [round(x, 3) for x in v[1:]] for k, v in laps.items()},
+               "peak_rss_mb": peak_rss_mb()})
+
+
 def _run_phase(target, *args):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -179,6 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--predict-method", default="single", choices=["single", "mkd"],
                         help="mkd: the two-member ensemble of the MKD method (both members run on the CT)")
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--pipeline-only", action="store_true",
+                        help="time only what a prediction does outside the network (read, preprocess, back to the "
+                             "input grid, write), on the CPU; no training, no network")
     parser.add_argument("--peak-tflops", type=float,
                         help="the device's peak dense TFLOP/s at the training precision, for the MFU (e.g. 989 for an "
                              "H100 SXM in bf16)")
@@ -202,6 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
                      "spacing_xyz": [round(s, 4) for s in reader.GetSpacing()]},
             "preset": args.preset,
         }
+        if args.pipeline_only:
+            report["pipeline"] = _run_phase(phase_pipeline, dataset, args.preset, args.repeats)
+            return write_report(report, args.out)
         # Each phase's result is printed as it comes, so a run stopped part-way still reports what it measured.
         report["training"] = None if args.skip_training else _run_phase(
             phase_train, dataset, args.preset, device, args.iterations, args.warmup, args.peak_tflops)

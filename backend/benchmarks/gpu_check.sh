@@ -30,6 +30,7 @@ B=backend/benchmarks
 # 989 TFLOP/s: dense bf16 peak of the H100/H200 SXM datasheet (a bf16 GEMM measured ~790 here, KINDS.md)
 [ -z "${SKIP_TESTS:-}" ] && step tests 180 bash -c "cd backend && python3 -m pytest tests/test_gpu.py -v -p no:cacheprovider --durations=0"
 step nnunet300 170 python3 $B/bench_vs_nnunet.py --device cuda --slices 300 --rounds 1 --predictions 3 --train-seconds 10 --preset full --nnunet-python /tmp/nnpy --out "$OUT/nnunet_cuda_300.json"
+step pipeline300 60 python3 $B/bench_engine.py --preset full --slices 300 --pipeline-only --repeats 3 --out "$OUT/pipeline_300_full.json"
 step mkd300_full 80 python3 $B/bench_engine.py --device cuda --preset full --skip-training --predict-method mkd --slices 300 --repeats 3 --out "$OUT/engine_cuda_mkd300_full.json"
 step engine_full 120 python3 $B/bench_engine.py --device cuda --preset full --iterations 20 --repeats 1 --peak-tflops 989 --out "$OUT/engine_cuda_full.json"
 log done

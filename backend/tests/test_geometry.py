@@ -22,9 +22,9 @@ from crossmodalseg.data.io import (
     to_array,
     write_image,
 )
-from crossmodalseg.data.plan import Normalisation, Plan
+from crossmodalseg.data.plan import Normalisation, Plan, foreground_mask
 from crossmodalseg.data.transforms import load_case_arrays
-from crossmodalseg.engine.inferer import back_to_grid
+from crossmodalseg.engine.inferer import back_to_grid, class_index
 
 from .conftest import OBLIQUE_DIRECTION
 
@@ -157,6 +157,33 @@ def test_prediction_on_a_coarser_grid_lands_in_place():
     np.testing.assert_allclose(centroid_world(back, geometry), centre, atol=0.75)
     dice = 2 * np.logical_and(back, truth).sum() / (back.sum() + truth.sum())
     assert dice > 0.9
+
+
+@pytest.mark.parametrize("classes", [2, 5, 300])
+def test_class_index_is_the_argmax_ties_included(classes: int):
+    """The running comparison that replaces argmax (on the device, one byte per voxel back) gives argmax's classes,
+    ties to the lower class as argmax, in uint8 and past 256 classes in uint16."""
+    rng = np.random.default_rng(classes)
+    shape = (classes, 6, 7, 8) if classes > 256 else (classes, 12, 14, 16)
+    probabilities = rng.integers(0, 4, size=shape).astype(np.float32)  # coarse values: many exact ties
+    index = class_index(torch.from_numpy(probabilities))
+    np.testing.assert_array_equal(index, probabilities.argmax(0))
+    assert index.dtype == (np.uint16 if classes > 256 else np.uint8)
+    assert (probabilities.max(0) == probabilities[:1].max(0)).any()  # the ties to class 0 were really there
+
+
+def test_normalisation_keeps_the_textbook_formula():
+    """In place on one new array, bit for bit the clip-then-z-score (CT) and z-score (MR) it replaced; the input is
+    left untouched."""
+    rng = np.random.default_rng(1)
+    array = rng.normal(40.0, 300.0, (10, 12, 14)).astype(np.float32)
+    before = array.copy()
+    ct = Normalisation("ct", "CT", (-100.0, 200.0), 50.0, 60.0)
+    np.testing.assert_array_equal(ct.apply(array), (np.clip(array, -100.0, 200.0) - 50.0) / 60.0)
+    mr = Normalisation("mr", "MR").apply(array)
+    mask = foreground_mask(array)
+    np.testing.assert_array_equal(mr, (array - float(array[mask].mean())) / float(array[mask].std()))
+    assert mr.dtype == np.float32 and np.array_equal(array, before)
 
 
 def test_mr_normalisation_is_the_whole_images_z_score():

@@ -89,9 +89,11 @@ def load_case_arrays(images: Mapping[str, sitk.Image | str | Path], modalities: 
         if not np.isfinite(array).all():
             raise ImageError(f"{m}: the image has {int((~np.isfinite(array)).sum())} NaN/Inf voxels; "
                              f"fix or mask them before training or prediction")
-        image = resample_to_grid(image, grid, "linear", default=float(array.min()))
-        channels.append(plan.normalisation[m].apply(to_array(image)))
-    out: dict[str, Any] = {"image": np.stack(channels).astype(np.float32), "grid": grid}
+        resampled = resample_to_grid(image, grid, "linear", default=float(array.min()))
+        channels.append(plan.normalisation[m].apply(array if resampled is image else to_array(resampled)))
+    # One channel: a view, not a copy (300 MB for a 512 x 512 x 300 CT).
+    image = channels[0][None] if len(channels) == 1 else np.stack(channels)
+    out: dict[str, Any] = {"image": image.astype(np.float32, copy=False), "grid": grid}
     if label is not None:
         label_image = label if isinstance(label, sitk.Image) else read_image(label)
         label_image = resample_to_grid(label_image, grid, "nearest", default=0)

@@ -48,8 +48,10 @@ AUTO = "auto"
 def predict_probabilities(method: Method, image: np.ndarray | torch.Tensor, available: Sequence[str],
                           device: torch.device, tta: bool = False, overlap: float = 0.5,
                           sw_batch_size: int | None = None, blend: str = "gaussian",
-                          amp_dtype: torch.dtype | None | str = AUTO) -> dict[str, torch.Tensor]:
-    """Softmax probabilities (K, Z, Y, X) of every member for a preprocessed image (C, Z, Y, X).
+                          amp_dtype: torch.dtype | None | str = AUTO, on_device: bool = False
+                          ) -> dict[str, torch.Tensor]:
+    """Softmax probabilities (K, Z, Y, X) of every member for a preprocessed image (C, Z, Y, X), on the CPU, or
+    left on `device` with `on_device` (the caller reduces them there and moves less).
 
     `amp_dtype` "auto": bfloat16 where the device computes it natively (GPUs, and CPUs with AVX-512 BF16 or AMX),
     else float32. Windows go `sw_batch_size` at a time: 2 on a CPU, where a batch of one sends most 3D convolutions
@@ -76,7 +78,8 @@ def predict_probabilities(method: Method, image: np.ndarray | torch.Tensor, avai
             logits = torch.flip(logits, axes)
         probs = torch.cat([torch.softmax(chunk, dim=1) for chunk in torch.split(logits, num_classes, dim=1)], dim=1)
         total = probs if total is None else total + probs
-    total = (total / len(mirror_axes(tta)))[0].cpu()
+    total = (total / len(mirror_axes(tta)))[0]
+    total = total if on_device else total.cpu()
     return {name: total[i * num_classes:(i + 1) * num_classes] for i, name in enumerate(names)}
 
 
@@ -177,10 +180,14 @@ class Predictor:
             raise ImageError(f"no input image for this model; give {' and '.join(self.method.input_modalities())}")
         arrays = load_case_arrays(loaded, available, self.method.plan)
         stages.lap("preprocess")
+        # The probabilities stay on the device: the ensemble, its argmax and the disagreement are computed there, and
+        # only label maps come back (from a GPU, one byte per voxel instead of 4 per class and member).
         probs = predict_probabilities(self.method, arrays["image"], available, self.device, self.tta, self.overlap,
-                                      self.sw_batch_size, amp_dtype=self.amp_dtype)
+                                      self.sw_batch_size, amp_dtype=self.amp_dtype, on_device=True)
         ensemble = self.method.ensemble(probs)
-        stages.lap("sliding_windows")  # the probabilities are on the CPU now: the device's work is done
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # so that the lap times the device's work, not its queueing
+        stages.lap("sliding_windows")
         # The output lives on the grid of the first available input (the target when it is given).
         output_grid = Geometry.of(loaded[available[0]])
         values = np.asarray(self.task.label_values)
@@ -200,7 +207,7 @@ class Predictor:
             if members:
                 result.members = {n: label_image(i) for n, i in member_index.items()}
             if uncertainty:
-                mi = mutual_information(list(probs.values())).numpy().astype(np.float32)
+                mi = mutual_information(list(probs.values())).float().cpu().numpy()
                 mi_image = from_array(mi, arrays["grid"])
                 result.disagreement = resample_to_grid(mi_image, output_grid, "linear", default=0.0)
                 names = list(member_index)
@@ -214,19 +221,35 @@ class Predictor:
         return result
 
 
+def class_index(probabilities: torch.Tensor) -> np.ndarray:
+    """The most probable class of each voxel of probabilities (K, Z, Y, X), computed on their own device and returned
+    as a uint8 array (uint16 past 256 classes): a running comparison, ties to the lower class as argmax. On a GPU only
+    one byte per voxel then crosses to the host instead of K floats; on the CPU it is about 4x faster than numpy's
+    argmax over the first axis (0.37 s against 1.58 s for 2 x 300 x 512 x 512, RESULTS.md)."""
+    classes = probabilities.shape[0]
+    index = torch.zeros(probabilities.shape[1:], dtype=torch.uint8 if classes <= 256 else torch.int32,
+                        device=probabilities.device)
+    best = probabilities[0].clone()
+    for k in range(1, classes):
+        index.masked_fill_(probabilities[k] > best, k)
+        torch.maximum(best, probabilities[k], out=best)
+    index = index.cpu().numpy()
+    return index if classes <= 256 else index.astype(np.uint16)
+
+
 def back_to_grid(probabilities: torch.Tensor, grid: Geometry, output: Geometry) -> np.ndarray:
-    """Class-index map (uint8, or uint16 past 255 classes) on `output` from probabilities (K, Z, Y, X) on `grid`:
-    each class's probability is resampled by world coordinates (linear) and compared with the running maximum, so
-    boundaries stay smooth at any resolution change while at most two output-sized float arrays exist at a time.
-    Voxels outside the processed box have probability 0 everywhere and get class 0 (background)."""
-    probs = probabilities.numpy()
-    dtype = np.uint8 if probs.shape[0] <= 256 else np.uint16
+    """Class-index map (uint8, or uint16 past 256 classes) on `output` from probabilities (K, Z, Y, X) on `grid`, on
+    any device. On the same grid, the argmax where the probabilities are (`class_index`). Otherwise each class's
+    probability is resampled by world coordinates (linear) and compared with the running maximum, so boundaries stay
+    smooth at any resolution change while at most two output-sized float arrays exist at a time. Voxels outside the
+    processed box have probability 0 everywhere and get class 0 (background)."""
     if grid.matches(output, tolerance=1e-6):
-        return probs.argmax(0).astype(dtype)
+        return class_index(probabilities)
+    dtype = np.uint8 if probabilities.shape[0] <= 256 else np.uint16
     best = index = None
-    for k in range(probs.shape[0]):
-        image = resample_to_grid(from_array(np.ascontiguousarray(probs[k], dtype=np.float32), grid), output,
-                                 "linear", default=0.0)
+    for k in range(probabilities.shape[0]):
+        probability = probabilities[k].float().cpu().numpy()
+        image = resample_to_grid(from_array(probability, grid), output, "linear", default=0.0)
         resampled = sitk.GetArrayViewFromImage(image)  # a view: valid while `image` lives
         if best is None:
             best, index = resampled.copy(), np.zeros(resampled.shape, dtype=dtype)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..methods import Method
-from .inferer import dice_between, predict_probabilities
+from .inferer import class_index, dice_between, predict_probabilities
 
 MAX_CASES = 4
 HELD_OUT, TRAINING_SET = "held-out", "training-set"
@@ -40,8 +40,8 @@ class Validation:
         per_structure: dict[str, list[float]] = {s: [] for s in self.method.task.structures}
         for item in self.items:
             probs = predict_probabilities(self.method, item["image"], item["available"], device, overlap=0.0,
-                                          blend="constant", amp_dtype=amp_dtype)
-            predicted = self.method.ensemble(probs).argmax(0).numpy()
+                                          blend="constant", amp_dtype=amp_dtype, on_device=True)
+            predicted = class_index(self.method.ensemble(probs))
             for name, value in dice_between(predicted, item["label"][0], self.method.task.structures).items():
                 if value is not None:
                     per_structure[name].append(value)
