@@ -66,12 +66,15 @@ class CrossModalSeg(ScriptedLoadableModule):
         self.parent.acknowledgementText = "Uses PyTorch, MONAI and SimpleITK in the backend."
 
 
-class CrossModalSegLogic(ScriptedLoadableModuleLogic, WorkflowLogic):
-    """The module's logic on the application's scene (all of it lives in CrossModalSegLib, Qt-free)."""
+class CrossModalSegLogic(WorkflowLogic, ScriptedLoadableModuleLogic):
+    """The module's logic on the application's scene (all of it lives in CrossModalSegLib, Qt-free).
+
+    WorkflowLogic comes first: Slicer's ScriptedLoadableModuleLogic.__init__ calls super().__init__() without
+    arguments, which must reach object, not a base that needs the scene."""
 
     def __init__(self, scene=None):
-        ScriptedLoadableModuleLogic.__init__(self)
         WorkflowLogic.__init__(self, scene or slicer.mrmlScene)
+        ScriptedLoadableModuleLogic.__init__(self)
 
 
 class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):

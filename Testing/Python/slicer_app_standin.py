@@ -225,7 +225,9 @@ def make_scripted_module_module(module_folder: Path) -> types.ModuleType:
 
     class ScriptedLoadableModuleLogic:
         def __init__(self, parent=None):
-            self.parent = parent
+            super().__init__()  # as Slicer's own (Base/Python/slicer/ScriptedLoadableModule.py, 5.8 and later)
+            self.moduleName = self.__class__.__name__.removesuffix("Logic")
+            self.isSingletonParameterNode = True
 
     class ScriptedLoadableModuleTest:
         def delayDisplay(self, message: str, msec: int = 0) -> None:

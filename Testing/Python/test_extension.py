@@ -40,3 +40,19 @@ def test_the_catalog_entry_fits_the_index_schema_and_the_cmake_metadata():
 def test_one_minimum_slicer_version_in_cmake_and_readme():
     required = re.search(r'Slicer_VERSION VERSION_LESS "([\d.]+)"', (ROOT / "CMakeLists.txt").read_text()).group(1)
     assert f"Slicer {required} or later" in (ROOT / "README.md").read_text()
+
+
+def test_the_built_module_ships_every_python_file_and_resource_of_the_source():
+    """slicerMacroBuildScriptedModule copies and installs only the files CMakeLists.txt lists: a module file left
+    out works from a source checkout and fails to import in a built or installed extension."""
+    module = ROOT / "CrossModalSeg"
+    text = (module / "CMakeLists.txt").read_text()
+
+    def listed(variable: str) -> set[str]:
+        block = re.search(rf"set\({variable}\n(.*?)\)", text, re.S).group(1)
+        return {line.strip().replace("${MODULE_NAME}", "CrossModalSeg") for line in block.splitlines() if line.strip()}
+
+    on_disk = {p.relative_to(module).as_posix() for p in module.rglob("*.py") if "__pycache__" not in p.parts}
+    assert listed("MODULE_PYTHON_SCRIPTS") == on_disk
+    resources = {p.relative_to(module).as_posix() for p in (module / "Resources").rglob("*") if p.is_file()}
+    assert listed("MODULE_PYTHON_RESOURCES") == resources

@@ -4,6 +4,7 @@ stack). The decisions run here against this Python's real installed packages."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy
@@ -11,6 +12,7 @@ import numpy
 from CrossModalSegLib.install import (
     BACKEND_PYTHON,
     SHIPPED_BACKEND,
+    SLICER_OWNED,
     backend_source,
     install_backend,
     missing_requirements,
@@ -42,7 +44,13 @@ def test_install_makes_one_pip_call_for_what_is_missing_then_the_backend_without
 def test_the_modules_requirements_hold_what_the_backend_needs_and_not_the_plotting_stack():
     requirements = read_requirements(MODULE / "Resources" / "requirements.txt")
     names = {r.split("~")[0].split("=")[0].split(">")[0].lower() for r in requirements}
-    assert {"monai", "safetensors", "fastapi", "uvicorn", "python-multipart"} <= names
+    pyproject = (Path(__file__).resolve().parents[2] / "backend" / "pyproject.toml").read_text()
+    dependencies = re.search(r"^dependencies = \[(.*?)^\]", pyproject, re.S | re.M).group(1)
+    needed = {re.split(r"[<>=~ ]", d.strip().strip('",'))[0].lower() for d in dependencies.splitlines() if d.strip()}
+    # everything the backend package needs, but torch (the PyTorch extension), Slicer's own packages and plotting:
+    # "Install backend" installs the package itself with --no-deps
+    assert needed - {"torch", "matplotlib"} - SLICER_OWNED <= names, needed - names
+    assert "psutil" in names and "pydantic" in names
     assert "matplotlib" not in names and "torch" not in names and not names & {"numpy", "simpleitk"}
     assert torch_installed()  # here torch is installed: the PyTorch extension's installer is not run
 
