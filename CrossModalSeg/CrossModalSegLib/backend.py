@@ -17,6 +17,7 @@ from pathlib import Path
 from .client import BackendClient, BackendError
 
 START_TIMEOUT_S = 120
+STOP_GRACE_S = 15  # the server interrupts its jobs (resumable) and exits; then it is terminated
 
 
 class LocalBackend:
@@ -28,6 +29,7 @@ class LocalBackend:
         self.extra_env = extra_env or {}
         self.process: subprocess.Popen | None = None
         self.client: BackendClient | None = None
+        self.server_pid: int | None = None  # the server's own process: a child of `process` when that is a launcher
         self.log_path = self.home / "server.log"
 
     def start(self) -> BackendClient:
@@ -38,9 +40,13 @@ class LocalBackend:
         try:
             # On Windows without a console window of its own (Slicer has none to share).
             flags = subprocess.CREATE_NO_WINDOW if sys.platform == "win32" else 0
+            # The server stops when its standard input ends: when stop() closes the pipe, and when Slicer dies. A
+            # signal would not do: PythonSlicer is a launcher that runs python-real as its child and does not pass
+            # signals on (it forwards its standard input).
             self.process = subprocess.Popen([self.python, "-m", "crossmodalseg.cli", "serve", "--host", "127.0.0.1",
-                                             "--port", "0", "--home", str(self.home)], stdout=subprocess.PIPE,
-                                            stderr=log, stdin=subprocess.DEVNULL, env=env, creationflags=flags)
+                                             "--port", "0", "--home", str(self.home), "--stop-on-stdin-eof"],
+                                            stdout=subprocess.PIPE, stderr=log, stdin=subprocess.PIPE, env=env,
+                                            creationflags=flags)
         except OSError as e:
             raise BackendError(f"cannot start the local backend with {self.python}: {e}") from None
         finally:
@@ -60,7 +66,7 @@ class LocalBackend:
 
     def _read_url(self) -> str:
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: lines.put(self.process.stdout.readline()), daemon=True).start()
+        threading.Thread(target=self._forward_output, args=(self.process.stdout, lines), daemon=True).start()
         try:
             line = lines.get(timeout=START_TIMEOUT_S)
         except queue.Empty:
@@ -69,20 +75,41 @@ class LocalBackend:
             tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
             raise BackendError("the local backend exited at start: " + " | ".join(tail) +
                                f" (is crossmodalseg installed for {self.python}? Use 'Install backend')")
-        return json.loads(line)["url"]
+        listening = json.loads(line)
+        self.server_pid = listening.get("pid")
+        return listening["url"]
+
+    def _forward_output(self, stdout, lines: queue.Queue) -> None:
+        """The first line (the URL) to `lines`; everything after it to the log, so that the pipe never fills up
+        and stalls the server."""
+        lines.put(stdout.readline())
+        with open(self.log_path, "ab") as log:
+            for line in iter(stdout.readline, b""):
+                log.write(line)
+                log.flush()
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+        """Closes the server's standard input (it interrupts its jobs, resumable, and exits), then terminates it if
+        it has not exited within STOP_GRACE_S."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        try:
+            process.stdin.close()
+        except OSError:
+            pass
+        try:
+            process.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.terminate()
             try:
-                self.process.wait(30)
+                process.wait(10)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
+                process.kill()
+                process.wait()
 
 
 def connect_remote(url: str, token: str | None = None) -> BackendClient:

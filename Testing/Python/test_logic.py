@@ -505,3 +505,42 @@ def test_the_agreement_table_compares_the_structures_a_model_predicts():
     labels = {"background": 0, "myocardium": 1, "left atrium": 2, "Ignore": 5}
     assert predicted_structures(labels) == ["myocardium", "left atrium"]
     assert predicted_structures({"background": 0, "liver": 1}) == ["liver"]
+
+
+def test_the_local_backend_stops_when_started_through_a_launcher_that_keeps_signals(tmp_path: Path):
+    """Inside Slicer the backend's Python is PythonSlicer: a launcher that runs python-real as its child and passes
+    no signal on, so terminating it left the server running with its GPU memory, jobs and home (the next start there
+    failed). The server now stops when its standard input ends. A shell script stands in for the launcher (the real
+    one cannot run here): it runs the venv's Python as a child, with its own standard input, and dies of SIGTERM
+    alone."""
+    import os
+    import stat
+    import sys
+
+    from CrossModalSegLib.backend import LocalBackend
+
+    launcher = tmp_path / "PythonSlicer"
+    launcher.write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\n')
+    launcher.chmod(launcher.stat().st_mode | stat.S_IXUSR)
+    home = tmp_path / "home"
+    backend = LocalBackend(str(launcher), home)
+    assert backend.start().health()
+    server = backend.server_pid
+    assert server and server != backend.process.pid  # the server is the launcher's child
+    backend.stop()
+    deadline = time.time() + 5
+    while time.time() < deadline and os.path.exists(f"/proc/{server}") and "zombie" not in _state(server):
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{server}") or "zombie" in _state(server), "the server outlived stop()"
+    again = LocalBackend(str(launcher), home)  # the home is free again
+    try:
+        assert again.start().health()
+    finally:
+        again.stop()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "gone"

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", type=Path,
                    help="file holding the access token (default: $CROSSMODALSEG_TOKEN; none = no token)")
     p.add_argument("--max-upload-mb", type=float, default=2048)
+    p.add_argument("--stop-on-stdin-eof", action="store_true",
+                   help="shut down when standard input ends (a parent that started the server closes the pipe to stop "
+                        "it, and the pipe closes when that parent dies)")
 
     sub.add_parser("info", help="version, devices, methods and their options")
     return parser
@@ -136,7 +139,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .service.app import serve
 
         token = args.token_file.read_text().strip() if args.token_file else os.environ.get("CROSSMODALSEG_TOKEN")
-        serve(args.home, args.host, args.port, token or None, int(args.max_upload_mb * 2**20))
+        serve(args.home, args.host, args.port, token or None, int(args.max_upload_mb * 2**20), args.stop_on_stdin_eof)
         return 0
     if args.command == "info":
         import torch

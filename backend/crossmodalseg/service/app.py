@@ -12,7 +12,9 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -165,8 +167,12 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
 
 
 def serve(home: Path, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-          max_upload_bytes: int = 2 << 30) -> None:
-    """Binds first (port 0 = a free one), prints one JSON line with the URL on stdout, then serves."""
+          max_upload_bytes: int = 2 << 30, stop_on_stdin_eof: bool = False) -> None:
+    """Binds first (port 0 = a free one), prints one JSON line with the URL on stdout, then serves.
+
+    `stop_on_stdin_eof`: shut down (jobs interrupted, resumable) when standard input reaches its end. The process that
+    started the server closes the pipe to stop it, and the system closes it when that process dies: it reaches the
+    server through launchers that do not pass signals on (Slicer's PythonSlicer runs python-real as a child)."""
     import uvicorn
 
     check_bind(host, token)
@@ -182,4 +188,16 @@ def serve(home: Path, host: str = "127.0.0.1", port: int = 8765, token: str | No
     print(json.dumps({"event": "listening", "url": url, "home": str(Path(home).resolve()), "pid": os.getpid()}),
           flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10, http=HeaderTimeoutProtocol)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    if stop_on_stdin_eof:
+        threading.Thread(target=_exit_at_end_of_input, args=(server,), daemon=True, name="stdin-eof").start()
+    server.run(sockets=[sock])
+
+
+def _exit_at_end_of_input(server) -> None:
+    try:
+        while sys.stdin.buffer.read(4096):
+            pass
+    except (OSError, ValueError, AttributeError):  # no usable stdin: the end of input as well
+        pass
+    server.should_exit = True  # uvicorn's graceful shutdown: the lifespan stops the jobs
