@@ -59,6 +59,13 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
         put(f"detached{i}b.nrrd", nrrd.format(f"datafile: {target}\n").encode(), "detached NRRD")
         put(f"detached{i}.mha", (f"ObjectType = Image\nNDims = 3\nDimSize = 10 10 10\nElementType = MET_UCHAR\n"
                                  f"ElementDataFile = {target}\n").encode(), "ElementDataFile")
+    # ITK ends a header line at a lone CR as well: a field hidden behind one must not pass as part of a comment
+    put("cr_datafile.nrrd", nrrd.format(f"# note\rdata file: {secret}\n").encode() + bytes(1000),
+        "lone carriage return")
+    put("cr_byteskip.nrrd", nrrd.format("# note\rbyte skip: -1\n").encode() + bytes(1000), "lone carriage return")
+    put("cr_datafile.mha", (f"ObjectType = Image\nNDims = 3\nDimSize = 10 10 10\nElementType = MET_UCHAR\n"
+                            f"Comment = x\rElementDataFile = {secret}\rElementDataFile = LOCAL\n").encode()
+        + bytes(1000), "lone carriage return")
     put("list.mha", b"NDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR\nElementDataFile = LIST 2D\n",
         "ElementDataFile")
     put("pair.hdr", _nifti_header((10, 10, 10), 8, 2, magic=b"ni1\0"), ".hdr/.img pair")

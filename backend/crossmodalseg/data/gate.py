@@ -168,6 +168,11 @@ def _text_header(data: bytes, name: str, what: str) -> tuple[list[str], int]:
         if newline < 0:
             raise ImageError(f"{name}: truncated MetaImage header")
         text, offset = data[:newline], newline + 1
+    # ITK's readers also end a line at a lone carriage return: a field after one ("# note\rdata file: /etc/passwd")
+    # would be read by ITK and hidden from these checks. Only CR LF pairs are line ends here.
+    if re.search(rb"\r(?!\n)", text):
+        raise ImageError(f"{name}: its header has a line that ends with a lone carriage return; save the image again "
+                         f"(lines end with LF or CR LF)")
     try:
         return text.decode("latin-1").replace("\r", "").split("\n"), offset
     except UnicodeDecodeError:
