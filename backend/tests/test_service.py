@@ -307,16 +307,29 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(server: Server, trained
     before = _state(server)
     m = trained["model"]
     malformed = malformed_archives(client.get(f"/models/{m}/archive").content)
-    wrong_type = io.BytesIO()  # a real model whose model.json has a field of the wrong type
-    with zipfile.ZipFile(io.BytesIO(client.get(f"/models/{m}/archive").content)) as src, \
-            zipfile.ZipFile(wrong_type, "w") as dst:
-        for entry in src.namelist():
-            data = src.read(entry)
-            if entry == "model.json":
-                meta = json.loads(data)
-                meta["training"] = "x"
-                data = json.dumps(meta).encode()
-            dst.writestr(entry, data)
+    good_archive = client.get(f"/models/{m}/archive").content
+
+    def changed(change) -> bytes:
+        """The real model with its model.json changed: a field of the wrong type or shape."""
+        out = io.BytesIO()
+        with zipfile.ZipFile(io.BytesIO(good_archive)) as src, zipfile.ZipFile(out, "w") as dst:
+            for entry in src.namelist():
+                data = src.read(entry)
+                if entry == "model.json":
+                    meta = json.loads(data)
+                    change(meta)
+                    data = json.dumps(meta).encode()
+                dst.writestr(entry, data)
+        return out.getvalue()
+
+    wrong_shapes = [  # each was stored once and made GET /models answer 500 from then on (or the import itself)
+        (changed(lambda meta: meta.__setitem__("training", "x")), "training has the wrong type"),
+        (changed(lambda meta: meta["method"].__setitem__("members", {"x": 5})), "members.x"),
+        (changed(lambda meta: meta["task"].__setitem__("modalities", {k: 1 for k in meta["task"]["modalities"]})),
+         "modalities"),
+        (changed(lambda meta: meta["plan"].__setitem__("normalisation", [])), "does not describe a model"),
+        (changed(lambda meta: meta["method"].__setitem__("hparams", [])), "hparams"),
+    ]
     requests = [
         ("GET", "/datasets/nope", {}, 404, "no dataset"),
         ("GET", "/jobs/nope", {}, 404, "no job"),
@@ -364,7 +377,7 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(server: Server, trained
         ("POST", "/models", {"content": b"PK not really"}, 422, "not a zip"),
         ("POST", "/models", {"content": evil_zip.getvalue()}, 422, "only model.json"),
         ("POST", "/models", {"content": pickle_zip.getvalue()}, 422, "only model.json"),
-        ("POST", "/models", {"content": wrong_type.getvalue()}, 422, "training has the wrong type"),
+        *[("POST", "/models", {"content": body}, 422, message) for body, message in wrong_shapes],
         *[("POST", "/models", {"content": body}, 422, message) for body, message in malformed],
         ("POST", "/predict", {"data": {"model": m}, "files": {"pet": ("x.nrrd", ct)}}, 400, "not one of them"),
         ("POST", "/predict", {"data": {"model": m}, "files": {"ct": ("x.nrrd", b"garbage" * 9)}}, 415,

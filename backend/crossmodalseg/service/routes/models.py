@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
+from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
 from ...engine.checkpoint import MODEL_FILE, ModelFolderError
@@ -44,11 +45,23 @@ def model_summary(meta: Any) -> dict[str, Any]:
 
     method, task = field(meta, "method", dict, ""), field(meta, "task", dict, "")
     training = field(meta, "training", dict, "", required=False) or {}
-    return {"method": field(method, "name", str, "method"), "hparams": field(method, "hparams", dict, "method", False),
-            "labels": field(task, "labels", dict, "task"), "modalities": field(task, "modalities", dict, "task"),
-            "target": field(task, "target", str, "task"), "members": field(method, "members", dict, "method", False),
-            "training": {k: training.get(k) for k in ("epochs", "iterations", "seconds", "val_dice", "val_on",
-                                                        "init_from", "device")}}
+    summary = {"method": field(method, "name", str, "method"),
+               "hparams": field(method, "hparams", dict, "method", False),
+               "labels": field(task, "labels", dict, "task"), "modalities": field(task, "modalities", dict, "task"),
+               "target": field(task, "target", str, "task"),
+               "members": field(method, "members", dict, "method", False),
+               "training": {k: training.get(k) for k in ("epochs", "iterations", "seconds", "val_dice", "val_on",
+                                                           "init_from", "device")}}
+    # The answer's own schema, down to the values inside (members {"x": 5} once passed, was stored, and made every
+    # later GET /models answer 500).
+    try:
+        ModelOut.model_validate({"id": "-", "name": "-", "state": "ready", "job": None, "created": 0.0, **summary},
+                                strict=True)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ModelFolderError(f"model.json: {where}: {first['msg']}") from None
+    return summary
 
 
 
