@@ -575,6 +575,21 @@ def test_token_is_required_on_every_request_when_set(tmp_path: Path):
         srv.stop()
 
 
+def test_pages_of_other_sites_cannot_drive_the_token_less_server(server: Server):
+    """A web page could post to the token-less server on 127.0.0.1 (a text/plain model upload, a form POST needs no
+    preflight) and, after DNS rebinding, read and overwrite images under its own host name: both are refused with
+    403 and change nothing; the server's own pages and non-browser clients go on."""
+    before = server.client.get("/models").json()
+    rebound = server.client.get("/datasets", headers={"Host": "rebind.evil.example"})
+    assert rebound.status_code == 403 and "loopback host" in rebound.json()["detail"]
+    posted = server.client.post("/models", content=b"PK\x03\x04 not a model",
+                                headers={"Origin": "https://evil.example", "Content-Type": "text/plain"})
+    assert posted.status_code == 403 and "other sites" in posted.json()["detail"]
+    assert server.client.get("/models").json() == before
+    assert server.client.get("/health", headers={"Origin": server.url}).status_code == 200
+    assert server.client.get("/health", headers={"Host": "localhost"}).status_code == 200
+
+
 def test_refuses_a_public_address_without_a_token(tmp_path: Path):
     run = subprocess.run([sys.executable, "-m", "crossmodalseg.cli", "serve", "--host", "0.0.0.0", "--port", "0",
                           "--home", str(tmp_path / "home")], capture_output=True, text=True, timeout=120,

@@ -29,7 +29,7 @@ from ..data.io import ImageError
 from ..data.spec import DatasetError
 from ..engine.checkpoint import ModelFolderError
 from ..errors import user_message
-from .auth import check_bind, token_matches
+from .auth import browser_attack, check_bind, token_matches
 from .connections import HeaderTimeoutProtocol
 from .jobs import JobRunner
 from .predictor_pool import PredictorPool
@@ -147,6 +147,9 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
+        refused = browser_attack(request.headers.get("host"), request.headers.get("origin"), bool(token))
+        if refused:
+            return error(403, refused)
         if token and not token_matches(request.headers.get("authorization"), token):
             return error(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'")
         free = shutil.disk_usage(store.home).free if request.method in ("PUT", "POST") else None

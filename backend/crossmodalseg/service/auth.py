@@ -49,5 +49,32 @@ def token_matches(header: str | None, token: str) -> bool:
     return hmac.compare_digest(value.strip().encode(), token.encode())
 
 
+def _hostname(authority: str) -> str:
+    """The host of a Host header or of an origin's authority ("127.0.0.1:8765", "[::1]:8765", "localhost")."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority[1:authority.find("]")] if "]" in authority else authority
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+
+
+def browser_attack(host: str | None, origin: str | None, token_set: bool) -> str | None:
+    """Why a request is refused as coming from a web page of another site rather than from a client of this
+    machine, or None.
+
+    A browser lets any page it shows send simple requests to 127.0.0.1 (a form POST, a text/plain body) and, after
+    DNS rebinding, read the answers too, under the page's own host name. Without a token the loopback address is
+    the only protection, so the Host must name a loopback address. Whatever the token, a request whose Origin is
+    another site than the server's own (or a loopback one) is refused: no other site's page is meant to drive the
+    service. Clients that are not browsers (Slicer, the CLI, curl) send no Origin.
+    """
+    if not token_set and not is_loopback(_hostname(host or "")):
+        return "this server without a token answers only requests addressed to a loopback host (127.0.0.1, localhost)"
+    if origin is not None:
+        authority = origin.strip().lower().partition("://")[2]
+        if not authority or not (is_loopback(_hostname(authority)) or authority == (host or "").strip().lower()):
+            return "requests from web pages of other sites are refused"
+    return None
+
+
 def new_token() -> str:
     return secrets.token_urlsafe(32)
