@@ -111,14 +111,35 @@ def test_grid_with_spacing_keeps_origin_direction_and_extent():
 
 
 def test_no_resampling_asks_for_more_voxels_than_the_gate_allows():
-    """A 100^3 volume at 10 mm brought to 0.01 mm would be 1e15 voxels: refused with a message, before allocating."""
+    """A 400^3 volume at 2.5 mm brought to 0.01 mm would be 1e15 voxels: refused with a message, before
+    allocating."""
     from crossmodalseg.data.gate import DEFAULT_MAX_VOXELS, ImageError
 
-    geometry = Geometry((100, 100, 100), (10.0, 10.0, 10.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    geometry = Geometry((400, 400, 400), (2.5, 2.5, 2.5), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     with pytest.raises(ImageError, match="more than 268,435,456 voxels; check the image's spacing"):
         grid_with_spacing(geometry, (0.01, 0.01, 0.01))
     side = int(round(DEFAULT_MAX_VOXELS ** (1 / 3)))  # just inside the limit still works
     assert grid_with_spacing(geometry, (1000 / side,) * 3).size == (side, side, side)
+
+
+def test_a_tiny_image_cannot_ask_for_a_huge_grid():
+    """A 4x4x4 upload at 250 mm spacing (valid, if odd) brought to a 1 mm plan asked for 1e9 voxels' work; past
+    256^3 voxels a grid may be at most 64 times the image's own. Honest resolution changes stay possible."""
+    from crossmodalseg.data.gate import ImageError
+    from crossmodalseg.data.geometry import MAX_UPSAMPLING, SMALL_GRID_VOXELS
+
+    eye = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    tiny = Geometry((4, 4, 4), (250.0, 250.0, 250.0), (0.0, 0.0, 0.0), eye)
+    with pytest.raises(ImageError, match="more than 268,435,456 voxels"):
+        grid_with_spacing(tiny, (1.0, 1.0, 1.0))
+    with pytest.raises(ImageError, match="more than 64 times its own"):
+        grid_with_spacing(tiny, (2.0, 2.0, 2.0))  # 500^3 = 1.25e8 voxels from 64
+    assert np.prod(grid_with_spacing(tiny, (4.0, 4.0, 4.0)).size) <= SMALL_GRID_VOXELS  # 250^3: allowed
+    mr = Geometry((256, 256, 30), (0.9, 0.9, 6.0), (0.0, 0.0, 0.0), eye)  # thick-slice MR to a 1 mm plan: 5.4x
+    assert grid_with_spacing(mr, (1.0, 1.0, 1.0)).size == (230, 230, 180)
+    ct = Geometry((128, 128, 64), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), eye)  # a 2 mm CT to a 0.5 mm plan: 64x
+    assert grid_with_spacing(ct, (0.5, 0.5, 0.5)).size == (512, 512, 256)
+    assert MAX_UPSAMPLING == 64
 
 
 def _plan(spacing_zyx) -> Plan:

@@ -33,6 +33,10 @@ def resample_to_grid(image: sitk.Image, grid: sitk.Image | Geometry, interpolato
     return resampler.Execute(image)
 
 
+MAX_UPSAMPLING = 64  # a 6 mm-slice MR brought to a 1 mm plan is 6x; a 2 mm CT to a 0.5 mm plan, 64x
+SMALL_GRID_VOXELS = 1 << 24  # below this (256^3), any upsampling: no more work than an honest small upload
+
+
 def grid_with_spacing(geometry: Geometry, spacing: Sequence[float]) -> Geometry:
     """The grid that covers the same physical box as `geometry` at `spacing` (x, y, z), same origin/direction.
 
@@ -41,12 +45,17 @@ def grid_with_spacing(geometry: Geometry, spacing: Sequence[float]) -> Geometry:
     spacing = tuple(float(s) for s in spacing)
     exact = [n * s / t for n, s, t in zip(geometry.size, geometry.spacing, spacing)]
     # The guard every resampling passes: an image read through the gate cannot ask for more voxels than the gate
-    # allows, whatever spacing it is brought to (a coarse image at a much finer plan spacing would).
-    if not all(np.isfinite(exact)) or float(np.prod(np.maximum(exact, 1.0))) > DEFAULT_MAX_VOXELS:
+    # allows, whatever spacing it is brought to (a coarse image at a much finer plan spacing would), nor for more
+    # than MAX_UPSAMPLING times its own above SMALL_GRID_VOXELS (a 4x4x4 upload at 250 mm spacing asked a predictor
+    # for minutes of work and GBs of memory: an amplification no honest image needs).
+    voxels = float(np.prod(np.maximum(exact, 1.0))) if all(np.isfinite(exact)) else float("inf")
+    allowed = min(DEFAULT_MAX_VOXELS, max(SMALL_GRID_VOXELS, MAX_UPSAMPLING * float(np.prod(geometry.size))))
+    if voxels > allowed:
+        bound = (f"more than {DEFAULT_MAX_VOXELS:,} voxels" if voxels > DEFAULT_MAX_VOXELS else
+                 f"{voxels:,.0f} voxels, more than {MAX_UPSAMPLING} times its own")
         raise ImageError(f"bringing a {'x'.join(map(str, geometry.size))} image at "
                          f"{'x'.join(f'{s:g}' for s in geometry.spacing)} mm to {'x'.join(f'{s:g}' for s in spacing)} mm "
-                         f"would make more than {DEFAULT_MAX_VOXELS:,} voxels; check the image's spacing, or use a "
-                         f"model planned for images like it")
+                         f"would make {bound}; check the image's spacing, or use a model planned for images like it")
     size = tuple(max(1, int(round(e))) for e in exact)
     return Geometry(size=size, spacing=spacing, origin=geometry.origin, direction=geometry.direction)
 
