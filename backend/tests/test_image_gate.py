@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -66,6 +67,27 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
     put("cr_datafile.mha", (f"ObjectType = Image\nNDims = 3\nDimSize = 10 10 10\nElementType = MET_UCHAR\n"
                             f"Comment = x\rElementDataFile = {secret}\rElementDataFile = LOCAL\n").encode()
         + bytes(1000), "lone carriage return")
+    # Parsed as ITK parses, whatever ITK might read differently refused (each of these once read the secret file, or
+    # a header's fake fields stood in for the real ones):
+    put("meta_case.mha", (f"ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR\n"
+                          f"elementdatafile = LOCAL\nComment = ElementDataFile\nElementDataFile = {secret}\n").encode()
+        + bytes(8), "is not written 'ElementDataFile'")
+    put("meta_comment.mha", (f"ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR\n"
+                             f"Comment = ElementDataFile = LOCAL\nElementDataFile = {secret}\n").encode() + bytes(8),
+        "ElementDataFile")
+    put("meta_twice.mha", (b"ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nDimSize = 2 2 2\nElementType = MET_UCHAR\n"
+                           b"ElementDataFile = LOCAL\n") + bytes(8), "twice")
+    put("nrrd_twice.nrrd", nrrd.format("sizes: 2 2 2\n").encode() + bytes(1000), "twice")
+    # a NRRD header that ends, for ITK, at "\n\r\n": fake fields in the gzip stream's comment must not count
+    put("nrrd_crlf_end.nrrd", b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 700 700 700\nencoding: gzip\n\r\n"
+        + b"\x1f\x8b\x08\x10\0\0\0\0\x00\x03" + b"x\nsizes: 2 2 2\nencoding: raw\n\n\0", "more than the limit")
+    # a NIfTI with MetaImage text after its header: checked as the NIfTI it is, and read as one
+    polyglot = _nifti_header((512, 512, 300), 8, 2)[:348] + bytes(4) + (
+        b"\nObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR\nElementDataFile = LOCAL\n")
+    put("polyglot.nii", polyglot.ljust(900, b" ") + bytes(64), "truncated")
+    offset_bomb = bytearray(_nifti_header((8, 8, 8)))
+    struct.pack_into("<f", offset_bomb, 108, 3e8)  # vox_offset: 300 MB of nothing to inflate before the voxels
+    put("offset_bomb.nii.gz", gzip.compress(bytes(offset_bomb)), "vox_offset")
     put("list.mha", b"NDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR\nElementDataFile = LIST 2D\n",
         "ElementDataFile")
     put("pair.hdr", _nifti_header((10, 10, 10), 8, 2, magic=b"ni1\0"), ".hdr/.img pair")
@@ -128,6 +150,30 @@ def test_good_images_of_every_format_still_read(tmp_path: Path):
         read = read_image(tmp_path / name)
         assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image)), name
         assert read.GetSpacing() == pytest.approx(image.GetSpacing())
+
+
+def test_an_image_is_read_by_the_reader_of_its_checked_format_and_named_for_it(tmp_path: Path):
+    """ITK picks a reader by file name: a Stimulate .spr header that names another file, or an image named for one
+    format holding another, went past the checks of the format the content showed. The name must say the format the
+    content is, and ITK reads it with that format's reader."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(SECRET)
+    spr = tmp_path / "poly.spr"  # Stimulate fields for ITK, MetaImage ones for a content sniffer
+    spr.write_bytes(f"numDim: 3\ndim: 4 2 1\ndataType: BYTE\nstimFileName: {secret}\nObjectType = Image\nNDims = 3\n"
+                    f"DimSize = 2 2 2\nElementType = MET_UCHAR\nElementDataFile = LOCAL\n".encode() + bytes(8))
+    image = sitk.GetImageFromArray(np.arange(24, dtype=np.uint8).reshape(2, 3, 4))
+    sitk.WriteImage(image, str(tmp_path / "good.mha"))
+    (tmp_path / "good.mhd").write_bytes((tmp_path / "good.mha").read_bytes())
+    sitk.WriteImage(image, str(tmp_path / "good.nrrd"))
+    (tmp_path / "nrrd.nii").write_bytes((tmp_path / "good.nrrd").read_bytes())
+    for path, fragment in ((spr, "MetaImage header line without '='"), (tmp_path / "good.mhd", "must end in .nii"),
+                           (tmp_path / "nrrd.nii", "holds a NRRD image but its name ends in .nii")):
+        with pytest.raises(ImageError, match=re.escape(fragment)) as refused:
+            read_image(path)
+        assert SECRET[:10].decode() not in str(refused.value)
+    assert np.array_equal(sitk.GetArrayFromImage(read_image(tmp_path / "good.mha")), sitk.GetArrayFromImage(image))
+    (tmp_path / "upper.NRRD").write_bytes((tmp_path / "good.nrrd").read_bytes())  # the letter case is not the format
+    assert read_image(tmp_path / "upper.NRRD").GetSize() == (4, 3, 2)
 
 
 def test_dataset_check_and_cli_refuse_them(corpus, tmp_path: Path):

@@ -129,6 +129,9 @@ def malformed(root: Path, fault: str) -> None:
         meta["numTraining"] = 5
     elif fault == "unknown channel":
         write(root / "imagesTr" / "prostate_00_0002.nii.gz", make_image(intensity(0)))
+    elif fault == "detached label":  # copied as is once: every file now passes the image gate first
+        (root / "labelsTr" / "prostate_00.nii.gz").write_bytes(
+            b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 2 2 2\nencoding: raw\ndata file: /etc/hostname\n\n")
     if fault not in ("no dataset.json", "bad json"):
         (root / "dataset.json").write_text(json.dumps(meta))
 
@@ -144,6 +147,7 @@ def malformed(root: Path, fault: str) -> None:
     ("missing label", "missing label .*labelsTr/prostate_00.nii.gz"),
     ("numTraining", "'numTraining' is 5 but imagesTr holds 2"),
     ("unknown channel", "prostate_00_0002.nii.gz: channel 2 is not in 'channel_names'"),
+    ("detached label", "prostate_00.nii.gz: holds a NRRD image but its name ends in .nii.gz"),
 ])
 def test_nnunet_malformed_sources(tmp_path, fault, message):
     malformed(tmp_path / "src", fault)
@@ -241,6 +245,17 @@ def msd_fault(root: Path, fault: str) -> None:
         write(root / "imagesTr" / "case_002.nii.gz", make_image(intensity(0)))
     elif fault == "corrupt":
         (root / "imagesTr" / "case_002.nii.gz").write_bytes(b"not an image")
+    elif fault == "outside":  # paths in dataset.json once made the import copy any file the user could read
+        meta["training"][1]["label"] = "../../../../../../etc/hostname"
+    elif fault == "absolute":
+        meta["training"][1]["image"] = str(root / "imagesTr" / "case_002.nii.gz")
+    elif fault == "detached label":
+        (root / "labelsTr" / "case_002.nrrd").write_bytes(
+            b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 2 2 2\nencoding: raw\ndata file: /etc/hostname\n\n")
+        meta["training"][1]["label"] = "./labelsTr/case_002.nrrd"
+    elif fault == "detached 4d":
+        (root / "imagesTr" / "case_002.nii.gz").write_bytes(
+            b"NRRD0004\ntype: uint8\ndimension: 4\nsizes: 2 2 2 2\nencoding: raw\ndata file: /etc/hostname\n\n")
     (root / "dataset.json").write_text(json.dumps(meta))
 
 
@@ -252,6 +267,10 @@ def msd_fault(root: Path, fault: str) -> None:
     ("channels", "case_001.nii.gz: 'modality' names 3 modalities but the image has 2 channel"),
     ("3d for several", "case_002.nii.gz: 'modality' names 2 modalities but the image has 1 channel"),
     ("corrupt", "case_002.nii.gz: not a readable image"),
+    ("outside", "'../../../../../../etc/hostname' points outside"),
+    ("absolute", "case_002.nii.gz' points outside"),
+    ("detached label", "case_002.nrrd: a detached NRRD header"),
+    ("detached 4d", "case_002.nii.gz: holds a NRRD image"),
 ])
 def test_msd_malformed_sources(tmp_path, fault, message):
     msd_fault(tmp_path / "src", fault)

@@ -3,15 +3,17 @@
 ITK trusts headers: a NRRD `data file:` or a MetaImage `ElementDataFile` sends it to any path (system files, a FIFO
 that blocks forever, the service's own database), a header may claim gigabytes of voxels that are not there (ITK
 allocates them, and fills the missing part with zeros), and a small gzip stream may inflate to gigabytes. So the
-gate reads the header itself, by content (not by file name), and refuses before anything is allocated:
+gate reads the header itself, parsing it as ITK does, and refuses before anything is allocated:
 - anything but a regular file; formats other than NIfTI-1/2 (.nii, .nii.gz), NRRD and MetaImage with the data in the
   same file (detached headers: NRRD data files, MetaImage ElementDataFile other than LOCAL, NIfTI/Analyze .hdr/.img
-  pairs);
+  pairs); a file whose name does not end in its format's extension (ITK would pick another reader by the name);
+- header text ITK might read otherwise than the gate: lone CR line ends, fields given twice, MetaImage keys in
+  another letter case;
 - a voxel count above `Limits.max_voxels`;
 - fewer data bytes than the header implies (truncated files), after decompression;
 - compressed data that inflates past what the header implies (plus a small margin): inflation stops there.
 A gzip-compressed NIfTI is inflated once, by the gate, into a temporary .nii that ITK then reads (ITK does not
-decompress it a second time).
+decompress it a second time). `gated` names the ITK reader to use: the one whose header the gate checked.
 """
 
 from __future__ import annotations
@@ -136,6 +138,9 @@ def nifti_header(head: bytes, name: str, limits: Limits) -> tuple[Header, int]:
     ndim = dim[0]
     if not 1 <= ndim <= 7 or bitpix <= 0 or bitpix % 8 or offset < 348:
         raise ImageError(f"{name}: the NIfTI header is invalid (dim {list(dim)}, bitpix {bitpix})")
+    if offset > MAX_NIFTI_OFFSET:
+        raise ImageError(f"{name}: the NIfTI header puts the voxels {offset:,} bytes into the file (vox_offset), past "
+                         f"{MAX_NIFTI_OFFSET:,}; save the image again")
     # ITK reads a NaN, infinite or zero pixdim as 1 mm without a word: the image would load with a made-up geometry.
     # (An axis of one voxel may carry 0, as some writers give a single slice.)
     spacing = [float(pixdim[i]) for i in range(1, min(ndim, 3) + 1)]
@@ -146,53 +151,57 @@ def nifti_header(head: bytes, name: str, limits: Limits) -> tuple[Header, int]:
 
 
 # ---- NRRD and MetaImage (text headers) ---------------------------------------------------------------------------
-def _text_header(data: bytes, name: str, what: str) -> tuple[list[str], int]:
-    """Header lines and the offset of the data, for headers that end with an empty line (NRRD) or at the
-    ElementDataFile line (MetaImage)."""
-    end = data.find(b"\n\n") if what == "nrrd" else -1
-    if what == "nrrd":
-        alt = data.find(b"\r\n\r\n")
-        if end < 0 or (0 <= alt < end):
-            end, skip = alt, 4
-        else:
-            skip = 2
-        if end < 0:
-            raise ImageError(f"{name}: NRRD header without the empty line that ends it (a detached .nhdr or a "
-                             f"truncated file); save the image as one .nrrd file")
-        text, offset = data[:end], end + skip
-    else:
-        marker = data.find(b"ElementDataFile")
-        if marker < 0:
-            raise ImageError(f"{name}: MetaImage header without ElementDataFile")
-        newline = data.find(b"\n", marker)
-        if newline < 0:
-            raise ImageError(f"{name}: truncated MetaImage header")
-        text, offset = data[:newline], newline + 1
-    # ITK's readers also end a line at a lone carriage return: a field after one ("# note\rdata file: /etc/passwd")
-    # would be read by ITK and hidden from these checks. Only CR LF pairs are line ends here.
-    if re.search(rb"\r(?!\n)", text):
-        raise ImageError(f"{name}: its header has a line that ends with a lone carriage return; save the image again "
-                         f"(lines end with LF or CR LF)")
-    try:
-        return text.decode("latin-1").replace("\r", "").split("\n"), offset
-    except UnicodeDecodeError:
-        raise ImageError(f"{name}: not a readable image (unreadable header)") from None
+# Both are parsed as ITK parses them, and whatever ITK might read differently is refused: lines end with LF or CR LF
+# (ITK also ends one at a lone CR, so "# note\rdata file: /etc/passwd" would hide a field in a comment), a NRRD
+# header ends at its first empty line (whatever the line ends), MetaImage keys are matched in their exact letter case
+# (MetaIO compares with strcmp, so "elementdatafile = LOCAL" is no field for ITK) and its header ends at the line
+# whose key is ElementDataFile (not at those letters anywhere, e.g. in a Comment), and no field may appear twice.
+_META_KEYS = ("ObjectType", "ObjectSubType", "NDims", "DimSize", "ElementType", "ElementDataFile", "HeaderSize",
+              "CompressedData", "CompressedDataSize", "ElementNumberOfChannels", "BinaryData", "BinaryDataByteOrderMSB",
+              "ElementByteOrderMSB", "TransformMatrix", "Orientation", "Rotation", "Offset", "Position", "Origin",
+              "CenterOfRotation", "AnatomicalOrientation", "ElementSpacing", "ElementSize", "ElementMin", "ElementMax",
+              "Comment", "Name", "ID", "ParentID", "Color", "DistanceUnits", "Modality", "SequenceID",
+              "ElementToIntensityFunctionSlope", "ElementToIntensityFunctionOffset", "AcquisitionDate", "TransformType")
+_META_KEY_CASE = {k.lower(): k for k in _META_KEYS}
+
+
+def _header_lines(data: bytes, name: str, ends_at) -> tuple[list[str], int]:
+    """The header's lines up to and including the one `ends_at(line)` accepts, and the offset of the data after it."""
+    lines, position = [], 0
+    for newline in re.finditer(rb"\r\n|\n", data):
+        line = data[position:newline.start()]
+        position = newline.end()
+        if b"\r" in line:
+            raise ImageError(f"{name}: its header has a line that ends with a lone carriage return; save the image "
+                             f"again (lines end with LF or CR LF)")
+        text = line.decode("latin-1")
+        lines.append(text)
+        if ends_at(text):
+            return lines, position
+    raise ImageError(f"{name}: a header without its end (a detached header, a truncated file, or a header over "
+                     f"{CHUNK // 2**20} MiB); save the image as one file")
+
+
+def _once(fields: dict[str, str], key: str, value: str, name: str) -> None:
+    if key in fields:
+        raise ImageError(f"{name}: the header gives {key!r} twice; save the image again")
+    fields[key] = value
 
 
 def nrrd_header(head: bytes, name: str, limits: Limits) -> tuple[Header, int, str]:
     """(header, data offset, encoding) of an attached NRRD; refuses `data file` fields."""
-    if re.search(rb"^data ?file\s*:", head, re.MULTILINE | re.IGNORECASE):
-        raise ImageError(f"{name}: a detached NRRD header (its voxels are in another file named by 'data file'); "
-                         f"save the image as one .nrrd file with the data inside")
-    lines, offset = _text_header(head, name, "nrrd")
+    lines, offset = _header_lines(head, name, lambda line: line == "")
     fields: dict[str, str] = {}
-    for line in lines[1:]:
+    for line in lines[1:-1]:
         if line.startswith("#") or ":" not in line:
             continue
         if ":=" in line and (": " not in line or line.index(":=") < line.index(": ")):
             continue  # a key/value pair, not a field
         key, value = line.split(":", 1)
-        fields[key.strip().lower()] = value.strip()
+        _once(fields, key.strip().lower(), value.strip(), name)
+    if {"data file", "datafile"} & set(fields):
+        raise ImageError(f"{name}: a detached NRRD header (its voxels are in another file named by 'data file'); "
+                         f"save the image as one .nrrd file with the data inside")
     if fields.get("line skip", "0") not in ("0", "") or fields.get("byte skip", "0") not in ("0", ""):
         raise ImageError(f"{name}: NRRD 'line skip'/'byte skip' are not accepted; save the image again")
     try:
@@ -207,27 +216,38 @@ def nrrd_header(head: bytes, name: str, limits: Limits) -> tuple[Header, int, st
     return _count(name, _dims(sizes, name), bytes_per_voxel, limits, "nrrd"), offset, encoding
 
 
+def _meta_key(line: str) -> str:
+    return line.split("=", 1)[0].strip()
+
+
 def metaimage_header(head: bytes, name: str, limits: Limits) -> tuple[Header, int, bool]:
     """(header, data offset, compressed) of a MetaImage with its data in the same file (ElementDataFile = LOCAL)."""
-    lines, offset = _text_header(head, name, "metaimage")
+    lines, offset = _header_lines(head, name, lambda line: _meta_key(line) == "ElementDataFile")
     fields: dict[str, str] = {}
     for line in lines:
-        if "=" in line:
-            key, value = line.split("=", 1)
-            fields[key.strip().lower()] = value.strip()
-    if fields.get("elementdatafile", "").upper() != "LOCAL":
+        if not line.strip():
+            continue
+        if "=" not in line:
+            raise ImageError(f"{name}: a MetaImage header line without '=' ({line[:40]!r}); save the image again")
+        key, value = _meta_key(line), line.split("=", 1)[1].strip()
+        canonical = _META_KEY_CASE.get(key.lower())
+        if canonical is not None and key != canonical:
+            raise ImageError(f"{name}: MetaImage key {key!r} is not written {canonical!r} (ITK would not read it as "
+                             f"that field); save the image again")
+        _once(fields, key, value, name)
+    if fields["ElementDataFile"].upper() != "LOCAL":
         raise ImageError(f"{name}: a MetaImage header whose voxels are in another file (ElementDataFile = "
-                         f"{fields.get('elementdatafile', '')[:40]!r}); save the image as one .mha file")
-    if fields.get("headersize", "0") not in ("0", ""):
+                         f"{fields['ElementDataFile'][:40]!r}); save the image as one .mha file")
+    if fields.get("HeaderSize", "0") not in ("0", ""):
         raise ImageError(f"{name}: MetaImage HeaderSize is not accepted; save the image again")
     try:
-        sizes = [int(v) for v in fields["dimsize"].split()]
-        bytes_per_voxel = _META_TYPES[fields["elementtype"].upper()]
-        channels = int(fields.get("elementnumberofchannels", "1"))
+        sizes = [int(v) for v in fields["DimSize"].split()]
+        bytes_per_voxel = _META_TYPES[fields["ElementType"].upper()]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
     except (KeyError, ValueError):
         raise ImageError(f"{name}: MetaImage header without valid DimSize and ElementType") from None
     header = _count(name, _dims(sizes + [max(channels, 1)], name), bytes_per_voxel, limits, "metaimage")
-    return header, offset, fields.get("compresseddata", "false").lower() == "true"
+    return header, offset, fields.get("CompressedData", "False").lower() == "true"
 
 
 # ---- data checks ---------------------------------------------------------------------------------------------------
@@ -275,45 +295,77 @@ def _short(name: str, have: int, need: int) -> ImageError:
                       f"copy or download it again")
 
 
+# The ITK reader for each format: forced, so that ITK reads a file with the reader whose header the gate checked
+# (left to itself, ITK picks a reader by file name: a .nii with MetaImage text inside, or a .spr whose Stimulate
+# header names another file, went past the checks of another format).
+IMAGE_IO = {"nifti": "NiftiImageIO", "nrrd": "NrrdImageIO", "metaimage": "MetaImageIO"}
+_FORMAT_OF_SUFFIX = {".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".mha": "metaimage"}
+_FORMAT_NAMES = {"nifti": "NIfTI", "nrrd": "NRRD", "metaimage": "MetaImage"}
+MAX_NIFTI_OFFSET = 16 << 20  # vox_offset: the header and its extensions; a larger one is inflated for nothing
+
+
+def _content_format(head: bytes) -> str | None:
+    """The format the first bytes show: "nifti-gz", "nifti", "nrrd", "metaimage", or None. A binary NIfTI header is
+    recognised before any MetaImage text that may follow it."""
+    if head[:2] == b"\x1f\x8b":
+        return "nifti-gz"
+    if head[:4] == b"NRRD":
+        return "nrrd"
+    if len(head) >= 4 and {struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0]} & {348, 540}:
+        return "nifti"
+    if head.startswith((b"ObjectType", b"NDims")) or b"ElementDataFile" in head:
+        return "metaimage"
+    return None
+
+
+def image_suffix(path: str | Path) -> str | None:
+    lower = Path(path).name.lower()
+    return next((suffix for suffix in _FORMAT_OF_SUFFIX if lower.endswith(suffix)), None)
+
+
 @contextmanager
-def gated(path: str | Path, limits: Limits = Limits(), name: str | None = None) -> Iterator[Path]:
-    """Checks `path` and yields the path ITK may read: the file itself, or for a gzip-compressed NIfTI a temporary
-    .nii holding its inflated bytes (deleted afterwards). `name` is how messages call the file."""
+def gated(path: str | Path, limits: Limits = Limits(), name: str | None = None) -> Iterator[tuple[Path, str]]:
+    """Checks `path` and yields (the path ITK may read, the name of the ITK reader to read it with): the file itself,
+    or for a gzip-compressed NIfTI a temporary .nii holding its inflated bytes (deleted afterwards). The file's name
+    must end in .nii, .nii.gz, .nrrd or .mha and its content must be that format. `name` is how messages call the
+    file."""
     path = Path(path)
     name = name or str(path)
     size = regular_file(path)
     with open(path, "rb") as f:
-        head = f.read(4096)
-        if head[:2] == b"\x1f\x8b":
+        head = f.read(CHUNK)
+        content = _content_format(head)
+        if content is None:
+            raise ImageError(f"{name}: not a readable image; give {ACCEPTED}")
+        family = "nifti" if content == "nifti-gz" else content
+        suffix = image_suffix(path)
+        if suffix is not None and _FORMAT_OF_SUFFIX[suffix] != family:
+            raise ImageError(f"{name}: holds a {_FORMAT_NAMES[family]} image but its name ends in {suffix}; give it "
+                             f"the extension of its format ({ACCEPTED})")
+        if content == "nifti-gz":
             with _inflated_nifti(f, name, limits) as tmp:
-                yield tmp
+                _known_suffix(suffix, name)
+                yield tmp, IMAGE_IO[family]
             return
-        if head[:4] == b"NRRD":
-            header, offset, encoding = nrrd_header(_whole_header(f, head, name), name, limits)
+        if content == "nrrd":
+            header, offset, encoding = nrrd_header(head, name, limits)
             _check_payload(f, offset, size, header, encoding, name)
-        elif b"ElementDataFile" in head or head.startswith((b"ObjectType", b"NDims")):
-            header, offset, compressed = metaimage_header(_whole_header(f, head, name), name, limits)
+        elif content == "metaimage":
+            header, offset, compressed = metaimage_header(head, name, limits)
             _check_payload(f, offset, size, header, "zlib" if compressed else "raw", name)
-        elif len(head) >= 4 and {struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0]} & {348, 540}:
+        else:
             header, offset = nifti_header(head, name, limits)
             if size < offset + header.data_bytes:
                 raise _short(name, max(size - offset, 0), header.data_bytes)
-        else:
-            raise ImageError(f"{name}: not a readable image; give {ACCEPTED}")
-    yield path
+        _known_suffix(suffix, name)
+    yield path, IMAGE_IO[family]
 
 
-def _whole_header(f, head: bytes, name: str) -> bytes:
-    """Text headers may run past the first 4 KiB: read up to 1 MiB of it."""
-    data = head
-    while b"\n\n" not in data and b"ElementDataFile" not in data and len(data) < CHUNK:
-        more = f.read(4096)
-        if not more:
-            break
-        data += more
-    if b"ElementDataFile" in data and b"\n" not in data[data.find(b"ElementDataFile"):]:
-        data += f.readline()
-    return data
+def _known_suffix(suffix: str | None, name: str) -> None:
+    """Checked after the content (whose problems are the more useful message): the name must say the format."""
+    if suffix is None:
+        raise ImageError(f"{name}: an image file name must end in .nii, .nii.gz, .nrrd or .mha (the extension of its "
+                         f"format); rename it")
 
 
 def _check_payload(f, offset: int, size: int, header: Header, encoding: str, name: str) -> None:

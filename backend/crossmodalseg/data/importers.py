@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .io import write_image
+from .gate import ImageError, gated
+from .io import read_image, write_image
 from .spec import (
     MODALITY_TYPES,
     SPEC_FILE,
@@ -173,13 +174,14 @@ def import_msd(src: str | Path, dst: str | Path, modality_types: dict[str, str] 
                 entry.get("label"), str):
             errors.append(f"'training' entry #{i} needs 'image' and 'label' paths")
             continue
-        pairs.append((src / entry["image"], src / entry["label"]))
+        pairs.append((_inside(src, entry["image"], errors), _inside(src, entry["label"], errors)))
     for i, entry in enumerate(test):
         image = entry.get("image") if isinstance(entry, dict) else entry  # some tasks list {"image": ...}
         if not isinstance(image, str):
             errors.append(f"'test' entry #{i} must be an image path")
             continue
-        pairs.append((src / image, None))
+        pairs.append((_inside(src, image, errors), None))
+    _raise_if(errors, src)
     for image, label in pairs:
         errors += [f"missing file {p}" for p in (image, label) if p is not None and not p.is_file()]
     _raise_if(errors, src)
@@ -231,22 +233,37 @@ def _msd_labels(raw: Any, src: Path) -> dict[str, int]:
     return dict(sorted(out.items(), key=lambda item: item[1]))
 
 
+def _inside(src: Path, relative: str, errors: list[str]) -> Path:
+    """`relative` under `src`; an absolute path or one that climbs out of the task folder is an error (a dataset.json
+    must not make the import copy files from elsewhere, e.g. '../../etc/hostname')."""
+    path = src / relative
+    if Path(relative).is_absolute() or not path.resolve().is_relative_to(src.resolve()):
+        errors.append(f"{relative!r} points outside {src}; keep the task's files inside its folder")
+    return path
+
+
 def _header(path: Path, errors: list[str]) -> tuple[int, int]:
-    """(dimension, channels) from the header alone: a 4D image's 4th axis, or a vector image's components."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
+    """(dimension, channels) from the header alone, through the image gate (detached headers, size bombs and
+    truncated files refused): a 4D image's 4th axis, or a vector image's components."""
     try:
-        reader.ReadImageInformation()
+        with gated(path) as (readable, image_io):
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(readable))
+            reader.SetImageIO(image_io)
+            reader.ReadImageInformation()
+    except ImageError as e:
+        errors.append(str(e))
+        return 3, -1  # reported; skip the dimension checks
     except RuntimeError:
         errors.append(f"{path}: not a readable image (corrupt or unsupported format)")
-        return 3, -1  # reported; skip the dimension checks
+        return 3, -1
     dim, components = reader.GetDimension(), reader.GetNumberOfComponents()
     return dim, (reader.GetSize()[3] if dim == 4 else 1) * components  # 4D with one channel is split too
 
 
 def _split(path: Path, targets: list[Path]) -> None:
     """Writes channel c of a 4D (x, y, z, c) or multi-component image to targets[c], with the 3D geometry."""
-    image = sitk.ReadImage(str(path))
+    image = read_image(path, require_3d=False)  # through the gate again: the file may have changed since the check
     if image.GetNumberOfComponentsPerPixel() > 1:
         for c, target in enumerate(targets):
             write_image(sitk.VectorIndexSelectionCast(image, c), target)
@@ -333,6 +350,10 @@ def _write(plan: _Plan, name: str, labels: dict[str, int], modalities: dict[str,
         raise DatasetError(f"cannot import {src}: {e}") from None
     if not plan.cases:
         raise DatasetError(f"cannot import {src}: no cases found")
+    errors: list[str] = []
+    for source, _ in plan.copies:  # copied as they are: each must pass the image gate first
+        _header(source, errors)
+    _raise_if(errors, src)
     for source, target in plan.copies:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)

@@ -67,9 +67,12 @@ def read_image(path: str | Path, require_3d: bool = True, limits: Limits = Limit
     raises ImageError for missing, refused, unreadable, non-3D or multi-component files. `name` is how messages
     call the file (default: its path)."""
     name = name or str(path)
-    with gated(path, limits, name) as readable:
+    with gated(path, limits, name) as (readable, image_io):
         try:
-            image = sitk.ReadImage(str(readable))
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(readable))
+            reader.SetImageIO(image_io)  # the reader whose header the gate checked, whatever the file's name
+            image = reader.Execute()
         except RuntimeError as e:
             first = str(e).strip().splitlines()
             reason = next((line for line in first if "ERROR" in line or "Exception" in line), first[0] if first else "")
