@@ -218,6 +218,9 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return action(*args)
         except (BackendError, SceneError, ValueError):
             return None
+        except Exception:  # a bug: shown by tryWithErrorDisplay, logged here, and the panel goes on
+            logging.exception("CrossModalSeg: unexpected error")
+            return None
 
     @property
     def pendingSegmentation(self) -> PendingSegmentation | None:
@@ -307,7 +310,8 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 too_old = None if self.ui.pythonLineEdit.text.strip() else python_too_old()
                 if too_old:
                     raise BackendError(f"cannot run the backend in Slicer's Python: {too_old}")
-                info = self.logic.start_local_backend(python=python)
+                # Slicer's startup environment: the launcher's PYTHONHOME and PYTHONPATH would break another Python
+                info = self.logic.start_local_backend(python=python, base_env=slicer.util.startupEnvironment())
             else:
                 info = self.logic.connect(self.ui.urlLineEdit.text.strip(), self.ui.tokenLineEdit.text.strip())
             devices = ", ".join(info["devices"])
@@ -629,6 +633,12 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneClosed(self, *_):
         self.result = None
+        # A segmentation still running belongs to the closed scene: its result must not land in the next patient's.
+        for request, _ in self.pendingRequests:
+            if isinstance(request, PendingSegmentation):
+                request.cancel()
+        self.pendingRequests = [(r, f) for r, f in self.pendingRequests if not isinstance(r, PendingSegmentation)]
+        self.updateButtons()
 
 
 def method_choice(index: int) -> str:

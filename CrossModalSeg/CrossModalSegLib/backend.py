@@ -23,10 +23,12 @@ STOP_GRACE_S = 15  # the server interrupts its jobs (resumable) and exits; then 
 class LocalBackend:
     """`crossmodalseg serve` in a child process; stopped with `stop()` (or when Slicer exits)."""
 
-    def __init__(self, python: str, home: str | Path, extra_env: dict[str, str] | None = None):
+    def __init__(self, python: str, home: str | Path, extra_env: dict[str, str] | None = None,
+                 base_env: dict[str, str] | None = None):
         self.python = python
         self.home = Path(home)
         self.extra_env = extra_env or {}
+        self.base_env = dict(os.environ if base_env is None else base_env)
         self.process: subprocess.Popen | None = None
         self.client: BackendClient | None = None
         self.server_pid: int | None = None  # the server's own process: a child of `process` when that is a launcher
@@ -35,7 +37,7 @@ class LocalBackend:
     def start(self) -> BackendClient:
         self.home.mkdir(parents=True, exist_ok=True)
         token = secrets.token_urlsafe(32)
-        env = {**os.environ, **self.extra_env, "CROSSMODALSEG_TOKEN": token}
+        env = {**self.base_env, **self.extra_env, "CROSSMODALSEG_TOKEN": token}
         log = open(self.log_path, "ab")
         try:
             # On Windows without a console window of its own (Slicer has none to share).

@@ -138,22 +138,36 @@ class CrossModalSegLogic:
         self.job_id: str | None = None
         self._events_seen = 0
         self._case_of_volumes: dict[tuple[str, ...], str] = {}
+        # Node IDs start again from 1 when the scene is closed: the next patient's volumes must not be taken for the
+        # cases added from the last one's (a correction would be filed as that patient's label).
+        self._scene_closed = scene.AddObserver(scene.EndCloseEvent, lambda *_: self.forget_scene())
 
     # ---- backend -------------------------------------------------------------------------------------------
     def start_local_backend(self, python: str | None = None, home: str | Path | None = None,
-                            env: dict[str, str] | None = None) -> dict[str, Any]:
+                            env: dict[str, str] | None = None,
+                            base_env: dict[str, str] | None = None) -> dict[str, Any]:
         """Starts `crossmodalseg serve` on 127.0.0.1 (free port, random token) with `python` (default: this one)
         in `home` (default: the running local backend's, else ~/.crossmodalseg). The local backend this logic
-        already runs with the same Python and home is kept, with its jobs."""
+        already runs with the same Python and home is kept, with its jobs. `base_env`: the environment to start it in
+        (default: this process's; in Slicer, the one Slicer was started in, without the launcher's PYTHONHOME and
+        PYTHONPATH that would break another Python); `env`: variables set on top."""
         running = self.local is not None and self.local.running()
         python = python or sys.executable
         home = Path(home) if home else self.local.home if running else Path.home() / ".crossmodalseg"
         if self.local is not None and self.local.running() and (self.local.python, self.local.home) == (python, home):
             return self._backend().info()
         self.stop_backend()
-        self.local = LocalBackend(python, home, env)
+        self.local = LocalBackend(python, home, env, base_env)
         self.client = self.local.start()
         return self.client.info()
+
+    def forget_scene(self) -> None:
+        """Forgets which cases the scene's volumes were added as (called when the scene is closed)."""
+        self._case_of_volumes.clear()
+
+    def case_of(self, volumes: dict[str, Any]) -> str | None:
+        """The case these volumes were added as, in this scene; None if they never were."""
+        return self._case_of_volumes.get(self._volume_key(volumes))
 
     def connect(self, url: str, token: str | None = None) -> dict[str, Any]:
         self.stop_backend()
@@ -498,7 +512,7 @@ class CrossModalSegLogic:
         base = reference.GetName()
         result = SegmentationResult(
             mrml.add_segmentation(self.scene, files["segmentation.nrrd"], reference, labels, f"{base} segmentation"),
-            files=files, case_id=self._case_of_volumes.get(self._volume_key(pending.volumes)),
+            files=files, case_id=self.case_of(pending.volumes),
             modality=pending.modality)
         for name, path in files.items():
             if name.startswith("segmentation_member_"):
@@ -523,13 +537,14 @@ class CrossModalSegLogic:
         """Starts sending a corrected segmentation of `volumes[modality]` as that case's `final` label (the case is
         added first when these volumes were never sent); `finish_upload` gives the case id."""
         volumes = {m: v for m, v in volumes.items() if v is not None}
-        case_id = self._case_of_volumes.get(self._volume_key(volumes))
+        case_id = self.case_of(volumes)
         if case_id is None:
             return self.start_add_case(volumes, {modality: segmentation_node})
         return self._start_upload(case_id, volumes, {modality: segmentation_node}, send_volumes=False)
 
     def cleanup(self) -> None:
         """Stops the local backend and deletes the work folder this logic made (results it received included)."""
+        self.scene.RemoveObserver(self._scene_closed)
         self.stop_backend()
         if self._own_work:
             shutil.rmtree(self.work, ignore_errors=True)

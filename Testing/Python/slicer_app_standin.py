@@ -190,8 +190,16 @@ class Application:
     def testingEnabled(self) -> bool:
         return False
 
+    def startupEnvironment(self) -> QtCore.QProcessEnvironment:
+        """qSlicerCoreApplication::startupEnvironment: the environment Slicer was started in, before its launcher
+        added PYTHONHOME, PYTHONPATH and library paths. Here no launcher ran: this process's environment."""
+        return QtCore.QProcessEnvironment.systemEnvironment()
+
     def mainWindow(self):
         return None
+
+    def topLevelWidgets(self) -> list:  # QApplication's, which slicer.util.mainWindow() searches
+        return [wrap(w) for w in self.qapp.topLevelWidgets()]
 
     def setOverrideCursor(self, cursor) -> None:
         self.qapp.setOverrideCursor(cursor)

@@ -544,3 +544,42 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
     except (OSError, IndexError):
         return "gone"
+
+
+def test_closing_the_scene_forgets_which_cases_its_volumes_were(tmp_path: Path):
+    """Node IDs start again from 1 after a scene close: the next patient's first volume had the ID of the last
+    patient's, so its correction was uploaded as the last patient's `final` label."""
+    scene = make_scene()
+    logic = CrossModalSegLogic(scene, tmp_path / "work")
+    try:
+        first = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "patient A CT")
+        logic._case_of_volumes[logic._volume_key({"ct": first})] = "patient_A"  # as a finished upload records it
+        assert logic.case_of({"ct": first}) == "patient_A"
+        first_id = first.GetID()
+        scene.Clear(0)  # File > Close scene
+        second = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "patient B CT")
+        assert second.GetID() == first_id  # the reuse that made the mix-up possible
+        assert logic.case_of({"ct": second}) is None
+    finally:
+        logic.cleanup()
+
+
+def test_the_local_backend_starts_in_the_environment_it_is_given(tmp_path: Path, monkeypatch):
+    """Inside Slicer the environment holds the launcher's PYTHONHOME and PYTHONPATH for Slicer's own Python; a
+    Python of the user's own (the only local route on Slicer 5.8, whose Python is 3.9) died at start with them. The
+    panel passes Slicer's startup environment (slicer.util.startupEnvironment()), and the backend starts in it."""
+    import os
+    import sys
+
+    from CrossModalSegLib.backend import LocalBackend
+    from CrossModalSegLib.client import BackendError
+
+    clean = dict(os.environ)
+    monkeypatch.setenv("PYTHONHOME", str(tmp_path / "slicer-python-3.9"))  # what Slicer's launcher would set
+    with pytest.raises(BackendError, match="exited at start"):
+        LocalBackend(sys.executable, tmp_path / "poisoned").start()
+    backend = LocalBackend(sys.executable, tmp_path / "clean", base_env=clean)
+    try:
+        assert backend.start().health()
+    finally:
+        backend.stop()
