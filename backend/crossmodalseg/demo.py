@@ -10,6 +10,7 @@ and Markdown), per-case PNG pictures (reference, baseline, ensemble, member disa
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,6 +25,7 @@ from .engine.checkpoint import read_model_meta
 from .engine.evaluate import evaluate_model, format_table
 from .engine.events import EventLog
 from .engine.trainer import TrainConfig, train
+from .errors import UserError
 from .report import radiological, save_overlay
 
 DEMO_CASES = 10  # unpaired: even cases are CT, odd cases MR (phantom layout)
@@ -41,6 +43,7 @@ CT_SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # level 40 HU, width 400 HU
 # the same kind made 107 baseline and 101 MKD iterations at 1 minute, and MKD found no spleen (Dice 0.000); at 2
 # minutes, 210 and 198 iterations, spleen 0.897 (baseline) and 0.809 (MKD).
 DEMO_MINUTES = 2.0
+DEMO_MARKER = ".crossmodalseg-demo"  # marks a folder the demo made, and may replace
 
 
 class DemoModel(NamedTuple):
@@ -68,6 +71,8 @@ def run_demo(out: str | Path, minutes: float = DEMO_MINUTES, device: str = "auto
                                         "val_every": 4, "options": model.options})
                for name, model in MODELS.items()}
 
+    if _prepare_output(out):
+        say(f"[demo] replacing the earlier demo's output in {out}")
     say(f"[demo] building the unpaired phantom dataset ({DEMO_CASES} cases: CT and MR of different patients) in "
         f"{out / 'data'}")
     full = make_phantom_dataset(out / "data", n_cases=DEMO_CASES, seed=seed, paired=False)
@@ -101,6 +106,26 @@ def run_demo(out: str | Path, minutes: float = DEMO_MINUTES, device: str = "auto
     write_json_atomic(out / "summary.json", summary)
     say(f"[demo] done in {summary['seconds']} s\n{report}\nreport: {out}")
     return summary
+
+
+def _prepare_output(out: Path) -> bool:
+    """Makes `out` the demo's folder; True when it held an earlier demo's output (removed: the demo runs again). A
+    folder holding anything else is refused before anything is written (the demo once overwrote a dataset there and
+    then refused the models folder it had found)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; give the demo a folder (--out)")
+    earlier = out.is_dir() and any(out.iterdir())
+    if earlier:
+        if not (out / DEMO_MARKER).is_file():
+            raise UserError(f"{out} already holds files that are not an earlier demo's output; give the demo an empty "
+                            f"or new folder (--out)")
+        for child in out.iterdir():
+            if child.name != DEMO_MARKER:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("this folder holds the output of `crossmodalseg demo`, which replaces it when it "
+                                   "runs here again\n")
+    return earlier
 
 
 def _report(results: dict[str, dict], iterations: dict[str, int], budgets: dict[str, float], n_ct: int,

@@ -135,6 +135,19 @@ def test_demo_argument_errors(tmp_path: Path):
         assert not out.exists()
 
 
+def test_the_demo_refuses_a_folder_it_did_not_make_and_changes_nothing(tmp_path: Path):
+    """The demo overwrote the dataset it found in OUT/data before refusing the model folder beside it."""
+    out = tmp_path / "mine"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "dataset.json").write_text('{"name": "my real dataset"}')
+    assert_clean_error(cli("demo", "--out", str(out), "--minutes", "0.05", "--device", "cpu"),
+                       "not an earlier demo's output")
+    assert (out / "data" / "dataset.json").read_text() == '{"name": "my real dataset"}'
+    assert sorted(p.name for p in out.rglob("*")) == ["data", "dataset.json"]
+    (tmp_path / "file").write_text("x")
+    assert_clean_error(cli("demo", "--out", str(tmp_path / "file"), "--device", "cpu"), "is a file")
+
+
 def test_a_paired_method_on_unpaired_cases_names_the_method_for_them(tmp_path: Path):
     from crossmodalseg.data.phantom import make_phantom_dataset
 

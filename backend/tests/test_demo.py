@@ -38,6 +38,16 @@ def test_demo_writes_a_complete_report(tmp_path: Path):
     for png in summary["overlays"]:
         with Image.open(png) as image:
             assert image.size[0] > 900 and image.size[1] > 200  # image, reference, baseline, ensemble, disagreement
+    # Run again into the same folder (the README's demo command, twice): the earlier output is replaced. It used to
+    # end with "already holds a model", after rebuilding the data.
+    stale = out / "predictions" / "stale.txt"
+    stale.write_text("from the first run")
+    again = subprocess.run([sys.executable, "-m", "crossmodalseg.cli", "demo", "--out", str(out), "--minutes", "0.05",
+                            "--device", "cpu"], capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "replacing the earlier demo's output" in again.stdout + again.stderr
+    assert json.loads((out / "summary.json").read_text())["minutes"]["baseline"] == 0.05
+    assert not stale.exists() and (out / "mkd" / "model" / "model.json").exists()
     for name in ("mkd/case006/segmentation.nii.gz", "mkd/case006/segmentation_disagreement.nii.gz",
                  "mkd/case006/segmentation_member_seg_target.nii.gz",
                  "mkd/case006/segmentation_member_seg_assistant.nii.gz", "baseline/case006/segmentation.nii.gz"):
