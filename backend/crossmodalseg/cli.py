@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from . import __version__
 from .config import add_train_arguments, train_config_from_args
-from .errors import report_user_errors
+from .errors import UserError, report_user_errors
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -98,6 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     return exit_code
 
 
+MAX_UPLOAD_MB = 1 << 20  # 1 TB: any larger --max-upload-mb is a typo
+
+
+def writable_folder(path: Path) -> None:
+    """Refuses an output folder that cannot be one (an existing file), before the work that fills it."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file; give a folder for the results")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "dataset":
         return _dataset(args)
@@ -115,6 +125,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "predict":
         from .engine.inferer import Predictor
 
+        writable_folder(args.out)  # before minutes of prediction, not after
         predictor = Predictor(args.model, device=args.device, tta=args.tta)
         result = predictor.predict(dict(args.image), members=args.members, uncertainty=args.uncertainty)
         for kind, path in result.save(args.out, suffix="." + args.format).items():
@@ -123,6 +134,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         from .engine.evaluate import evaluate_model, format_table
 
+        if args.json is not None and args.json.is_dir():
+            raise UserError(f"--json {args.json} is a folder; give a file name for the results")
         results = evaluate_model(args.model, args.dataset, args.cases, device=args.device, out_json=args.json,
                                  members=args.members)
         print(format_table(results))
@@ -138,6 +151,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         from .service.app import serve
 
+        if not 0 <= args.port <= 65535:
+            raise UserError(f"--port {args.port}: give a port from 1 to 65535, or 0 for a free one")
+        if not (math.isfinite(args.max_upload_mb) and 0 < args.max_upload_mb <= MAX_UPLOAD_MB):
+            raise UserError(f"--max-upload-mb {args.max_upload_mb:g}: give a size above 0 and up to {MAX_UPLOAD_MB} MB")
         token = args.token_file.read_text().strip() if args.token_file else os.environ.get("CROSSMODALSEG_TOKEN")
         serve(args.home, args.host, args.port, token or None, int(args.max_upload_mb * 2**20), args.stop_on_stdin_eof)
         return 0

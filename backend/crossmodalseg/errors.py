@@ -23,6 +23,10 @@ def user_message(error: BaseException) -> str | None:
                 "other jobs, or use --device cpu")
     if isinstance(error, (UserError, FloatingPointError, FileNotFoundError)):
         return str(error)
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        # a path the user gave that the system refuses: an existing file where a folder goes, a name too long, no
+        # permission, a full disk
+        return f"{error.filename}: {error.strerror}"
     return None
 
 

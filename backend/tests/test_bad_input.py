@@ -118,6 +118,43 @@ def test_train_refuses_empty_and_malformed_datasets(tmp_path: Path):
     assert_clean_error(cli(*train_args(empty, tmp_path / "m")), "not valid JSON")
 
 
+def test_dataset_json_that_cannot_be_read_or_used_is_one_line_for_check_and_train(tmp_path: Path):
+    """Each of these was a traceback (RecursionError, TypeError, IsADirectoryError, UnicodeDecodeError)."""
+    good = {"name": "x", "labels": {"background": 0, "liver": 1}, "modalities": {"ct": "CT"}}
+    variants = {
+        "deep": ("[" * 100000 + "]" * 100000, "nested too deeply"),
+        "path_int": (json.dumps({**good, "cases": [{"id": "a", "images": {"ct": 5}}]}), "must be given as paths"),
+        "path_null": (json.dumps({**good, "cases": [{"id": "a", "images": {"ct": "a.nii.gz"}, "labels": {"ct": None}}]}),
+                      "must be given as paths"),
+        "latin1": (b'{"name": "\xe9"}', "not UTF-8"),
+        "label_value": (json.dumps({**good, "labels": {"background": 0, "liver": 70000}, "cases": []}),
+                        "from 0 to 65535"),
+    }
+    for name, (text, fragment) in variants.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "dataset.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+        check = cli("dataset", "check", str(folder))
+        assert check.returncode == 1 and "Traceback" not in check.stderr and fragment in check.stdout, (name, check)
+        assert_clean_error(cli(*train_args(folder, tmp_path / f"m_{name}")), fragment)
+    (tmp_path / "dir" / "dataset.json").mkdir(parents=True)
+    assert_clean_error(cli(*train_args(tmp_path / "dir", tmp_path / "m_dir")), "cannot be read")
+
+
+def test_serve_and_output_arguments_are_checked_first(tiny_model: Path, tmp_path: Path):
+    """A port past 65535, a NaN upload limit, an output folder that is a file: one line, exit code 2 (were
+    OverflowError, ValueError, FileExistsError after the whole prediction)."""
+    assert_clean_error(cli("serve", "--port", "70000", "--home", str(tmp_path / "h")), "--port 70000")
+    assert_clean_error(cli("serve", "--max-upload-mb", "nan", "--home", str(tmp_path / "h")), "--max-upload-mb nan")
+    assert_clean_error(cli("serve", "--max-upload-mb", "-1", "--home", str(tmp_path / "h")), "--max-upload-mb -1")
+    (tmp_path / "file").write_text("x")
+    assert_clean_error(cli("serve", "--port", "0", "--home", str(tmp_path / "file")), "file")
+    image = write_image(tmp_path / "x.nii.gz", np.zeros((8, 16, 16), np.float32), spacing=(2.0, 2.0, 3.0))
+    assert_clean_error(cli("predict", str(tiny_model), "--image", f"ct={image}", "--out", str(tmp_path / "file")),
+                       "is a file")
+    assert (tmp_path / "file").read_text() == "x"
+
+
 def test_train_argument_errors(tmp_path: Path):
     root = small_dataset(tmp_path / "d")
     assert_clean_error(cli("train", str(root), "--out", str(tmp_path / "m"), "--device", "cpu"), "--target")
@@ -198,6 +235,22 @@ def test_model_folder_damage_is_reported(tiny_model: Path, tmp_path: Path):
     (broken / "unet.safetensors").unlink()
     assert_clean_error(cli("predict", str(broken), "--image", f"ct={image}", "--out", str(tmp_path / "o")),
                        "weights file missing")
+    # model.json damaged or edited: each was a traceback (AttributeError, KeyError, UnicodeDecodeError,
+    # IsADirectoryError, ZeroDivisionError)
+    meta = json.loads((tiny_model / "model.json").read_text())
+    for name, content, fragment in (
+            ("list", b"[2]", "a JSON object is expected"),
+            ("no_plan", json.dumps({k: v for k, v in meta.items() if k != "plan"}).encode(), "plan missing"),
+            ("spacing0", json.dumps({**meta, "plan": {**meta["plan"], "spacing": [0, 0, 0]}}).encode(),
+             "three positive values"),
+            ("task_list", json.dumps({**meta, "task": {**meta["task"], "labels": [1]}}).encode(),
+             "does not describe a model"),
+            ("latin1", b'{"format_version": 2, "x": "\xe9"}', "not UTF-8")):
+        damaged = tmp_path / name
+        shutil.copytree(tiny_model, damaged)
+        (damaged / "model.json").write_bytes(content)
+        assert_clean_error(cli("predict", str(damaged), "--image", f"ct={image}", "--out", str(tmp_path / "o")),
+                           fragment)
 
 
 def test_gpu_out_of_memory_becomes_advice():

@@ -8,6 +8,7 @@ Conventions: every spatial quantity in the plan is in array order (z, y, x), as 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -162,6 +163,11 @@ class Plan:
             for m, n in data.get("normalisation", {}).items()
         }
         plan = cls(**data)
+        spacing, patch = plan.spacing, plan.patch_size
+        if not (len(spacing) == 3 and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in spacing)
+                and len(patch) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in patch)):
+            raise UserError(f"the model's plan has spacing {spacing!r} and patch size {patch!r}; three positive values "
+                            f"each are needed: the model.json was damaged or edited")
         fraction, start = plan.warmup_fraction, plan.warmup_start_factor
         if not (isinstance(fraction, (int, float)) and isinstance(start, (int, float))
                 and 0 <= fraction < 1 and 0 < start <= 1):

@@ -31,6 +31,9 @@ class DatasetError(UserError):
     """A dataset spec that cannot be used; the message says what to fix."""
 
 
+MAX_LABEL_VALUE = 65535  # label maps are written as unsigned 16-bit: 70000 came back as 4464
+
+
 @dataclass
 class Case:
     id: str
@@ -163,8 +166,9 @@ def parse_spec(data: Any, root: Path) -> DatasetSpec:
         labels = {}
     else:
         for name, value in labels.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                problems.append(f"label {name!r} has value {value!r}; values must be non-negative integers")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LABEL_VALUE:
+                problems.append(f"label {name!r} has value {value!r}; values must be integers from 0 to "
+                                f"{MAX_LABEL_VALUE} (label maps are written as 16-bit)")
         values = [v for v in labels.values() if isinstance(v, int)]
         if len(set(values)) != len(values):
             problems.append("two structures share one label value")
@@ -219,6 +223,11 @@ def parse_spec(data: Any, root: Path) -> DatasetSpec:
         if not isinstance(co_registered, bool):
             problems.append(f"case {cid!r}: 'co_registered' must be true or false")
             co_registered = False
+        not_paths = [m for m, p in [*images.items(), *case_labels.items()] if not isinstance(p, str) or not p]
+        if not_paths:
+            problems.append(f"case {cid!r}: the files for {', '.join(map(repr, not_paths))} must be given as paths "
+                            f"(strings)")
+            continue
         cases.append(Case(
             id=cid,
             images={m: _resolve(root, p) for m, p in images.items()},
@@ -241,11 +250,24 @@ def load_spec(path: str | Path) -> DatasetSpec:
     file = spec_path(path)
     if not file.exists():
         raise DatasetError(f"no dataset.json at {file} (pass the dataset folder or its dataset.json)")
+    return parse_spec(read_json_file(file, DatasetError), file.parent.resolve())
+
+
+def read_json_file(path: Path, error: type[UserError]) -> Any:
+    """A JSON file a user gave (dataset.json, model.json): whatever keeps it from being read becomes `error`,
+    naming the file: a folder, bytes that are not UTF-8, invalid JSON, nesting too deep to parse."""
     try:
-        data = json.loads(file.read_text())
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{path} is not UTF-8 text; save it as UTF-8 JSON") from None
+    except OSError as e:
+        raise error(f"{path} cannot be read ({e.strerror})") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DatasetError(f"{file} is not valid JSON: {e}") from None
-    return parse_spec(data, file.parent.resolve())
+        raise error(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to read") from None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

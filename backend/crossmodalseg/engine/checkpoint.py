@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from ..data.spec import write_json_atomic
+from ..data.spec import read_json_file, write_json_atomic
 from ..errors import UserError
 
 FORMAT_VERSION = 2  # 2: one U-Net class for every method (networks of version 1 do not load)
@@ -85,13 +85,15 @@ def read_model_meta(folder: Path) -> dict[str, Any]:
     if not path.exists():
         raise ModelFolderError(f"{folder} is not a model folder (no {MODEL_FILE}); train one with "
                                f"`crossmodalseg train` or pass the folder it wrote")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelFolderError(f"{path}: corrupt JSON ({e})") from None
+    meta = read_json_file(path, ModelFolderError)
+    if not isinstance(meta, dict):
+        raise ModelFolderError(f"{path}: not a model description (a JSON object is expected)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ModelFolderError(f"{path}: format version {meta.get('format_version')!r}, this crossmodalseg reads "
                                f"version {FORMAT_VERSION}; train the model again with this version")
+    missing = [key for key in ("method", "task", "plan") if not isinstance(meta.get(key), dict)]
+    if missing:
+        raise ModelFolderError(f"{path}: {', '.join(missing)} missing or not an object; export the model again")
     return meta
 
 

@@ -24,15 +24,22 @@ from ..data.spec import IGNORE_INDEX
 from ..data.transforms import load_case_arrays
 from ..errors import UserError
 from ..methods import Method, Task, get_method
-from .checkpoint import load_weights, read_model_meta
+from .checkpoint import ModelFolderError, load_weights, read_model_meta
 from .distributed import autocast_dtype, resolve_device
 
 
 def build_method(meta: dict[str, Any]) -> Method:
-    """The method object described by a model.json (or a run.json), networks initialised."""
-    task = Task(**meta["task"])
-    plan = Plan.from_json(meta["plan"])
-    return get_method(meta["method"]["name"])(task, plan, meta["method"]["hparams"])
+    """The method object described by a model.json (or a run.json), networks initialised; ModelFolderError when the
+    description cannot be built (a field missing or of the wrong shape: the file was damaged or edited)."""
+    try:
+        task = Task(**meta["task"])
+        plan = Plan.from_json(meta["plan"])
+        return get_method(meta["method"]["name"])(task, plan, meta["method"]["hparams"])
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise ModelFolderError(f"model.json does not describe a model this version can build "
+                               f"({type(e).__name__}: {e})") from None
 
 
 def mirror_axes(tta: bool) -> list[tuple[int, ...]]:
