@@ -592,7 +592,7 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onShowDisagreement(self, show):
         if self.result is None or self.result.disagreement is None:
             return
-        reference = self.volumes()[self.result.modality]
+        reference = self.result.volumes[self.result.modality]
         slicer.util.setSliceViewerLayers(background=reference, foreground=self.result.disagreement if show else None,
                                          foregroundOpacity=0.5)
 
@@ -600,14 +600,25 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.result is not None:
             self.run(mrml.show_in_3d, self.result.segmentation, bool(show))
 
+    def volumesOf(self, segmentation) -> tuple[dict[str, object], str]:
+        """(volumes, modality) a segmentation belongs to: for the last result (or one of its members), the volumes it
+        was made from, whatever the selectors show now (changed while it ran, the correction went to the wrong volume
+        or case); for another segmentation, the selected volumes and the target modality."""
+        result = self.result
+        if result is not None and result.volumes and (
+                segmentation is result.segmentation or segmentation in result.members.values()):
+            return result.volumes, result.modality
+        volumes = self.volumes()
+        return volumes, list(volumes)[0]
+
     def onCorrect(self):
         """Opens the Segment Editor on the segmentation to correct, with the volume it was made from as source."""
         def correct():
             segmentation = self.ui.correctionSelector.currentNode()
             if segmentation is None:
                 raise ValueError("select the segmentation to correct")
-            modality = self.result.modality if self.result else list(self.volumes())[0]
-            mrml.edit_in_segment_editor(segmentation, self.volumes()[modality])
+            volumes, modality = self.volumesOf(segmentation)
+            mrml.edit_in_segment_editor(segmentation, volumes[modality])
             slicer.util.selectModule("SegmentEditor")
 
         self.run(correct)
@@ -616,8 +627,8 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Sends the correction from a worker thread; fine-tuning starts once it has arrived."""
         def submit():
             segmentation = self.ui.correctionSelector.currentNode()
-            modality = self.result.modality if self.result else list(self.volumes())[0]
-            volumes = correction_volumes(self.volumes(), modality, self.ui.pairedCheckBox.checked)
+            volumes, modality = self.volumesOf(segmentation)
+            volumes = correction_volumes(volumes, modality, self.ui.pairedCheckBox.checked)
             self.startRequest(self.logic.start_correction(segmentation, volumes, modality), self.onCorrectionSent)
             self.log("sending the correction")
 

@@ -48,6 +48,7 @@ class SegmentationResult:
     files: dict[str, Path] = field(default_factory=dict)
     case_id: str | None = None
     modality: str = ""
+    volumes: dict[str, Any] = field(default_factory=dict)  # modality -> the volume node it was made from
 
 
 class BackgroundRequest:
@@ -511,14 +512,15 @@ class CrossModalSegLogic:
         reference = pending.volumes[pending.modality]
         base = reference.GetName()
         result = SegmentationResult(
-            mrml.add_segmentation(self.scene, files["segmentation.nrrd"], reference, labels, f"{base} segmentation"),
+            mrml.add_segmentation(self.scene, files["segmentation.nrrd"], reference, labels, f"{base} segmentation",
+                                  on_reference_grid=True),
             files=files, case_id=self.case_of(pending.volumes),
-            modality=pending.modality)
+            modality=pending.modality, volumes=dict(pending.volumes))
         for name, path in files.items():
             if name.startswith("segmentation_member_"):
                 member = name[len("segmentation_member_"):].split(".")[0]
                 result.members[member] = mrml.add_segmentation(self.scene, path, reference, labels,
-                                                               f"{base} member {member}")
+                                                               f"{base} member {member}", on_reference_grid=True)
         if "segmentation_disagreement.nrrd" in files:
             result.disagreement = mrml.add_disagreement_volume(self.scene, files["segmentation_disagreement.nrrd"],
                                                                reference, f"{base} disagreement")

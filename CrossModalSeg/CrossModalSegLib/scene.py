@@ -122,6 +122,21 @@ def _blank_like(volume):
     return image
 
 
+def grid_difference(volume: slicer.vtkMRMLVolumeNode, reference: slicer.vtkMRMLVolumeNode) -> str | None:
+    """How `volume`'s voxel grid differs from `reference`'s (dimensions, or the IJK-to-RAS matrix beyond a
+    thousandth of a voxel), or None when they are the same grid."""
+    dims, reference_dims = volume.GetImageData().GetDimensions(), reference.GetImageData().GetDimensions()
+    if dims != reference_dims:
+        return f"{'x'.join(map(str, dims))} voxels, not {'x'.join(map(str, reference_dims))}"
+    a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(a)
+    reference.GetIJKToRASMatrix(b)
+    tolerance = 1e-3 * min(reference.GetSpacing())
+    if any(abs(a.GetElement(i, j) - b.GetElement(i, j)) > tolerance for i in range(3) for j in range(4)):
+        return "another position, spacing or orientation"
+    return None
+
+
 def read_volume(scene: slicer.vtkMRMLScene, path: Path, name: str, labelmap: bool = False
                 ) -> slicer.vtkMRMLScalarVolumeNode:
     node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
@@ -135,11 +150,19 @@ def read_volume(scene: slicer.vtkMRMLScene, path: Path, name: str, labelmap: boo
 
 
 def add_segmentation(scene: slicer.vtkMRMLScene, label_path: Path, reference_volume: slicer.vtkMRMLScalarVolumeNode,
-                     labels: dict[str, int], name: str) -> slicer.vtkMRMLSegmentationNode:
+                     labels: dict[str, int], name: str, on_reference_grid: bool = False
+                     ) -> slicer.vtkMRMLSegmentationNode:
     """A segmentation node from a label map: one segment per structure (empty ones too, ready to be painted), named
-    and coloured, with `reference_volume` as its reference geometry, beside that volume in the subject hierarchy."""
+    and coloured, with `reference_volume` as its reference geometry, beside that volume in the subject hierarchy.
+    `on_reference_grid`: the label map must lie on the reference volume's voxel grid (a backend's result does), else
+    SceneError; Slicer's import would resample any grid onto it without a word."""
     with scratch_nodes(scene) as keep:
         labelmap = read_volume(scene, label_path, "__crossmodalseg_import", labelmap=True)
+        if on_reference_grid:
+            difference = grid_difference(labelmap, reference_volume)
+            if difference:
+                raise SceneError(f"{label_path.name} is not on the voxel grid of {reference_volume.GetName()} "
+                                 f"({difference}); it was not imported")
         segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         keep.append(segmentation)
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)

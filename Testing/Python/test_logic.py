@@ -583,3 +583,34 @@ def test_the_local_backend_starts_in_the_environment_it_is_given(tmp_path: Path,
         assert backend.start().health()
     finally:
         backend.stop()
+
+
+def test_a_result_off_the_volumes_grid_is_refused_not_resampled(tmp_path: Path):
+    """Slicer imports a label map of any grid onto the reference volume, resampling it without a word: a backend
+    result on another grid (shifted, or at half resolution) would have been shown as if it were the volume's own.
+    Results must lie on the volume's grid; a label map the user brings may still be of another grid."""
+    scene = make_scene()
+    image = sitk.GetImageFromArray(np.zeros((10, 12, 14), np.int16))
+    image.SetSpacing((0.8, 0.8, 2.5))
+    image.SetOrigin((10.0, -20.0, 30.0))
+    sitk.WriteImage(image, str(tmp_path / "volume.nrrd"))
+    volume = mrml.read_volume(scene, tmp_path / "volume.nrrd", "volume")
+    label = np.zeros((10, 12, 14), np.uint8)
+    label[3:7, 4:8, 5:9] = 1
+    labels = {"background": 0, "liver": 1}
+    for name, spacing, origin, shape in (("same", (0.8, 0.8, 2.5), (10.0, -20.0, 30.0), (10, 12, 14)),
+                                         ("shifted", (0.8, 0.8, 2.5), (12.0, -20.0, 30.0), (10, 12, 14)),
+                                         ("half", (1.6, 1.6, 5.0), (10.0, -20.0, 30.0), (5, 6, 7))):
+        result = sitk.GetImageFromArray(label[: shape[0], : shape[1], : shape[2]])
+        result.SetSpacing(spacing)
+        result.SetOrigin(origin)
+        sitk.WriteImage(result, str(tmp_path / f"{name}.nrrd"))
+        if name == "same":
+            node = mrml.add_segmentation(scene, tmp_path / "same.nrrd", volume, labels, name, on_reference_grid=True)
+            assert node.GetSegmentation().GetNumberOfSegments() == 1
+            continue
+        before = node_ids(scene)
+        with pytest.raises(mrml.SceneError, match="not on the voxel grid of volume"):
+            mrml.add_segmentation(scene, tmp_path / f"{name}.nrrd", volume, labels, name, on_reference_grid=True)
+        assert node_ids(scene) == before
+        assert mrml.add_segmentation(scene, tmp_path / f"{name}.nrrd", volume, labels, name)  # a user's: resampled

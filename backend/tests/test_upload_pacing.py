@@ -43,6 +43,30 @@ def test_a_steady_upload_is_kept_whole(tmp_path):
     assert path.stat().st_size == 5 * 1024
 
 
+def test_a_trickled_prediction_form_is_refused_with_408(monkeypatch):
+    """POST /predict's multipart body is read whole by Starlette, outside the upload pacing: a body trickled a byte
+    every 20 s stayed open past 90 s. It now has GRACE_S plus its length at MIN_RATE_BYTES_S."""
+    from starlette.requests import Request
+
+    monkeypatch.setattr(uploads, "GRACE_S", 0.3)
+    monkeypatch.setattr(uploads, "MIN_RATE_BYTES_S", 1 << 20)
+
+    async def trickle():
+        await asyncio.sleep(0.2)
+        return {"type": "http.request", "body": b"-", "more_body": True}
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=xyz"), (b"content-length", b"100000")]
+    request = Request({"type": "http", "method": "POST", "path": "/predict", "headers": headers}, trickle)
+    started = time.monotonic()
+    with pytest.raises(UploadError, match="did not arrive") as refused:
+        asyncio.run(uploads.read_form(request))
+    assert refused.value.status == 408 and time.monotonic() - started < 2.0
+    no_length = Request({"type": "http", "method": "POST", "path": "/predict", "headers": headers[:1]}, trickle)
+    with pytest.raises(UploadError, match="Content-Length") as refused:
+        asyncio.run(uploads.read_form(no_length))
+    assert refused.value.status == 411
+
+
 def test_a_trickled_json_body_is_refused_with_408(monkeypatch):
     """The JSON routes' gate (POST /jobs, /datasets) bounds the time of the body too, not only its size."""
     monkeypatch.setattr(schemas, "JSON_BODY_TIMEOUT_S", 0.3)

@@ -47,6 +47,21 @@ MIN_RATE_BYTES_S = 64 * 1024  # a body slower than this on average (after a grac
 GRACE_S = 30.0
 
 
+async def read_form(request, **limits):
+    """The multipart form of `request` (Content-Length required), or UploadError 408 when its body does not arrive
+    within GRACE_S plus its length at MIN_RATE_BYTES_S: the pacing of uploads, for a body Starlette reads whole (a
+    POST /predict trickled a byte every 20 s held its connection and spooled file open for as long as it liked)."""
+    length = request.headers.get("content-length")
+    if length is None or not length.isdigit():
+        raise UploadError("send the Content-Length header with the images", 411)
+    allowed_s = GRACE_S + int(length) / MIN_RATE_BYTES_S
+    try:
+        return await asyncio.wait_for(request.form(**limits), allowed_s)
+    except asyncio.TimeoutError:
+        raise UploadError(f"the request body did not arrive within {allowed_s:.0f} s (a stalled or too slow "
+                          f"connection); send it again", 408) from None
+
+
 async def _paced(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """The body's chunks, or UploadError 408 when the client stalls or trickles: a slow client must not hold a
     worker thread and a temporary file open for minutes."""

@@ -15,7 +15,7 @@ from starlette.background import BackgroundTask
 from ...errors import UserError
 from ..predictor_pool import predict_in_worker
 from ..store import check_id
-from ..uploads import UploadError, load_checked, receive
+from ..uploads import load_checked, read_form, receive
 from .common import Service, download
 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -33,9 +33,7 @@ def predict_router(svc: Service) -> APIRouter:
         """multipart/form-data: `model` (id), one file field per modality (e.g. `ct`), optional `members` and
         `uncertainty` ("true"). Answers a zip: segmentation.nrrd (label values of the model's labels, on the grid
         of the target image, or of the first given), member label maps, the disagreement map, segmentation.json."""
-        if "content-length" not in request.headers:
-            raise UploadError("send the Content-Length header with the images", 411)
-        form = await request.form(max_files=16, max_fields=16)
+        form = await read_form(request, max_files=16, max_fields=16)
         model_id = check_id(str(form.get("model") or ""), "model id")
         model = store.ready_model(model_id)
         wanted = model["meta"]["task"]["modalities"]
