@@ -155,6 +155,11 @@ def test_serve_and_output_arguments_are_checked_first(tiny_model: Path, tmp_path
     assert (tmp_path / "file").read_text() == "x"
 
 
+def test_python_dash_m_runs_the_command_line():
+    run = subprocess.run([sys.executable, "-m", "crossmodalseg", "info"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "mkd" in run.stdout, run.stderr
+
+
 def test_train_argument_errors(tmp_path: Path):
     root = small_dataset(tmp_path / "d")
     assert_clean_error(cli("train", str(root), "--out", str(tmp_path / "m"), "--device", "cpu"), "--target")

@@ -218,3 +218,23 @@ def test_mr_normalisation_is_the_whole_images_z_score():
     # one affine map for the whole image: the background stays one value, below every brain voxel's
     background = out[array == -3.5]
     assert np.ptp(background) == 0 and background[0] < out[5:15, 6:18, 6:18].min()
+
+
+def test_written_files_get_a_new_files_usual_permissions(tmp_path: Path):
+    """Every segmentation, dataset.json and model file came out 0600 (mkstemp's private mode, whatever the umask):
+    unreadable to a colleague or a group sharing the folder. They now get 0666 without the umask, as open() gives."""
+    import os
+    import stat
+
+    from crossmodalseg.data.spec import write_json_atomic
+    from crossmodalseg.engine.checkpoint import save_tensors
+
+    mask = os.umask(0)
+    os.umask(mask)
+    expected = 0o666 & ~mask
+    image = write_image(from_array(np.zeros((2, 3, 4), np.uint8), oblique_image()[:4, :3, :2]), tmp_path / "s.nrrd")
+    write_json_atomic(tmp_path / "d.json", {"a": 1})
+    save_tensors(tmp_path / "w.safetensors", {"x": torch.zeros(2)})
+    for path in (image, tmp_path / "d.json", tmp_path / "w.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == expected, (path.name, oct(path.stat().st_mode))
+    assert expected & 0o044  # readable by the group and others under the usual umask (022 or 002)

@@ -5,8 +5,6 @@ Arrays are in SimpleITK's array order (z, y, x); spacing, origin and direction a
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
 
+from ..files import write_atomic
 from .gate import ImageError, Limits, gated
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -135,15 +134,8 @@ def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> P
     suffix = next((s for s in IMAGE_SUFFIXES if path.name.lower().endswith(s)), None)
     if suffix is None:
         raise ImageError(f"{path}: unknown image extension; use one of {', '.join(IMAGE_SUFFIXES)}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[: -len(suffix)]}.", suffix=".tmp" + suffix)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, compress)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # The temporary name keeps the extension: ITK picks its writer by it.
+    return write_atomic(path, lambda tmp: sitk.WriteImage(image, tmp, compress), suffix=".tmp" + suffix)
 
 
 def to_array(image: sitk.Image, dtype: npt.DTypeLike = np.float32) -> np.ndarray:

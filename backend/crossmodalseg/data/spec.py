@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..files import write_atomic
 
 MODALITY_TYPES = ("CT", "MR")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")  # \Z, not $: "abc\n" is no id
@@ -272,15 +272,11 @@ def read_json_file(path: Path, error: type[UserError]) -> Any:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Writes JSON so that readers see the old or the new file, never a half-written one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, write)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..data.spec import read_json_file, write_json_atomic
 from ..errors import UserError
+from ..files import write_atomic
 
 FORMAT_VERSION = 2  # 2: one U-Net class for every method (networks of version 1 do not load)
 MODEL_FILE = "model.json"
@@ -29,25 +30,13 @@ class ModelFolderError(UserError):
     """A model folder that cannot be loaded; the message says why."""
 
 
-def _atomic(path: Path, write) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    _atomic(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp))
+    write_atomic(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp))
 
 
 def save_network(path: Path, net: torch.nn.Module) -> None:
     """Weights of one network (networks such as DynUNet alias submodules; save_model stores shared tensors once)."""
-    _atomic(path, lambda tmp: save_model(net, tmp))
+    write_atomic(path, lambda tmp: save_model(net, tmp))
 
 
 def load_network(path: Path, net: torch.nn.Module, origin: str = "") -> None:
