@@ -555,7 +555,9 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if progress.state == "succeeded" and progress.model:
                 self.run(self.refreshModels, progress.model)
             self.updateButtons()
-            if progress.state != "succeeded":
+            if progress.state == "cancelled":  # the user asked for it: a line in the log, not an error box
+                self.log("the job was cancelled")
+            elif progress.state != "succeeded":
                 slicer.util.errorDisplay(f"The job ended {progress.state}: {progress.error or ''}")
 
     # ---- segmentation, QA, correction ---------------------------------------------------------------------------

@@ -386,9 +386,13 @@ def test_a_paired_session_maml_cmc_cancel_resume_and_a_backend_that_dies(panel, 
     job = widget.logic.job_id
     pump(app, lambda: widget.logic.client.job(job)["state"] == "running", timeout_s=300)
     assert ui.cancelButton.enabled
+    caplog.clear()
     ui.cancelButton.click()
     pump(app, lambda: not widget.timer.isActive(), timeout_s=120)
     assert widget.logic.client.job(job)["state"] == "cancelled"
+    # asked for by the user: a line in the log, not an error box ("The job ended cancelled")
+    assert "the job was cancelled" in ui.logTextEdit.plainText
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
     assert [j["id"] for j in widget.logic.resumable_trainings()][0] == job and ui.resumeButton.enabled
 
     # Resume it, then the backend dies mid-job: the panel backs off, then says the backend is lost and stops.

@@ -116,6 +116,21 @@ def test_full_loop_upload_train_predict_correct_finetune(server: Server, cases, 
     assert r.status_code == 201, r.text
     copy = server.predict(r.json()["id"], images)["segmentation.nrrd"]
     assert np.array_equal(voxels(copy), voxels(second))
+    # An imported model can be deleted, files and all (imports could fill the disk with no way to free it); weights
+    # no network reads are not kept.
+    copy_id = r.json()["id"]
+    assert client.delete(f"/models/{copy_id}").json() == {"deleted": copy_id}
+    assert client.get(f"/models/{copy_id}").status_code == 404 and not (server.home / "models" / copy_id).exists()
+    assert client.delete(f"/models/{copy_id}").status_code == 404
+    padded = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(archive.content)) as src, zipfile.ZipFile(padded, "w") as dst:
+        for entry in src.namelist():
+            dst.writestr(entry, src.read(entry))
+        dst.writestr("unused.safetensors", b"\0" * 4096)
+    r = client.post("/models", content=padded.getvalue())
+    assert r.status_code == 201, r.text
+    assert not (server.home / "models" / r.json()["id"] / "unused.safetensors").exists()
+    assert client.delete(f"/models/{r.json()['id']}").status_code == 200
 
 
 def test_twenty_concurrent_predictions_are_all_answered_correctly(server: Server, cases, trained):

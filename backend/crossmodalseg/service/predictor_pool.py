@@ -43,6 +43,8 @@ def validate_model_in_worker(model_dir: str) -> dict[str, Any]:
     meta = read_model_meta(Path(model_dir))
     method = build_method(meta)  # ModelFolderError when a field has the wrong shape
     load_weights(Path(model_dir), method.nets)
+    for extra in set(Path(model_dir).glob("*.safetensors")) - {Path(model_dir) / f"{n}.safetensors" for n in method.nets}:
+        extra.unlink()  # weights no network reads would only take disk space
     return meta
 
 

@@ -272,6 +272,18 @@ class Store:
     def models(self) -> list[dict[str, Any]]:
         return [self.model(r["id"]) for r in self.query("SELECT id FROM models ORDER BY created")]
 
+    def delete_model(self, model_id: str) -> Path:
+        """Forgets a model (its folder is then the caller's to remove); Conflict while a queued or running job makes
+        or uses it."""
+        self.model(model_id)
+        busy = self.query("SELECT id FROM jobs WHERE state IN ('queued','running') AND (model=? OR params LIKE ?)",
+                          model_id, f'%"{model_id}"%')
+        if busy:
+            raise Conflict(f"model {model_id!r} is in use by job {busy[0]['id']!r}; cancel it first")
+        with self.transaction() as db:
+            db.execute("DELETE FROM models WHERE id=?", (model_id,))
+        return self.model_folder(model_id)
+
     def ready_model(self, model_id: str) -> dict[str, Any]:
         model = self.model(model_id)
         if model["state"] != "ready":
