@@ -470,7 +470,7 @@ def test_known_structures_get_standard_terminology_that_slicer_reads(tmp_path: P
     sitk.WriteImage(image, str(tmp_path / "image.nrrd"))
     sitk.WriteImage(label, str(tmp_path / "label.nrrd"))
     volume = mrml.read_volume(scene, tmp_path / "image.nrrd", "image")
-    labels = {"background": 0, "Liver": 1, "edema": 2, "LV_myo": 3, "blob": 4}
+    labels = {"background": 0, "Liver": 1, "edema": 2, "LA": 3, "blob": 4}
     segmentation = mrml.add_segmentation(scene, tmp_path / "label.nrrd", volume, labels, "result")
     s = segmentation.GetSegmentation()
     tag = slicer.vtkSegment.GetTerminologyEntryTagName()
@@ -478,16 +478,18 @@ def test_known_structures_get_standard_terminology_that_slicer_reads(tmp_path: P
     for i in range(s.GetNumberOfSegments()):
         segment = s.GetNthSegment(i)
         entry = vtk.reference("")
-        if segment.GetTag(tag, entry) and "General Anatomy" in str(entry):
+        if segment.GetTag(tag, entry) and "Segmentation category and type" in str(entry):
             parsed = slicer.vtkSlicerTerminologyEntry()
             assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(str(entry), parsed)
-            found[segment.GetName()] = (parsed.GetCategoryObject().GetCodeMeaning(),
+            found[segment.GetName()] = (parsed.GetTerminologyContextName().rsplit(" - ", 1)[1],
+                                        parsed.GetCategoryObject().GetCodeMeaning(),
                                         parsed.GetTypeObject().GetCodingSchemeDesignator(),
                                         parsed.GetTypeObject().GetCodeValue())
-    assert found["Liver"] == ("Anatomical Structure", "SCT", "10200004")
-    assert found["edema"] == ("Morphologically Altered Structure", "SCT", "79654002")
-    assert found["LV_myo"] == ("Anatomical Structure", "SCT", "74281007")
-    assert found["blob"] == ("Tissue", "SCT", "85756007")  # not known here: Slicer's default entry stays
+    assert found["Liver"] == ("3D Slicer General Anatomy list", "Anatomical Structure", "SCT", "10200004")
+    assert found["edema"] == ("3D Slicer General Anatomy list", "Morphologically Altered Structure", "SCT", "79654002")
+    # the left atrium is not in the General Anatomy list of Slicer 5.8, but in the DICOM master list
+    assert found["LA"] == ("DICOM master list", "Anatomical Structure", "SCT", "82471001")
+    assert found["blob"][1:] == ("Tissue", "SCT", "85756007")  # not known here: Slicer's default entry stays
 
 
 def test_the_panel_asks_for_epochs_or_minutes_never_both():
