@@ -88,6 +88,12 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
     offset_bomb = bytearray(_nifti_header((8, 8, 8)))
     struct.pack_into("<f", offset_bomb, 108, 3e8)  # vox_offset: 300 MB of nothing to inflate before the voxels
     put("offset_bomb.nii.gz", gzip.compress(bytes(offset_bomb)), "vox_offset")
+    # qform and sform both set, 30 mm apart: ITK reads one, writes outputs with sform = qform, and a tool reading
+    # the sform would put the segmentation 30 mm off the image
+    disagreeing = bytearray(_nifti_header((8, 8, 8)))
+    struct.pack_into("<2h", disagreeing, 252, 1, 1)
+    struct.pack_into("<12f", disagreeing, 280, 1, 0, 0, 30.0, 0, 1, 0, 0.0, 0, 0, 1, 0.0)
+    put("qform_sform.nii", bytes(disagreeing) + bytes(512 * 4), "qform and sform place the image differently")
     put("list.mha", b"NDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR\nElementDataFile = LIST 2D\n",
         "ElementDataFile")
     put("pair.hdr", _nifti_header((10, 10, 10), 8, 2, magic=b"ni1\0"), ".hdr/.img pair")

@@ -147,7 +147,41 @@ def nifti_header(head: bytes, name: str, limits: Limits) -> tuple[Header, int]:
     if any(not math.isfinite(v) or (v == 0 and dim[i + 1] > 1) for i, v in enumerate(spacing)):
         raise ImageError(f"{name}: voxel spacing (pixdim) {spacing} is not a size in mm; the header is broken: fix "
                          f"the spacing and save the image again")
+    _check_qform_sform(head, order, size, [float(v) for v in pixdim[:4]], name)
     return _count(name, _dims(list(dim[1:ndim + 1]), name), bitpix // 8, limits, "nifti"), offset
+
+
+def _check_qform_sform(head: bytes, order: str, size: int, pixdim: list[float], name: str) -> None:
+    """Refuses a NIfTI whose qform and sform (both set) place the voxels differently: ITK reads one of them and
+    writes its outputs with sform = qform, so in tools that read the sform (nibabel, FSL) a segmentation would lie
+    elsewhere than the image it was made from."""
+    if size == 348:
+        qcode, scode = struct.unpack(order + "2h", head[252:256])
+        b, c, d, *offset = struct.unpack(order + "6f", head[256:280])
+        rows = struct.unpack(order + "12f", head[280:328])
+    else:
+        qcode, scode = struct.unpack(order + "2i", head[344:352])
+        b, c, d, *offset = struct.unpack(order + "6d", head[352:400])
+        rows = struct.unpack(order + "12d", head[400:496])
+    if qcode <= 0 or scode <= 0:
+        return
+    a = math.sqrt(max(0.0, 1.0 - (b * b + c * c + d * d)))
+    rotation = [[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]]
+    qfac = -1.0 if pixdim[0] < 0 else 1.0
+    scale = [abs(pixdim[1]), abs(pixdim[2]), qfac * abs(pixdim[3])]
+    qform = [[rotation[i][j] * scale[j] for j in range(3)] + [offset[i]] for i in range(3)]
+    sform = [list(rows[4 * i:4 * i + 4]) for i in range(3)]
+    if not all(math.isfinite(v) for row in qform + sform for v in row):
+        raise ImageError(f"{name}: the NIfTI qform or sform holds NaN or infinite values; the header is broken")
+    voxel = min((abs(v) for v in pixdim[1:4] if v), default=1.0)
+    apart = max(abs(qform[i][3] - sform[i][3]) for i in range(3))
+    turned = max(abs(qform[i][j] - sform[i][j]) for i in range(3) for j in range(3))
+    if apart > 0.1 * voxel or turned > 1e-3 * max(voxel, 1.0):
+        raise ImageError(f"{name}: the NIfTI header's qform and sform place the image differently ({apart:.3g} mm "
+                         f"apart); tools disagree on where such an image lies: make them equal (e.g. copy one to the "
+                         f"other) and save it again")
 
 
 # ---- NRRD and MetaImage (text headers) ---------------------------------------------------------------------------
