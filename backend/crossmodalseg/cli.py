@@ -126,6 +126,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .engine.inferer import Predictor
 
         writable_folder(args.out)  # before minutes of prediction, not after
+        given = [modality for modality, _ in args.image]
+        twice = sorted({m for m in given if given.count(m) > 1})
+        if twice:
+            raise UserError(f"--image gives {', '.join(twice)} more than once; give one image per modality")
         predictor = Predictor(args.model, device=args.device, tta=args.tta)
         result = predictor.predict(dict(args.image), members=args.members, uncertainty=args.uncertainty)
         for kind, path in result.save(args.out, suffix="." + args.format).items():

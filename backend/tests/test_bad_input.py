@@ -152,6 +152,8 @@ def test_serve_and_output_arguments_are_checked_first(tiny_model: Path, tmp_path
     image = write_image(tmp_path / "x.nii.gz", np.zeros((8, 16, 16), np.float32), spacing=(2.0, 2.0, 3.0))
     assert_clean_error(cli("predict", str(tiny_model), "--image", f"ct={image}", "--out", str(tmp_path / "file")),
                        "is a file")
+    assert_clean_error(cli("predict", str(tiny_model), "--image", f"ct={image}", "--image", f"ct={image}", "--out",
+                           str(tmp_path / "o")), "ct more than once")  # the last one was used without a word
     assert (tmp_path / "file").read_text() == "x"
 
 

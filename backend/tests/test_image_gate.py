@@ -158,6 +158,19 @@ def test_good_images_of_every_format_still_read(tmp_path: Path):
         assert read.GetSpacing() == pytest.approx(image.GetSpacing())
 
 
+def test_a_gzip_file_of_several_members_reads_as_itk_reads_it(tmp_path: Path):
+    """Concatenated gzip members (cat a.gz b.gz, parallel gzip tools) are one valid stream for ITK; the gate said
+    'truncated: the file holds 0 bytes'."""
+    image = sitk.GetImageFromArray(np.random.default_rng(2).normal(size=(6, 7, 8)).astype(np.float32))
+    sitk.WriteImage(image, str(tmp_path / "one.nii"))
+    raw = (tmp_path / "one.nii").read_bytes()
+    (tmp_path / "two.nii.gz").write_bytes(gzip.compress(raw[:700]) + gzip.compress(raw[700:]))
+    assert np.array_equal(sitk.GetArrayFromImage(read_image(tmp_path / "two.nii.gz")), sitk.GetArrayFromImage(image))
+    (tmp_path / "short.nii.gz").write_bytes(gzip.compress(raw[:700]) + gzip.compress(raw[700:900]))
+    with pytest.raises(ImageError, match="truncated"):
+        read_image(tmp_path / "short.nii.gz")
+
+
 def test_an_image_is_read_by_the_reader_of_its_checked_format_and_named_for_it(tmp_path: Path):
     """ITK picks a reader by file name: a Stimulate .spr header that names another file, or an image named for one
     format holding another, went past the checks of the format the content showed. The name must say the format the

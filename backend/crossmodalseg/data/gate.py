@@ -435,6 +435,14 @@ def _inflated_nifti(f, name: str, limits: Limits) -> Iterator[Path]:
             # The same decompressor goes on: first with the input it was given but did not inflate yet.
             have = len(head) + _inflate(_file_chunks(f, decompressor.unconsumed_tail), decompressor,
                                         needed - len(head), name, out)
+            # A gzip file may hold several members one after the other (concatenated, or written by parallel gzip
+            # tools); ITK reads them as one stream, and so does the gate.
+            while have < needed and decompressor.eof:
+                rest = decompressor.unused_data or f.read(CHUNK)
+                if rest[:2] != b"\x1f\x8b":
+                    break
+                decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                have += _inflate(_file_chunks(f, rest), decompressor, needed - have, name, out)
         if have < needed:
             raise _short(name, max(have - offset, 0), header.data_bytes)
         if not decompressor.eof:
