@@ -775,6 +775,6 @@ def panel_self_test(widget, volume, segmentation, home: Path, python: str, timeo
     assert names == expected, f"self-test: segments {names}, expected {expected}"
     exported = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     slicer.vtkSlicerSegmentationsModuleLogic.ExportVisibleSegmentsToLabelmapNode(result.segmentation, exported, volume)
-    same_grid = exported.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+    difference = mrml.grid_difference(exported, volume)
     slicer.mrmlScene.RemoveNode(exported)
-    assert same_grid, "self-test: the segmentation is not on the volume's grid"
+    assert difference is None, f"self-test: the segmentation is not on the volume's grid ({difference})"

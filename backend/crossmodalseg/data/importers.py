@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .gate import ImageError, gated
-from .io import read_image, write_image
+from .gate import ImageError
+from .io import gated_reader, read_image, write_image
 from .spec import (
     MODALITY_TYPES,
     SPEC_FILE,
@@ -42,6 +42,7 @@ class _Plan:
     cases: list[Case] = field(default_factory=list)
     copies: list[tuple[Path, Path]] = field(default_factory=list)
     splits: list[tuple[Path, list[Path]]] = field(default_factory=list)
+    checked: set[Path] = field(default_factory=set)  # sources the image gate has passed already
 
 
 # ---- nnU-Net v2 ----------------------------------------------------------------------------------------------------
@@ -197,6 +198,7 @@ def import_msd(src: str | Path, dst: str | Path, modality_types: dict[str, str] 
             errors.append(f"two training cases are named {cid!r}")
         seen.add(cid)
         dim, count = _header(image, errors)
+        plan.checked.add(image)
         if dim not in (3, 4):
             errors.append(f"{image}: a {dim}D image; CrossModalSeg needs 3D volumes (4D for several modalities)")
         elif count not in (-1, len(names)):
@@ -246,10 +248,7 @@ def _header(path: Path, errors: list[str]) -> tuple[int, int]:
     """(dimension, channels) from the header alone, through the image gate (detached headers, size bombs and
     truncated files refused): a 4D image's 4th axis, or a vector image's components."""
     try:
-        with gated(path) as (readable, image_io):
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(readable))
-            reader.SetImageIO(image_io)
+        with gated_reader(path) as reader:
             reader.ReadImageInformation()
     except ImageError as e:
         errors.append(str(e))
@@ -352,7 +351,8 @@ def _write(plan: _Plan, name: str, labels: dict[str, int], modalities: dict[str,
         raise DatasetError(f"cannot import {src}: no cases found")
     errors: list[str] = []
     for source, _ in plan.copies:  # copied as they are: each must pass the image gate first
-        _header(source, errors)
+        if source not in plan.checked:
+            _header(source, errors)
     _raise_if(errors, src)
     for source, target in plan.copies:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@ Arrays are in SimpleITK's array order (z, y, x); spacing, origin and direction a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,22 +62,31 @@ class Geometry:
         return image
 
 
+@contextmanager
+def gated_reader(path: str | Path, limits: Limits = Limits(), name: str | None = None
+                 ) -> Iterator[sitk.ImageFileReader]:
+    """An ITK reader of `path` once the gate has passed it, set to the reader whose header the gate checked
+    (whatever the file's name); valid inside the `with` block."""
+    with gated(path, limits, name) as (readable, image_io):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(readable))
+        reader.SetImageIO(image_io)
+        yield reader
+
+
 def read_image(path: str | Path, require_3d: bool = True, limits: Limits = Limits(), name: str | None = None
                ) -> sitk.Image:
     """Reads a 3D image through the gate (data.gate: no detached headers, no size bombs, no truncated data);
     raises ImageError for missing, refused, unreadable, non-3D or multi-component files. `name` is how messages
     call the file (default: its path)."""
     name = name or str(path)
-    with gated(path, limits, name) as (readable, image_io):
+    with gated_reader(path, limits, name) as reader:
         try:
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(readable))
-            reader.SetImageIO(image_io)  # the reader whose header the gate checked, whatever the file's name
             image = reader.Execute()
         except RuntimeError as e:
             first = str(e).strip().splitlines()
             reason = next((line for line in first if "ERROR" in line or "Exception" in line), first[0] if first else "")
-            reason = reason.replace(str(readable), name)
+            reason = reason.replace(reader.GetFileName(), name)
             raise ImageError(f"{name}: not a readable image (corrupt or unsupported format): {reason.strip()[:200]}"
                              ) from None
     if require_3d:
