@@ -35,10 +35,18 @@ from CrossModalSegLib.install import (
 from CrossModalSegLib.logic import (
     POLL_GIVE_UP_AFTER,
     POLL_MS,
+    REQUEST_TICK_MS,
     BackgroundRequest,
+    Catalogue,
+    Connection,
+    JobProgress,
+    PendingConnection,
+    PendingPoll,
+    PendingRefresh,
     PendingSegmentation,
     PendingUpload,
     correction_volumes,
+    let_workers_run,
     model_title,
     poll_interval_ms,
     training_budget,
@@ -47,7 +55,6 @@ from CrossModalSegLib.logic import CrossModalSegLogic as WorkflowLogic
 from CrossModalSegLib.scene import SceneError
 
 METHOD_CHOICES = ["auto", "single", "mkd", "maml", "cmc"]  # order of the method combo box
-REQUEST_POLL_MS = 200
 FINETUNE_SHARE = 0.25  # of the panel's training budget: a correction refines a model, it does not retrain it
 SETTINGS = "CrossModalSeg/"  # QSettings keys: what the user typed to reach the backend (never the token)
 
@@ -86,12 +93,12 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(self.onPoll)
-        # Uploads and segmentations run in worker threads; this timer hands each finished one to the GUI thread.
+        # Connecting, polls, uploads and segmentations run in worker threads; this timer hands each finished one to
+        # the GUI thread (and, in Slicer, lets the workers run at all: let_workers_run).
         self.pendingRequests: list[tuple[BackgroundRequest, object]] = []  # (request, its finish callback)
         self.requestTimer = qt.QTimer()
-        self.requestTimer.setInterval(REQUEST_POLL_MS)
+        self.requestTimer.setInterval(REQUEST_TICK_MS)
         self.requestTimer.timeout.connect(self.onRequestPoll)
-        self.fineTuneAfterCorrection = False
         self.pollFailures = 0
         self.listedModels: list[str] = []  # model ids in the order of the model combo box
         self.listedDatasets: list[str] = []  # dataset ids in the order of the dataset combo box
@@ -181,8 +188,8 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneLoaded(self, *_):
         self.restoreSelections()
-        if self.logic.client is not None and self.savedModel:
-            self.run(self.refreshModels, self.savedModel)
+        if self.logic.client is not None and self.savedModel and not self.connecting:
+            self.run(self.startRefresh, self.savedModel)
         self.updateButtons()
 
     def restoreSettings(self):
@@ -230,6 +237,19 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def uploading(self) -> bool:
         return any(isinstance(r, PendingUpload) for r, _ in self.pendingRequests)
 
+    @property
+    def connecting(self) -> bool:
+        return any(isinstance(r, PendingConnection) for r, _ in self.pendingRequests)
+
+    @property
+    def refreshing(self) -> bool:
+        return any(isinstance(r, (PendingConnection, PendingRefresh)) for r, _ in self.pendingRequests)
+
+    @property
+    def idle(self) -> bool:
+        """No job followed and no request under way (what scripts and tests wait for)."""
+        return not self.timer.isActive() and not self.pendingRequests
+
     def startRequest(self, request: BackgroundRequest, finish) -> BackgroundRequest:
         """Follows a request running in a worker thread; `finish(request)` runs here once it is done."""
         self.pendingRequests.append((request, finish))
@@ -238,7 +258,10 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return request
 
     def onRequestPoll(self):
+        let_workers_run()  # in Slicer, worker threads move only while this thread runs Python
         finished = [(r, finish) for r, finish in self.pendingRequests if r.done()]
+        if not finished:
+            return
         self.pendingRequests = [p for p in self.pendingRequests if p not in finished]
         if not self.pendingRequests:
             self.requestTimer.stop()
@@ -267,7 +290,10 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installBackendButton.enabled = local
         self.ui.urlLineEdit.enabled = not local
         self.ui.tokenLineEdit.enabled = not local
-        connected = self.logic is not None and self.logic.client is not None
+        connecting = self.connecting
+        self.ui.connectButton.enabled = not connecting
+        # While the lists come (a worker thread chooses the model and its dataset), nothing may use them.
+        connected = self.logic is not None and self.logic.client is not None and not self.refreshing
         busy = self.timer.isActive()
         has_target = self.ui.targetVolumeSelector.currentNode() is not None
         has_model = connected and self.logic.model_id is not None
@@ -298,47 +324,76 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- backend -----------------------------------------------------------------------------------------------
     def onConnect(self):
+        """Starts the local backend, or reaches the server, in a worker thread: the panel says "connecting" and the
+        application goes on (a local backend takes seconds to minutes to start)."""
         def connect():
+            local = self.ui.localRadioButton.checked
             python = self.ui.pythonLineEdit.text.strip() or sys.executable.replace("SlicerApp-real", "PythonSlicer")
-            keeps_local = (self.ui.localRadioButton.checked and self.logic.local is not None
-                           and self.logic.local.python == python)
+            keeps_local = local and self.logic.local is not None and self.logic.local.python == python
             if not keeps_local and self.logic.stopping_loses_work() and not slicer.util.confirmOkCancelDisplay(
                     "The local backend is training. Connecting elsewhere stops it and its job (Resume continues the "
                     "job from its last checkpoint later). Go on?"):
                 return
-            if self.ui.localRadioButton.checked:
+            if local:
                 too_old = None if self.ui.pythonLineEdit.text.strip() else python_too_old()
                 if too_old:
                     raise BackendError(f"cannot run the backend in Slicer's Python: {too_old}")
                 # Slicer's startup environment: the launcher's PYTHONHOME and PYTHONPATH would break another Python
-                info = self.logic.start_local_backend(python=python, base_env=slicer.util.startupEnvironment())
+                pending = self.logic.start_connection(select=self.savedModel, python=python,
+                                                      base_env=slicer.util.startupEnvironment())
             else:
-                info = self.logic.connect(self.ui.urlLineEdit.text.strip(), self.ui.tokenLineEdit.text.strip())
-            devices = ", ".join(info["devices"])
-            self.ui.backendStatusLabel.text = f"connected: crossmodalseg {info['version']} on {devices}"
-            self.log(f"backend ready ({devices}); methods: {', '.join(info['methods'])}")
-            self.saveSettings()
-            self.refreshDatasets()
-            self.refreshModels()
+                pending = self.logic.start_connection(self.ui.urlLineEdit.text.strip(),
+                                                      self.ui.tokenLineEdit.text.strip(), select=self.savedModel)
+            self.ui.backendStatusLabel.text = "starting the local backend..." if local else "connecting..."
+            self.startRequest(pending, self.onConnected)
 
         self.run(connect)
         self.updateButtons()
 
-    def refreshModels(self, select: str | None = None):
-        """Lists the backend's ready models (newest first) and makes `select`, else the one the parameter node kept,
-        else the newest, the current one."""
-        select = select or self.logic.model_id or self.savedModel
-        models = self.logic.models()
-        self.listedModels = [m["id"] for m in models]
+    def onConnected(self, pending: PendingConnection):
+        try:
+            connection: Connection = self.logic.finish_call(pending)
+        except Exception:
+            self.ui.backendStatusLabel.text = "not connected"
+            raise
+        info = connection.info
+        devices = ", ".join(info["devices"])
+        self.ui.backendStatusLabel.text = f"connected: crossmodalseg {info['version']} on {devices}"
+        self.log(f"backend ready ({devices}); methods: {', '.join(info['methods'])}")
+        self.showDevices(info["devices"])
+        self.saveSettings()
+        self.showCatalogue(connection.catalogue)
+
+    def showDevices(self, devices: list[str]):
+        """The device choices this backend has: auto, cuda only when it has a GPU, cpu; the choice stays if it can."""
+        choices = ["auto", *(["cuda"] if any(d.startswith("cuda") for d in devices) else []), "cpu"]
+        chosen = self.ui.deviceComboBox.currentText
+        self.ui.deviceComboBox.clear()
+        for choice in choices:
+            self.ui.deviceComboBox.addItem(choice)
+        self.ui.deviceComboBox.setCurrentIndex(choices.index(chosen) if chosen in choices else 0)
+
+    def startRefresh(self, select: str | None = None):
+        """Lists the backend's datasets and models again in a worker thread, choosing `select`, else the current
+        model, else the one the parameter node kept, else the newest."""
+        self.startRequest(self.logic.start_refresh(select or self.logic.model_id or self.savedModel),
+                          lambda pending: self.showCatalogue(self.logic.finish_call(pending)))
+
+    def showCatalogue(self, catalogue: Catalogue):
+        """Fills the dataset and model boxes; the dataset name typed stays (a new name starts a new dataset at Add
+        case) unless a model was chosen, whose dataset is shown."""
+        self.listDatasets(catalogue.datasets)
+        self.listedModels = [m["id"] for m in catalogue.models]
         self.ui.modelComboBox.clear()
-        for model in models:
+        for model in catalogue.models:
             self.ui.modelComboBox.addItem(model_title(model))
-        if models:
-            index = self.listedModels.index(select) if select in self.listedModels else 0
+        if catalogue.chosen is not None:
+            index = self.listedModels.index(catalogue.chosen)
             self.ui.modelComboBox.setCurrentIndex(index)
-            self.logic.choose_model(self.listedModels[index])
-            self.log(f"model: {model_title(models[index])}")
-            self.showDataset()
+            self.log(f"model: {model_title(catalogue.models[index])}")
+        if catalogue.cases is not None:
+            self.showCases(catalogue.cases)
+        self.updateButtons()
 
     def onModelChosen(self, index):
         if 0 <= index < len(self.listedModels):
@@ -370,15 +425,18 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelTransferred(self, pending):
         value = self.logic.finish_call(pending)
         if isinstance(value, dict):  # an imported model
-            self.refreshModels(value["id"])
             self.log(f"imported: {model_title(value)}")
+            self.startRefresh(value["id"])
         else:
             self.log(f"model saved to {value}")
 
     def refreshDatasets(self):
-        """Lists the backend's datasets; the name in the box stays (a new name starts a new dataset at Add case)."""
+        self.listDatasets([d["id"] for d in self.logic.datasets()])
+
+    def listDatasets(self, dataset_ids: list[str]):
+        """Lists these datasets; the name in the box stays (a new name starts a new dataset at Add case)."""
         typed = self.ui.datasetComboBox.currentText
-        self.listedDatasets = [d["id"] for d in self.logic.datasets()]
+        self.listedDatasets = list(dataset_ids)
         self.ui.datasetComboBox.clear()
         for dataset_id in self.listedDatasets:
             self.ui.datasetComboBox.addItem(dataset_id)
@@ -404,9 +462,12 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Shows the logic's dataset (chosen, or the current model's) in the box, with its number of cases."""
         if self.logic.dataset_id is None:
             return
+        self.showCases(len(self.logic.client.dataset(self.logic.dataset_id)["cases"]))
+
+    def showCases(self, count: int):
+        """The logic's dataset in the box, with its number of cases."""
         self.ui.datasetComboBox.currentText = self.logic.dataset_id
-        cases = self.logic.client.dataset(self.logic.dataset_id)["cases"]
-        self.ui.casesLabel.text = f"{len(cases)} in {self.logic.dataset_id!r}"
+        self.ui.casesLabel.text = f"{count} in {self.logic.dataset_id!r}"
 
     def onInstallBackend(self):
         """Installs what the backend needs into Slicer's Python: PyTorch through the PyTorch extension (only when it
@@ -531,9 +592,17 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onPoll(self):
+        """Asks for the job's progress in a worker thread (one poll at a time): a slow or lost server never holds up
+        the GUI thread."""
+        if not any(isinstance(r, PendingPoll) for r, _ in self.pendingRequests):
+            self.run(lambda: self.startRequest(self.logic.start_poll(), self.onPolled))
+
+    def onPolled(self, pending: PendingPoll):
         try:
-            progress = self.logic.poll()
+            progress: JobProgress = self.logic.finish_call(pending)
         except BackendError as e:  # a slow or lost connection: ask less often, give up after a while
+            if not self.timer.isActive():  # the panel stopped following the job meanwhile
+                return
             self.pollFailures += 1
             if self.pollFailures >= POLL_GIVE_UP_AFTER:
                 self.log(f"lost the backend: {e}; the job goes on there: Connect again to follow it")
@@ -543,6 +612,8 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.log(f"backend did not answer ({e}); retrying")
                 self.timer.setInterval(poll_interval_ms(self.pollFailures))
             return
+        if not self.timer.isActive() or progress.job_id != self.logic.job_id or progress.state == "superseded":
+            return  # an answer about a job the panel no longer follows
         if self.pollFailures:
             self.pollFailures = 0
             self.timer.setInterval(POLL_MS)
@@ -553,7 +624,7 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if progress.finished:
             self.timer.stop()
             if progress.state == "succeeded" and progress.model:
-                self.run(self.refreshModels, progress.model)
+                self.startRefresh(progress.model)
             self.updateButtons()
             if progress.state == "cancelled":  # the user asked for it: a line in the log, not an error box
                 self.log("the job was cancelled")
@@ -750,6 +821,7 @@ def panel_self_test(widget, volume, segmentation, home: Path, python: str, timeo
     ui.localRadioButton.checked = True
     ui.pythonLineEdit.text = python
     ui.connectButton.click()  # keeps that backend (same Python) and fills the panel from it
+    wait_until(lambda: widget.idle, "connecting")
     assert ui.backendStatusLabel.text.startswith("connected"), f"self-test: connect: {ui.backendStatusLabel.text}"
     ui.datasetComboBox.currentText = "selftest"
     ui.targetModalityLineEdit.text, ui.targetTypeComboBox.currentText = "ct", "CT"
@@ -763,7 +835,7 @@ def panel_self_test(widget, volume, segmentation, home: Path, python: str, timeo
     ui.methodComboBox.currentIndex = METHOD_CHOICES.index("single")
     ui.epochsSpinBox.value = 2
     ui.trainButton.click()
-    wait_until(lambda: not widget.timer.isActive(), "training")
+    wait_until(lambda: widget.idle, "training")
     assert ui.progressBar.value == 100 and widget.logic.model_id, "self-test: training did not succeed (see the log)"
     ui.segmentButton.click()
     wait_until(lambda: widget.pendingSegmentation is None, "segmenting")

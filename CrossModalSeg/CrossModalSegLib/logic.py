@@ -28,6 +28,7 @@ MODALITY_TYPES = ("CT", "MR")
 @dataclass
 class JobProgress:
     state: str
+    job_id: str | None = None
     fraction: float = 0.0
     eta_s: float | None = None
     messages: list[str] = field(default_factory=list)
@@ -90,7 +91,7 @@ class BackgroundRequest:
             raise self.error
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: two alike are still two
 class PendingSegmentation(BackgroundRequest):
     """A segmentation request (see CrossModalSegLogic.start_segment)."""
 
@@ -102,7 +103,7 @@ class PendingSegmentation(BackgroundRequest):
     files: dict[str, Path] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: two alike are still two
 class PendingUpload(BackgroundRequest):
     """The uploads of one case's volumes and labels (see CrossModalSegLogic.start_add_case)."""
 
@@ -110,12 +111,43 @@ class PendingUpload(BackgroundRequest):
     volume_key: tuple[str, ...]
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: two alike are still two
 class PendingCall(BackgroundRequest):
-    """A backend transfer whose answer is `value` (model export and import)."""
+    """Backend requests whose answer is `value` (see CrossModalSegLogic.start_call)."""
 
     what: str
     value: Any = None
+
+
+class PendingConnection(PendingCall):
+    """Starting the local backend or reaching a server, then listing what it has: a `Connection`."""
+
+
+class PendingRefresh(PendingCall):
+    """Listing the backend's datasets and models again: a `Catalogue`."""
+
+
+class PendingPoll(PendingCall):
+    """One progress poll of the current job: a `JobProgress`."""
+
+
+@dataclass
+class Catalogue:
+    """What the panel lists from the backend: dataset ids, ready models (newest first), the model chosen among them
+    (None when there is none) and the number of cases of the current dataset (None when there is none)."""
+
+    datasets: list[str]
+    models: list[dict[str, Any]]
+    chosen: str | None
+    cases: int | None
+
+
+@dataclass
+class Connection:
+    """A backend that answered: its /info and its catalogue."""
+
+    info: dict[str, Any]
+    catalogue: Catalogue
 
 
 def safe_id(text: str, fallback: str = "case") -> str:
@@ -138,6 +170,8 @@ class CrossModalSegLogic:
         self.model_id: str | None = None
         self.job_id: str | None = None
         self._events_seen = 0
+        self._cleaned_up = False
+        self._following = threading.Lock()  # job_id and _events_seen change together (polls run in worker threads)
         self._case_of_volumes: dict[tuple[str, ...], str] = {}
         # Node IDs start again from 1 when the scene is closed: the next patient's volumes must not be taken for the
         # cases added from the last one's (a correction would be filed as that patient's label).
@@ -161,6 +195,49 @@ class CrossModalSegLogic:
         self.local = LocalBackend(python, home, env, base_env)
         self.client = self.local.start()
         return self.client.info()
+
+    def start_connection(self, url: str | None = None, token: str | None = None, select: str | None = None,
+                         **local: Any) -> PendingConnection:
+        """Reaches the server at `url`, else starts the local backend (`local`: start_local_backend's arguments), in
+        a worker thread: starting a local backend takes up to START_TIMEOUT_S, and stopping the previous one up to
+        STOP_GRACE_S. `finish_call` gives the Connection (its catalogue chooses `select` when listed)."""
+        def connect() -> Connection:
+            info = self.connect(url, token) if url is not None else self.start_local_backend(**local)
+            if self._cleaned_up:  # the module went away meanwhile: no backend may outlive it
+                self.stop_backend()
+                raise BackendError("the module was closed while it connected")
+            return Connection(info, self.catalogue(select))
+
+        return self.start_call("connection to the backend", connect, PendingConnection)
+
+    def start_refresh(self, select: str | None = None) -> PendingRefresh:
+        """Lists the backend's datasets and models again in a worker thread (see `catalogue`)."""
+        self._backend()
+        return self.start_call("listing of datasets and models", lambda: self.catalogue(select), PendingRefresh)
+
+    def catalogue(self, select: str | None = None) -> Catalogue:
+        """The backend's datasets and ready models; chooses `select`, else the current model, else the newest (see
+        `choose_model`: its dataset becomes the current one)."""
+        client = self._backend()
+        datasets = [d["id"] for d in client.datasets()]
+        models = self.models()
+        ids = [m["id"] for m in models]
+        chosen = next((m for m in (select, self.model_id) if m in ids), ids[0] if ids else None)
+        if chosen is not None:
+            self.choose_model(chosen)
+        cases = len(client.dataset(self.dataset_id)["cases"]) if self.dataset_id in datasets else None
+        return Catalogue(datasets, models, chosen, cases)
+
+    def start_call(self, what: str, work: Callable[[], Any], kind: type[PendingCall] = PendingCall) -> PendingCall:
+        """Runs `work` (backend requests, files: never MRML, which belongs to the scene's thread) in a worker thread
+        and returns at once; `finish_call` gives its value once `done()`."""
+        pending = kind(what)
+
+        def run() -> None:
+            pending.value = work()
+
+        pending.start(run, "crossmodalseg-" + what.split()[0])
+        return pending
 
     def forget_scene(self) -> None:
         """Forgets which cases the scene's volumes were added as (called when the scene is closed)."""
@@ -389,26 +466,14 @@ class CrossModalSegLogic:
         path = Path(path) if Path(path).suffix == ".zip" else Path(str(path) + ".zip")
         if not path.parent.is_dir():
             raise ValueError(f"no folder {path.parent} to save the model in")
-        pending = PendingCall(f"export of model {model_id} to {path}")
-
-        def export() -> None:
-            pending.value = client.export_model(model_id, path)
-
-        pending.start(export, "crossmodalseg-export")
-        return pending
+        return self.start_call(f"export of model {model_id} to {path}", lambda: client.export_model(model_id, path))
 
     def start_model_import(self, path: str | Path) -> PendingCall:
         """Starts adding a model archive (as exported) to the backend; `finish_call` gives the new model."""
         client, path = self._backend(), Path(path)
         if not path.is_file():
             raise ValueError(f"{path} is not a file: choose a model archive (.zip) exported by CrossModalSeg")
-        pending = PendingCall(f"import of {path.name}")
-
-        def add() -> None:
-            pending.value = client.import_model(path)
-
-        pending.start(add, "crossmodalseg-import")
-        return pending
+        return self.start_call(f"import of {path.name}", lambda: client.import_model(path))
 
     @staticmethod
     def finish_call(pending: PendingCall) -> Any:
@@ -430,23 +495,33 @@ class CrossModalSegLogic:
         return self._follow(job)
 
     def _follow(self, job: dict[str, Any]) -> str:
-        self.job_id, self._events_seen = job["id"], 0
+        with self._following:
+            self.job_id, self._events_seen = job["id"], 0
         return job["id"]
 
     def poll(self) -> JobProgress:
-        """State, fraction, ETA and the new log lines of the current job (call it from a timer)."""
-        client = self._backend()
-        if self.job_id is None:
+        """State, fraction, ETA and the new log lines of the current job (call it from a timer, or through
+        `start_poll`). A poll answered after another job was started (in a worker thread) changes nothing of it."""
+        client, job_id, seen = self._backend(), self.job_id, self._events_seen
+        if job_id is None:
             return JobProgress("idle")
-        job = client.job(self.job_id)
-        page = client.events(self.job_id, after=self._events_seen)
-        self._events_seen = page["next"]
+        job = client.job(job_id)
+        page = client.events(job_id, after=seen)
         progress = job["progress"]
-        result = JobProgress(job["state"], progress["fraction"], progress["eta_s"],
+        result = JobProgress(job["state"], job_id, progress["fraction"], progress["eta_s"],
                              [m for m in (describe_event(e) for e in page["events"]) if m], job["error"], job["model"])
-        if job["state"] == "succeeded" and job["kind"] in ("train", "finetune"):
-            self.model_id = job["model"]
+        with self._following:
+            if self.job_id != job_id or self._events_seen != seen:  # another job, or these lines were shown
+                return JobProgress("superseded", job_id)
+            self._events_seen = page["next"]
+            if job["state"] == "succeeded" and job["kind"] in ("train", "finetune"):
+                self.model_id = job["model"]
         return result
+
+    def start_poll(self) -> PendingPoll:
+        """`poll` in a worker thread: a slow or lost server never holds up the GUI thread."""
+        self._backend()
+        return self.start_call("progress poll", self.poll, PendingPoll)
 
     def wait(self, timeout_s: float = 3600, poll_s: float = 0.5) -> JobProgress:
         """Blocks until the current job ends (scripts and tests; the Widget polls with a timer instead)."""
@@ -546,6 +621,7 @@ class CrossModalSegLogic:
 
     def cleanup(self) -> None:
         """Stops the local backend and deletes the work folder this logic made (results it received included)."""
+        self._cleaned_up = True
         self.scene.RemoveObserver(self._scene_closed)
         self.stop_backend()
         if self._own_work:
@@ -592,6 +668,8 @@ def model_title(model: dict[str, Any]) -> str:
 
 
 POLL_MS = 1000
+REQUEST_TICK_MS = 20  # how often the panel looks at its background requests while any runs
+WORKER_SLICE_S = 0.002  # the GIL handed to worker threads at each of those ticks (see let_workers_run)
 POLL_MAX_MS = 30000
 POLL_GIVE_UP_AFTER = 8  # failed polls in a row (at least 1.5 minutes with the back-off) before the panel stops
 
@@ -600,6 +678,14 @@ def predicted_structures(labels: dict[str, int]) -> list[str]:
     """The structures a model predicts: not background, and not "ignore" (any letter case; the backend's mark for
     voxels of unknown class, which no model predicts)."""
     return [name for name, value in labels.items() if value != 0 and name.strip().lower() != "ignore"]
+
+
+def let_workers_run() -> None:
+    """Hands the GIL to the worker threads for WORKER_SLICE_S. Slicer's Python (PythonQt, built without thread
+    support) keeps the GIL on the GUI thread while the Qt event loop idles, so a worker thread moves only while the
+    GUI thread runs Python. A segmentation request with 40 MB each way took 10.1 s at one 200 ms tick, 0.85 s at
+    20 ms ticks with this slice, 0.16 s unhindered (backend/benchmarks/bench_panel_threads.py)."""
+    time.sleep(WORKER_SLICE_S)
 
 
 def poll_interval_ms(failures: int) -> int:

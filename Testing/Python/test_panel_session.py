@@ -89,11 +89,57 @@ def test_the_panel_before_any_backend_says_why_it_cannot_connect_and_keeps_going
     ui.urlLineEdit.text = "http://127.0.0.1:9"  # nothing listens there
     caplog.clear()
     ui.connectButton.click()
+    assert widget.connecting and not ui.connectButton.enabled  # one connection at a time
+    pump(panel["app"], lambda: widget.idle, timeout_s=60)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "127.0.0.1:9" in errors[0], errors
-    assert widget.logic.client is None and not ui.trainButton.enabled
+    assert widget.logic.client is None and not ui.trainButton.enabled and ui.connectButton.enabled
+    assert ui.backendStatusLabel.text == "not connected"
     assert node_ids(scene) == before
     ui.localRadioButton.checked = True
+
+
+def test_a_server_that_never_answers_does_not_freeze_the_panel(panel, caplog):
+    """Connecting and polling run off the GUI thread: a server that accepts connections but never answers (a hung
+    host, a dead tunnel) holds up neither the event loop nor the other buttons, and each ends in one clear message.
+    The silent server is a real listening socket that never accepts."""
+    import socket
+
+    from CrossModalSegLib.client import BackendClient
+
+    app, widget, ui = panel["app"], panel["widget"], panel["widget"].ui
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        ui.remoteRadioButton.checked = True
+        ui.urlLineEdit.text = url
+        caplog.clear()
+        started = time.monotonic()
+        ui.connectButton.click()
+        click_s = time.monotonic() - started
+        assert click_s < 0.5, f"Connect held the GUI thread {click_s:.2f} s"
+        assert widget.connecting and ui.backendStatusLabel.text == "connecting..."
+        stall = pump(app, lambda: widget.idle, timeout_s=60, tick_s=0.01)  # the client gives up after 15 s
+        assert stall < 0.1, f"the Qt event loop stalled {stall:.3f} s while the server did not answer"
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "did not answer" in errors[0] and url in errors[0], errors
+        assert widget.logic.client is None and ui.connectButton.enabled
+
+        # A job followed on a server that stops answering: the polls time out in their worker threads.
+        widget.logic.client = BackendClient(url, status_timeout=1.0)
+        widget.logic._follow({"id": "a-job"})
+        try:
+            widget.startPolling()
+            stall = pump(app, lambda: "backend did not answer" in ui.logTextEdit.plainText, timeout_s=30,
+                         tick_s=0.01)
+            assert stall < 0.1, f"the Qt event loop stalled {stall:.3f} s while a poll waited for the server"
+            assert widget.timer.isActive() and ui.cancelButton.enabled  # it retries, less often
+        finally:
+            widget.timer.stop()
+            pump(app, lambda: widget.idle, timeout_s=30)
+            widget.logic.client = None
+            widget.logic._follow({"id": None})
+            ui.localRadioButton.checked = True
+            widget.updateButtons()
 
 
 @pytest.mark.slow
@@ -108,9 +154,15 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
     # Connect: the panel starts the local backend with the Python it is told to use.
     ui.localRadioButton.checked = True
     ui.pythonLineEdit.text = sys.executable
-    ui.connectButton.click()
+    ui.connectButton.click()  # the backend starts in a worker thread: the event loop goes on meanwhile
+    assert widget.connecting and ui.backendStatusLabel.text == "starting the local backend..."
+    assert not ui.connectButton.enabled and not ui.addCaseButton.enabled
+    stall = pump(app, lambda: widget.idle, timeout_s=300, tick_s=0.01)
+    assert stall < 0.1, f"the Qt event loop stalled {stall:.3f} s while the local backend started"
     assert ui.backendStatusLabel.text.startswith("connected: crossmodalseg"), ui.backendStatusLabel.text
     assert ui.modelComboBox.count == 0
+    # This backend has no GPU: the device box offers none.
+    assert [ui.deviceComboBox.itemText(i) for i in range(ui.deviceComboBox.count)] == ["auto", "cpu"]
 
     # Add the unpaired cases: each volume with its segmentation is its own case.
     assert ui.datasetComboBox.count == 0  # a fresh backend has no dataset yet
@@ -137,7 +189,7 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
     assert ui.trainButton.enabled
     ui.trainButton.click()
     assert ui.cancelButton.enabled and not ui.trainButton.enabled  # busy
-    pump(app, lambda: not widget.timer.isActive(), timeout_s=900)
+    pump(app, lambda: widget.idle, timeout_s=900)  # training, then the model list in a worker thread
     assert ui.progressBar.value == 100
     assert "epoch 2/2" in ui.logTextEdit.plainText
     assert ui.modelComboBox.count == 1 and ui.modelComboBox.currentText.startswith("mkd: ct + mr")
@@ -212,7 +264,7 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
     ui.submitCorrectionButton.click()
     pump(app, lambda: not widget.uploading, timeout_s=300)
     assert widget.timer.isActive()  # fine-tuning, started once the correction arrived
-    pump(app, lambda: not widget.timer.isActive(), timeout_s=900)
+    pump(app, lambda: widget.idle, timeout_s=900)
     assert node_ids(scene) == before_nodes
     assert ui.modelComboBox.count == 2  # the fine-tuned model, chosen
     tuned = widget.logic.model_id
@@ -269,16 +321,15 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
         assert again.ui.datasetComboBox.currentText == "abdomen" and not again.ui.pairedCheckBox.checked
         assert (again.ui.targetModalityLineEdit.text, again.ui.assistantModalityLineEdit.text) == ("ct", "mr")
         again.logic.connect(url, token)  # the running backend (a second local one would refuse its home)
-        again.refreshDatasets()
+        again.startRefresh()
+        pump(app, lambda: again.idle, timeout_s=60)
         assert [again.ui.datasetComboBox.itemText(i) for i in range(again.ui.datasetComboBox.count)] == ["abdomen"]
-        again.ui.datasetComboBox.activated.emit(0)  # the user picks it: Train works on it again
-        assert again.logic.dataset_id == "abdomen" and "2 in 'abdomen'" in again.ui.casesLabel.text
-        assert again.ui.trainButton.enabled
-        again.refreshModels()
         assert again.logic.model_id == tuned != imported  # the kept choice, not the newest model
         assert again.logic.dataset_id == "abdomen" and again.ui.datasetComboBox.currentText == "abdomen"
-        again.updateButtons()
+        assert "2 in 'abdomen'" in again.ui.casesLabel.text
         assert again.ui.segmentButton.enabled and again.ui.finetuneButton.enabled
+        again.ui.datasetComboBox.activated.emit(0)  # the user picks the dataset: Train works on it
+        assert again.logic.dataset_id == "abdomen" and again.ui.trainButton.enabled
     finally:
         again.logic.client = None  # the backend belongs to the first panel
         again.cleanup()
@@ -326,6 +377,7 @@ def test_a_paired_session_maml_cmc_cancel_resume_and_a_backend_that_dies(panel, 
     ui.localRadioButton.checked = True
     ui.pythonLineEdit.text = sys.executable
     ui.connectButton.click()  # keeps the module's running backend, or starts one when this test runs alone
+    pump(app, lambda: widget.idle, timeout_s=300)
     assert ui.backendStatusLabel.text.startswith("connected: crossmodalseg"), ui.backendStatusLabel.text
 
     # Two labelled pairs (same patient, co-registered): one case each, with the tumour drawn on the FLAIR.
@@ -357,7 +409,7 @@ def test_a_paired_session_maml_cmc_cancel_resume_and_a_backend_that_dies(panel, 
     # MAML for 2 short epochs.
     ui.epochsSpinBox.value = 2
     ui.trainButton.click()
-    pump(app, lambda: not widget.timer.isActive(), timeout_s=900)
+    pump(app, lambda: widget.idle, timeout_s=900)
     assert ui.modelComboBox.currentText.startswith("maml: flair + t1c"), ui.modelComboBox.currentText
 
     # Segment the first pair with both modalities, then with T1c missing (MAML predicts from what it gets).
