@@ -41,6 +41,7 @@ from CrossModalSegLib.logic import (
     Connection,
     JobProgress,
     PendingConnection,
+    PendingJob,
     PendingPoll,
     PendingRefresh,
     PendingSegmentation,
@@ -246,6 +247,10 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return any(isinstance(r, (PendingConnection, PendingRefresh)) for r, _ in self.pendingRequests)
 
     @property
+    def submitting(self) -> bool:
+        return any(isinstance(r, PendingJob) for r, _ in self.pendingRequests)
+
+    @property
     def idle(self) -> bool:
         """No job followed and no request under way (what scripts and tests wait for)."""
         return not self.timer.isActive() and not self.pendingRequests
@@ -294,7 +299,7 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.connectButton.enabled = not connecting
         # While the lists come (a worker thread chooses the model and its dataset), nothing may use them.
         connected = self.logic is not None and self.logic.client is not None and not self.refreshing
-        busy = self.timer.isActive()
+        busy = self.timer.isActive() or self.submitting  # a job followed, or one on its way
         has_target = self.ui.targetVolumeSelector.currentNode() is not None
         has_model = connected and self.logic.model_id is not None
         uploading = self.uploading
@@ -302,7 +307,7 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainButton.enabled = (connected and not busy and not uploading
                                        and self.logic.dataset_id is not None)
         self.ui.finetuneButton.enabled = has_model and not busy
-        self.ui.cancelButton.enabled = busy or self.pendingSegmentation is not None
+        self.ui.cancelButton.enabled = self.timer.isActive() or self.pendingSegmentation is not None
         self.ui.resumeButton.enabled = connected and not busy
         self.ui.modelComboBox.enabled = connected and not busy
         self.ui.exportModelButton.enabled = has_model
@@ -317,7 +322,7 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic is None or self.logic.dataset_id is None:
             return
         target, *assistants = list(self.modalities())
-        method, reason = self.logic.suggest_method(target, assistants)
+        method, reason = self.logic.suggest_method(target, assistants, self.logic.cases)  # no request here
         chosen = method_choice(self.ui.methodComboBox.currentIndex)
         self.ui.methodHintLabel.text = (f"suggested: {method} ({reason})" if chosen == "auto"
                                         else f"chosen: {chosen}; suggested: {method}")
@@ -396,9 +401,9 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onModelChosen(self, index):
+        """The model, and the dataset it was trained on, come from the backend in a worker thread."""
         if 0 <= index < len(self.listedModels):
-            self.run(self.logic.choose_model, self.listedModels[index])
-            self.showDataset()
+            self.run(self.startRefresh, self.listedModels[index])
         self.updateButtons()
 
     def onExportModel(self):
@@ -430,9 +435,6 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.log(f"model saved to {value}")
 
-    def refreshDatasets(self):
-        self.listDatasets([d["id"] for d in self.logic.datasets()])
-
     def listDatasets(self, dataset_ids: list[str]):
         """Lists these datasets; the name in the box stays (a new name starts a new dataset at Add case)."""
         typed = self.ui.datasetComboBox.currentText
@@ -443,26 +445,25 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.datasetComboBox.currentText = typed
 
     def onDatasetChosen(self, index):
-        """An existing dataset: its structures and modalities come from the backend; Train works on it."""
+        """An existing dataset: its structures and modalities come from the backend (in a worker thread); Train works
+        on it."""
         if 0 <= index < len(self.listedDatasets):
-            def choose():
-                dataset = self.logic.choose_dataset(self.listedDatasets[index])
-                modalities = list(dataset["modalities"])
-                if self.ui.targetModalityLineEdit.text.strip() not in modalities:
-                    self.ui.targetModalityLineEdit.text = modalities[0]
-                    self.ui.targetTypeComboBox.currentText = dataset["modalities"][modalities[0]]
-                self.showDataset()
-                self.log(f"dataset {dataset['id']!r}: {', '.join(n for n in dataset['labels'] if n != 'background')}"
-                         f" in {', '.join(modalities)}")
-
-            self.run(choose)
+            dataset_id = self.listedDatasets[index]
+            self.run(lambda: self.startRequest(
+                self.logic.start_call(f"choice of dataset {dataset_id}", lambda: self.logic.choose_dataset(dataset_id),
+                                      PendingRefresh), self.onDatasetLoaded))
         self.updateButtons()
 
-    def showDataset(self):
-        """Shows the logic's dataset (chosen, or the current model's) in the box, with its number of cases."""
-        if self.logic.dataset_id is None:
-            return
-        self.showCases(len(self.logic.client.dataset(self.logic.dataset_id)["cases"]))
+    def onDatasetLoaded(self, pending: PendingRefresh):
+        dataset = self.logic.finish_call(pending)
+        modalities = list(dataset["modalities"])
+        if self.ui.targetModalityLineEdit.text.strip() not in modalities:
+            self.ui.targetModalityLineEdit.text = modalities[0]
+            self.ui.targetTypeComboBox.currentText = dataset["modalities"][modalities[0]]
+        self.showCases(len(dataset["cases"]))
+        self.log(f"dataset {dataset['id']!r}: {', '.join(n for n in dataset['labels'] if n != 'background')}"
+                 f" in {', '.join(modalities)}")
+        self.updateMethodHint()
 
     def showCases(self, count: int):
         """The logic's dataset in the box, with its number of cases."""
@@ -527,34 +528,41 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCaseAdded(self, pending: PendingUpload):
         case = self.logic.finish_upload(pending)
         self.log(f"added case {case} to {self.logic.dataset_id!r}")
-        if self.logic.dataset_id not in self.listedDatasets:
-            self.refreshDatasets()
-        self.showDataset()
+        self.startRequest(self.logic.start_call("listing of datasets", self.logic.dataset_listing, PendingRefresh),
+                          self.onDatasetsListed)
+
+    def onDatasetsListed(self, pending: PendingRefresh):
+        self.listDatasets(self.logic.finish_call(pending))
+        self.showCases(len(self.logic.cases))
         self.updateMethodHint()
 
     def onTrain(self):
-        def train():
-            target, *assistants = list(self.modalities())
-            method = method_choice(self.ui.methodComboBox.currentIndex)
-            job = self.logic.train(target, assistants, method=None if method == "auto" else method,
-                                   preset=self.ui.presetComboBox.currentText, device=self.ui.deviceComboBox.currentText,
-                                   **self.budget())
-            self.log(f"training job {job} submitted")
-            self.startPolling()
-
-        self.run(train)
+        """Submits the training from a worker thread (the method is suggested from the dataset's cases there);
+        the progress timer starts once the backend has the job."""
+        target, *assistants = list(self.modalities())
+        method = method_choice(self.ui.methodComboBox.currentIndex)
+        params = dict(method=None if method == "auto" else method, preset=self.ui.presetComboBox.currentText,
+                      device=self.ui.deviceComboBox.currentText, **self.budget())
+        self.submitJob("training", lambda: self.logic.train(target, assistants, **params))
 
     def budget(self, share: float = 1.0) -> dict:
         """The training budget the panel asks for (minutes when set, else epochs); fine-tuning gets a quarter."""
         return training_budget(self.ui.epochsSpinBox.value, self.ui.minutesSpinBox.value, share)
 
-    def finetune(self) -> str:
-        return self.logic.finetune(device=self.ui.deviceComboBox.currentText, **self.budget(FINETUNE_SHARE))
+    def submitJob(self, what: str, submit):
+        """`submit()` (it returns the job id) in a worker thread; then the progress timer follows the job."""
+        def submitted(pending: PendingJob):
+            self.log(f"{what} job {self.logic.finish_call(pending)} submitted")
+            self.startPolling()
+
+        self.run(lambda: self.startRequest(self.logic.start_call(f"submission of a {what}", submit, PendingJob),
+                                           submitted))
+        self.updateButtons()
 
     def onFinetune(self):
-        if self.run(self.finetune) is not None:
-            self.log(f"fine-tuning job {self.logic.job_id} submitted")
-            self.startPolling()
+        """Fine-tunes the current model on the dataset as it is now, with a quarter of the panel's budget."""
+        budget = dict(device=self.ui.deviceComboBox.currentText, **self.budget(FINETUNE_SHARE))  # read here, not there
+        self.submitJob("fine-tuning", lambda: self.logic.finetune(**budget))
 
     def onCancel(self):
         """Cancels the running segmentation if there is one (the panel stops waiting for it and discards its
@@ -711,9 +719,7 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCorrectionSent(self, pending: PendingUpload):
         case = self.logic.finish_upload(pending)
         self.log(f"correction of case {case} stored as its final label")
-        self.finetune()
-        self.log(f"fine-tuning job {self.logic.job_id} submitted")
-        self.startPolling()
+        self.onFinetune()
 
     def onSceneClosed(self, *_):
         self.result = None
@@ -737,15 +743,18 @@ def format_seconds(seconds: float) -> str:
 
 
 def agreement_summary(result) -> str:
+    """One line of the member agreement table: "Dice between members (a vs b, a vs c) — liver: 0.95, 0.91; ..."
+    (the pairs named once; "-" where a structure was in neither member)."""
     table = result.agreement_table
     if table is None:
         return ""
+    pairs = [table.GetColumnName(c) for c in range(1, table.GetNumberOfColumns())]
     rows = []
     for r in range(table.GetNumberOfRows()):
         values = [table.GetCellText(r, c) for c in range(1, table.GetNumberOfColumns())]
         rows.append(f"{table.GetCellText(r, 0)}: " + ", ".join(f"{float(v):.2f}" if v not in ("", "nan") else "-"
                                                               for v in values))
-    return "Dice between members — " + "; ".join(rows)
+    return f"Dice between members ({', '.join(pairs)}) — " + "; ".join(rows)
 
 
 class CrossModalSegTest(ScriptedLoadableModuleTest):
@@ -830,7 +839,7 @@ def panel_self_test(widget, volume, segmentation, home: Path, python: str, timeo
     ui.assistantVolumeSelector.setCurrentNode(None)
     ui.assistantSegmentationSelector.setCurrentNode(None)
     ui.addCaseButton.click()
-    wait_until(lambda: not widget.uploading, "adding the case")
+    wait_until(lambda: widget.idle, "adding the case")
     assert widget.logic.dataset_id == "selftest", "self-test: the case was not added (see the module's log)"
     ui.methodComboBox.currentIndex = METHOD_CHOICES.index("single")
     ui.epochsSpinBox.value = 2

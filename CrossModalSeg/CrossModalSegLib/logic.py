@@ -131,6 +131,10 @@ class PendingPoll(PendingCall):
     """One progress poll of the current job: a `JobProgress`."""
 
 
+class PendingJob(PendingCall):
+    """A training or fine-tuning job being submitted: its id."""
+
+
 @dataclass
 class Catalogue:
     """What the panel lists from the backend: dataset ids, ready models (newest first), the model chosen among them
@@ -167,7 +171,9 @@ class CrossModalSegLogic:
         self.dataset_id: str | None = None
         self.labels: dict[str, int] = {}
         self.modalities: dict[str, str] = {}
+        self.cases: list[dict[str, Any]] = []  # the current dataset's cases when last asked for
         self.model_id: str | None = None
+        self.model: dict[str, Any] | None = None  # the chosen model as the backend described it
         self.job_id: str | None = None
         self._events_seen = 0
         self._cleaned_up = False
@@ -225,8 +231,9 @@ class CrossModalSegLogic:
         chosen = next((m for m in (select, self.model_id) if m in ids), ids[0] if ids else None)
         if chosen is not None:
             self.choose_model(chosen)
-        cases = len(client.dataset(self.dataset_id)["cases"]) if self.dataset_id in datasets else None
-        return Catalogue(datasets, models, chosen, cases)
+        if self.dataset_id in datasets:
+            self.cases = list(client.dataset(self.dataset_id)["cases"])
+        return Catalogue(datasets, models, chosen, len(self.cases) if self.dataset_id in datasets else None)
 
     def start_call(self, what: str, work: Callable[[], Any], kind: type[PendingCall] = PendingCall) -> PendingCall:
         """Runs `work` (backend requests, files: never MRML, which belongs to the scene's thread) in a worker thread
@@ -291,8 +298,15 @@ class CrossModalSegLogic:
         """Works on an existing dataset of the backend from now on (its structures and modalities)."""
         existing = self._backend().dataset(dataset_id)
         self.dataset_id, self.labels = dataset_id, dict(existing["labels"])
-        self.modalities = dict(existing["modalities"])
+        self.modalities, self.cases = dict(existing["modalities"]), list(existing["cases"])
         return existing
+
+    def dataset_listing(self) -> list[str]:
+        """The backend's dataset ids; the current dataset's cases are asked for again (`cases`)."""
+        client = self._backend()
+        ids = [d["id"] for d in client.datasets()]
+        self.cases = list(client.dataset(self.dataset_id)["cases"]) if self.dataset_id in ids else []
+        return ids
 
     def use_dataset(self, dataset_id: str, labels: dict[str, int], modalities: dict[str, str],
                     name: str | None = None) -> dict[str, Any]:
@@ -313,6 +327,7 @@ class CrossModalSegLogic:
             raise ValueError(f"dataset {dataset_id!r} has modalities {list(existing['modalities'])}, not "
                              f"{list(missing)}; use another dataset for new modalities")
         self.dataset_id, self.labels, self.modalities = dataset_id, dict(existing["labels"]), dict(existing["modalities"])
+        self.cases = list(existing.get("cases", []))
         return existing
 
     def add_case(self, volumes: dict[str, Any], segmentations: dict[str, Any] | None = None,
@@ -389,13 +404,16 @@ class CrossModalSegLogic:
         return tuple(sorted(f"{m}={v.GetID()}" for m, v in volumes.items()))
 
     # ---- training --------------------------------------------------------------------------------------------
-    def suggest_method(self, target: str, assistants: list[str]) -> tuple[str, str]:
-        """(method, reason) from the dataset's cases: unpaired -> mkd; paired with unlabelled pairs -> cmc; paired,
-        every case complete -> single early fusion (the modalities as channels: measured above MAML on complete
-        cases, backend/benchmarks/RESULTS.md); paired with cases missing a modality -> maml (segments any subset)."""
+    def suggest_method(self, target: str, assistants: list[str], cases: list[dict[str, Any]] | None = None
+                       ) -> tuple[str, str]:
+        """(method, reason) from the dataset's cases (`cases`, else asked for now): unpaired -> mkd; paired with
+        unlabelled pairs -> cmc; paired, every case complete -> single early fusion (the modalities as channels:
+        measured above MAML on complete cases, backend/benchmarks/RESULTS.md); paired with cases missing a modality
+        -> maml (segments any subset)."""
         if not assistants:
             return "single", "one modality: the single-modality baseline"
-        cases = self._backend().dataset(self.dataset_id)["cases"]
+        if cases is None:
+            cases = self._backend().dataset(self.dataset_id)["cases"]
         wanted = [target, *assistants]
         paired = [c for c in cases if all(m in c["images"] for m in wanted)]
         single = [c for c in cases if sum(m in c["images"] for m in wanted) == 1]
@@ -448,7 +466,7 @@ class CrossModalSegLogic:
         if model.get("state") != "ready":
             raise ValueError(f"model {model_id!r} is {model.get('state')}, not ready: wait for its training or "
                              f"choose another")
-        self.model_id = model_id
+        self.model_id, self.model = model_id, model
         try:
             dataset = client.job(model["job"])["params"].get("dataset") if model.get("job") else None
             if dataset:
@@ -555,7 +573,8 @@ class CrossModalSegLogic:
         model_id = model_id or self.model_id
         if model_id is None:
             raise ValueError("no model yet: train one first (or choose one)")
-        model = client.model(model_id)
+        # The chosen model's description as it was chosen: no request on the caller's (GUI) thread
+        model = self.model if self.model is not None and self.model.get("id") == model_id else client.model(model_id)
         volumes = prediction_inputs(model, volumes)
         modality = model["target"] if model["target"] in volumes else next(iter(volumes))
         folder = Path(tempfile.mkdtemp(prefix="segment-", dir=self.work))

@@ -177,7 +177,7 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
     before = node_ids(scene)
     ui.addCaseButton.click()  # the files are written here, the uploads run in worker threads
     assert widget.uploading and not ui.addCaseButton.enabled and not ui.trainButton.enabled
-    stall = pump(app, lambda: not widget.uploading, timeout_s=300, tick_s=0.01)
+    stall = pump(app, lambda: widget.idle, timeout_s=300, tick_s=0.01)  # the uploads, then the dataset listing
     assert stall < 0.1, f"the Qt event loop stalled {stall:.3f} s while the cases were uploaded"
     assert "2 in 'abdomen'" in ui.casesLabel.text, ui.casesLabel.text
     assert node_ids(scene) == before  # uploading leaves nothing behind in the scene
@@ -187,7 +187,9 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
     ui.methodComboBox.currentIndex = panel["module"].METHOD_CHOICES.index("mkd")
     ui.epochsSpinBox.value = 2
     assert ui.trainButton.enabled
-    ui.trainButton.click()
+    ui.trainButton.click()  # submitted from a worker thread; the progress timer starts once the backend has the job
+    assert widget.submitting and not ui.trainButton.enabled and not ui.segmentButton.enabled
+    pump(app, widget.timer.isActive, timeout_s=60)
     assert ui.cancelButton.enabled and not ui.trainButton.enabled  # busy
     pump(app, lambda: widget.idle, timeout_s=900)  # training, then the model list in a worker thread
     assert ui.progressBar.value == 100
@@ -209,7 +211,9 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
     assert result.segmentation.GetID() in added and result.disagreement.GetID() in added
     assert {n.GetID() for n in result.members.values()} <= added
     assert ui.correctionSelector.currentNode() is result.segmentation
-    assert ui.agreementLabel.text
+    # One member pair for MKD, named once; one value per structure.
+    assert ui.agreementLabel.text.startswith("Dice between members (seg_target vs seg_assistant) — "), (
+        ui.agreementLabel.text)
     # The member agreement table is shown in a table view.
     assert app.layouts[-1] == slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView
     assert app.applicationLogic().GetSelectionNode().GetActiveTableID() == result.agreement_table.GetID()
@@ -262,8 +266,9 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
     # Submit: the segmentation goes back as the CT case's final label and fine-tuning starts by itself.
     before_nodes = node_ids(scene)
     ui.submitCorrectionButton.click()
-    pump(app, lambda: not widget.uploading, timeout_s=300)
+    pump(app, lambda: widget.timer.isActive() or widget.idle, timeout_s=300)
     assert widget.timer.isActive()  # fine-tuning, started once the correction arrived
+    assert "fine-tuning job" in ui.logTextEdit.plainText
     pump(app, lambda: widget.idle, timeout_s=900)
     assert node_ids(scene) == before_nodes
     assert ui.modelComboBox.count == 2  # the fine-tuned model, chosen
@@ -306,7 +311,8 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
 
     # The user goes back to the fine-tuned model; the parameter node keeps that choice with the scene.
     widget.ui.modelComboBox.activated.emit(widget.listedModels.index(tuned))
-    assert widget.logic.model_id == tuned
+    pump(app, lambda: widget.idle, timeout_s=60)
+    assert widget.logic.model_id == tuned and widget.listedModels[ui.modelComboBox.currentIndex] == tuned
 
     # A restarted panel (Slicer closed and opened again) on this scene: URL and Python come back from QSettings, the
     # selections from the parameter node (volumes, dataset, modalities, the model once the backend lists it).
@@ -329,6 +335,7 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
         assert "2 in 'abdomen'" in again.ui.casesLabel.text
         assert again.ui.segmentButton.enabled and again.ui.finetuneButton.enabled
         again.ui.datasetComboBox.activated.emit(0)  # the user picks the dataset: Train works on it
+        pump(app, lambda: again.idle, timeout_s=60)
         assert again.logic.dataset_id == "abdomen" and again.ui.trainButton.enabled
     finally:
         again.logic.client = None  # the backend belongs to the first panel
@@ -393,7 +400,7 @@ def test_a_paired_session_maml_cmc_cancel_resume_and_a_backend_that_dies(panel, 
         ui.assistantVolumeSelector.setCurrentNode(t1c)
         ui.targetSegmentationSelector.setCurrentNode(tumour)
         ui.addCaseButton.click()
-        pump(app, lambda: not widget.uploading, timeout_s=300)
+        pump(app, lambda: widget.idle, timeout_s=300)
 
     before = node_ids(scene)
     for flair, t1c, tumour in pairs[:2]:
@@ -435,6 +442,7 @@ def test_a_paired_session_maml_cmc_cancel_resume_and_a_backend_that_dies(panel, 
         ui.methodHintLabel.text)
     ui.epochsSpinBox.value = 40
     ui.trainButton.click()
+    pump(app, widget.timer.isActive, timeout_s=60)
     job = widget.logic.job_id
     pump(app, lambda: widget.logic.client.job(job)["state"] == "running", timeout_s=300)
     assert ui.cancelButton.enabled
