@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import add_train_arguments, train_config_from_args
-from .errors import UserError, report_user_errors
+from .errors import UserError, printable, report_user_errors
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -120,7 +120,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         # A --minutes budget counts from the process start: imports and preprocessing are part of the run.
         model = train(args.dataset, args.out, config, resume=args.resume, events=EventLog(json_stdout=args.json_events),
                       started_at=process_start_time())
-        print(f"model written to {model}", file=sys.stderr)
+        print(printable(f"model written to {model}"), file=sys.stderr)
         return 0
     if args.command == "predict":
         from .engine.inferer import Predictor
@@ -133,7 +133,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         predictor = Predictor(args.model, device=args.device, tta=args.tta)
         result = predictor.predict(dict(args.image), members=args.members, uncertainty=args.uncertainty)
         for kind, path in result.save(args.out, suffix="." + args.format).items():
-            print(f"{kind}: {path}")
+            print(printable(f"{kind}: {path}"))
         return 0
     if args.command == "evaluate":
         from .engine.evaluate import evaluate_model, format_table
@@ -142,7 +142,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise UserError(f"--json {args.json} is a folder; give a file name for the results")
         results = evaluate_model(args.model, args.dataset, args.cases, device=args.device, out_json=args.json,
                                  members=args.members)
-        print(format_table(results))
+        print(printable(format_table(results)))
         return 0
     if args.command == "demo":
         from .demo import run_demo
@@ -180,13 +180,13 @@ def _dataset(args: argparse.Namespace) -> int:
         from .data.check import check_dataset, format_report
 
         spec, problems = check_dataset(args.path)
-        print(format_report(spec, problems))
+        print(printable(format_report(spec, problems)))
         return 1 if problems else 0
     from .data.importers import import_msd, import_nnunet
 
     importer = import_nnunet if args.dataset_command == "import-nnunet" else import_msd
     spec = importer(args.src, args.dst, dict(args.type) or None, overwrite=args.overwrite)
-    print(f"imported {len(spec.cases)} cases into {args.dst / 'dataset.json'}")
+    print(printable(f"imported {len(spec.cases)} cases into {args.dst / 'dataset.json'}"))
     return 0
 
 

@@ -30,6 +30,12 @@ def user_message(error: BaseException) -> str | None:
     return None
 
 
+def printable(text: str) -> str:
+    """`text` for a terminal: control characters (a terminal escape in a file name, a bidirectional override) shown
+    as Python escapes such as \\x1b; line breaks kept."""
+    return "".join(c if c == "\n" or c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def report_user_errors(run: Callable[[], int]) -> int:
     """Runs a command; a user's error ends it with one `error: ...` line on stderr and exit code 2 (the job
     runner shows that line as the job's error), a bug keeps its traceback."""
@@ -44,5 +50,5 @@ def report_user_errors(run: Callable[[], int]) -> int:
         message = user_message(e)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {printable(message)}", file=sys.stderr)
         return 2

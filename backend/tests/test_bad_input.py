@@ -62,6 +62,21 @@ def test_dataset_check_lists_problems_and_fails(tmp_path: Path):
     assert cli("dataset", "check", str(small_dataset(tmp_path / "ok"))).returncode == 0
 
 
+def test_values_beyond_float32_are_named_as_such_not_as_nan(tmp_path: Path):
+    """A float64 image with values near 1e300 is finite, but infinite once cast to float32 for the network: it was
+    refused as holding "NaN/Inf voxels", which it does not. Both the check and training say what it holds."""
+    array = np.random.default_rng(0).normal(0, 50, (8, 16, 16))
+    array[3, 3, 3] = 1e300
+    root = small_dataset(tmp_path / "d", image=array, suffix=".mha")
+    assert sitk.ReadImage(str(root / "c0_ct.mha")).GetPixelID() == sitk.sitkFloat64
+    check = cli("dataset", "check", str(root))
+    assert check.returncode == 1 and "beyond float32's range" in check.stdout and "NaN" not in check.stdout, (
+        check.stdout)
+    run = cli(*train_args(root, tmp_path / "m"))
+    assert_clean_error(run, "beyond float32's range")
+    assert "NaN" not in run.stderr
+
+
 def test_train_refuses_label_values_not_in_the_spec(tmp_path: Path):
     root = small_dataset(tmp_path / "d", label_values=(0, 7))
     run = cli(*train_args(root, tmp_path / "m"))
@@ -267,3 +282,21 @@ def test_gpu_out_of_memory_becomes_advice():
 
 def test_bugs_are_not_disguised_as_user_errors():
     assert user_message(KeyError("x")) is None
+
+
+def test_control_characters_in_names_reach_the_terminal_escaped(tmp_path: Path):
+    """A dataset.json (or a file name) from elsewhere may hold terminal escapes: printed raw, they could clear the
+    screen or disguise the line that explains the problem. Messages show them as Python escapes."""
+    root = small_dataset(tmp_path / "d")
+    spec = json.loads((root / "dataset.json").read_text())
+    spec["cases"][0]["images"]["ct"] = "c0_\x1b[2J\u202ect.nii.gz"  # clear screen; right-to-left override
+    (root / "dataset.json").write_text(json.dumps(spec))
+    run = cli("dataset", "check", str(root))
+    text = run.stdout + run.stderr
+    assert run.returncode == 1 and "file not found" in text, text
+    assert "\x1b" not in text and "\u202e" not in text, text
+    assert "c0_\\x1b[2J\\u202ect.nii.gz" in text, text
+    run = cli("train", str(root), "--target", "ct", "--out", str(tmp_path / "m\x1b[2J"), "--epochs", "1",
+              "--device", "cpu")
+    assert_clean_error(run, "\\x1b[2J")
+    assert "\x1b" not in run.stdout + run.stderr

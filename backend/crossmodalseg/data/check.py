@@ -149,14 +149,19 @@ def _slabs(image: sitk.Image) -> Iterator[np.ndarray]:
 def _check_finite(image: sitk.Image, shown: str, report: Report) -> None:
     if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
         return  # integer images cannot hold NaN/Inf
-    nan = inf = 0
+    nan = inf = huge = 0
     for slab in _slabs(image):
         nan += int(np.count_nonzero(np.isnan(slab)))
         inf += int(np.count_nonzero(np.isinf(slab)))
+        if slab.dtype == np.float64:  # finite, but infinite once in float32, as the networks compute
+            huge += int(np.count_nonzero(np.isfinite(slab) & (np.abs(slab) > np.finfo(np.float32).max)))
     if nan or inf:
         counts = " and ".join(s for s in (f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else "") if s)
         report(f"image {shown} has {counts} voxel(s) (of {_voxels(image)}); replace them (e.g. with the minimum "
                f"intensity) before training")
+    if huge:
+        report(f"image {shown} has {huge} voxel(s) (of {_voxels(image)}) beyond float32's range (|value| > 3.4e38); "
+               f"rescale or clip it before training")
 
 
 def _check_label_values(image: sitk.Image, shown: str, allowed: list[int], report: Report) -> None:
