@@ -300,3 +300,22 @@ def test_control_characters_in_names_reach_the_terminal_escaped(tmp_path: Path):
               "--device", "cpu")
     assert_clean_error(run, "\\x1b[2J")
     assert "\x1b" not in run.stdout + run.stderr
+
+
+def test_a_prediction_that_cannot_write_all_its_outputs_leaves_the_earlier_ones(tiny_model: Path, tmp_path: Path):
+    """The outputs are written all or none: a prediction whose report cannot be written (here a folder holds its name;
+    a full disk does the same) replaced the earlier run's label map before it failed, leaving a label map and a
+    report of two different runs."""
+    image = small_dataset(tmp_path / "d") / "c0_ct.nii.gz"
+    out = tmp_path / "o"
+    first = cli("predict", str(tiny_model), "--image", f"ct={image}", "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    earlier = (out / "segmentation.nii.gz").read_bytes()
+    (out / "segmentation.json").unlink()
+    (out / "segmentation.json").mkdir()
+    other = tmp_path / "other.nii.gz"
+    write_image(other, np.zeros((8, 16, 16), np.float32), spacing=(1.0, 1.0, 1.0))
+    assert_clean_error(cli("predict", str(tiny_model), "--image", f"ct={other}", "--out", str(out)),
+                       "segmentation.json is a folder")
+    assert (out / "segmentation.nii.gz").read_bytes() == earlier
+    assert sorted(p.name for p in out.iterdir()) == ["segmentation.json", "segmentation.nii.gz"]

@@ -5,6 +5,9 @@ geometry."""
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -120,20 +123,34 @@ class PredictionResult:
     info: dict[str, Any] = field(default_factory=dict)
 
     def save(self, out_dir: Path, stem: str = "segmentation", suffix: str = ".nii.gz") -> dict[str, Path]:
-        """Writes the label map, members and disagreement map (`suffix` ".nrrd" keeps the geometry in double
-        precision; NIfTI stores it in single precision)."""
-        out_dir = Path(out_dir)
-        paths = {"label": write_image(self.label, out_dir / f"{stem}{suffix}")}
-        for name, image in self.members.items():
-            paths[f"member:{name}"] = write_image(image, out_dir / f"{stem}_member_{name}{suffix}")
-        if self.disagreement is not None:
-            paths["disagreement"] = write_image(self.disagreement, out_dir / f"{stem}_disagreement{suffix}")
-        if self.member_agreement or self.info:
-            from ..data.spec import write_json_atomic
+        """Writes the label map, members, disagreement map and report, all or none: each into a staging folder
+        beside them, then renamed into place, so that a failure part-way (a full disk) leaves the outputs of an
+        earlier run as they were. `suffix` ".nrrd" keeps the geometry in double precision; NIfTI stores it in single
+        precision."""
+        from ..data.spec import write_json_atomic
 
-            paths["report"] = out_dir / f"{stem}.json"
-            write_json_atomic(paths["report"], {"info": self.info, "member_agreement": self.member_agreement})
-        return paths
+        out_dir = Path(out_dir)
+        writes = {"label": (f"{stem}{suffix}", lambda path: write_image(self.label, path))}
+        for name, image in self.members.items():
+            writes[f"member:{name}"] = (f"{stem}_member_{name}{suffix}", lambda path, image=image: write_image(image, path))
+        if self.disagreement is not None:
+            writes["disagreement"] = (f"{stem}_disagreement{suffix}", lambda path: write_image(self.disagreement, path))
+        if self.member_agreement or self.info:
+            report = {"info": self.info, "member_agreement": self.member_agreement}
+            writes["report"] = (f"{stem}.json", lambda path: write_json_atomic(path, report))
+        in_the_way = [name for name, _ in writes.values() if (out_dir / name).is_dir()]
+        if in_the_way:
+            raise UserError(f"{out_dir}: {', '.join(in_the_way)} is a folder; the outputs go by these names: move it")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{stem}-staging-"))
+        try:
+            for name, write in writes.values():
+                write(staging / name)
+            for name, _ in writes.values():
+                os.replace(staging / name, out_dir / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return {key: out_dir / name for key, (name, _) in writes.items()}
 
 
 class StageClock:
