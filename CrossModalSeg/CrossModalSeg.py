@@ -574,23 +574,26 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.log("segmentation cancelled: its result will be discarded")
             self.updateButtons()
             return
-        self.run(self.logic.cancel)
+        job_id = self.logic.job_id
+        self.run(lambda: self.startRequest(self.logic.start_call(f"cancel of job {job_id}", self.logic.cancel),
+                                           self.logic.finish_call))
+        self.log(f"asked the backend to cancel job {job_id}")
 
     def onResume(self):
-        def resume():
-            stopped = self.logic.resumable_trainings()
-            if not stopped:
-                raise ValueError("no stopped training to resume")
-            job = stopped[0]
-            if not slicer.util.confirmOkCancelDisplay(
-                    f"Resume the {job['params'].get('method', '')} training {job['id']} ({job['state']}, "
-                    f"{round(100 * job['progress']['fraction'])} % done) from its last checkpoint?"):
-                return
-            self.logic.resume(job["id"])
-            self.log(f"training job {job['id']} resumed")
-            self.startPolling()
+        """Lists the stopped trainings in a worker thread; the newest is resumed once the user agrees."""
+        self.run(lambda: self.startRequest(self.logic.start_call(
+            "listing of stopped trainings", self.logic.resumable_trainings, PendingRefresh), self.onStoppedListed))
+        self.updateButtons()
 
-        self.run(resume)
+    def onStoppedListed(self, pending: PendingRefresh):
+        stopped = self.logic.finish_call(pending)
+        if not stopped:
+            raise ValueError("no stopped training to resume")
+        job = stopped[0]
+        if slicer.util.confirmOkCancelDisplay(
+                f"Resume the {job['params'].get('method', '')} training {job['id']} ({job['state']}, "
+                f"{round(100 * job['progress']['fraction'])} % done) from its last checkpoint?"):
+            self.submitJob("resumed training", lambda: self.logic.resume(job["id"]))
 
     def startPolling(self):
         self.ui.progressBar.value = 0

@@ -256,19 +256,26 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
     assert result.segmentation.GetSegmentation().ContainsRepresentation("Closed surface")
     assert result.segmentation.GetDisplayNode().GetVisibility3D()
 
-    # Correct: the Segment Editor opens on the result, with the CT as its source volume.
+    # Correct: the Segment Editor opens on the result, with the CT it was made from as its source volume, even
+    # though the user has selected another target volume since.
+    ui.targetVolumeSelector.setCurrentNode(panel["mr"])
     assert ui.correctButton.enabled
     ui.correctButton.click()
     assert app.selected_modules[-1] == "SegmentEditor"
     editor = scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
     assert editor.GetSegmentationNode() is result.segmentation and editor.GetSourceVolumeNode() is panel["ct"]
 
-    # Submit: the segmentation goes back as the CT case's final label and fine-tuning starts by itself.
+    # Submit: the segmentation goes back as the CT case's final label (the CT's, whatever is selected now) and
+    # fine-tuning starts by itself.
+    ct_case = widget.logic.case_of({"ct": panel["ct"]})
+    assert ct_case is not None
     before_nodes = node_ids(scene)
     ui.submitCorrectionButton.click()
     pump(app, lambda: widget.timer.isActive() or widget.idle, timeout_s=300)
+    assert f"correction of case {ct_case} stored as its final label" in ui.logTextEdit.plainText
     assert widget.timer.isActive()  # fine-tuning, started once the correction arrived
     assert "fine-tuning job" in ui.logTextEdit.plainText
+    ui.targetVolumeSelector.setCurrentNode(panel["ct"])
     pump(app, lambda: widget.idle, timeout_s=900)
     assert node_ids(scene) == before_nodes
     assert ui.modelComboBox.count == 2  # the fine-tuned model, chosen
@@ -458,7 +465,8 @@ def test_a_paired_session_maml_cmc_cancel_resume_and_a_backend_that_dies(panel, 
     # Resume it, then the backend dies mid-job: the panel backs off, then says the backend is lost and stops.
     monkeypatch.setattr(module, "POLL_GIVE_UP_AFTER", 2)
     ui.resumeButton.click()  # the stand-in answers the confirmation with OK
-    assert widget.timer.isActive() and widget.logic.job_id == job
+    pump(app, widget.timer.isActive, timeout_s=60)  # the stopped trainings listed, the job resumed
+    assert widget.logic.job_id == job and "resumed training job" in ui.logTextEdit.plainText
     pump(app, lambda: widget.logic.client.job(job)["state"] == "running", timeout_s=300)
     caplog.clear()
     widget.logic.local.process.kill()
