@@ -40,6 +40,7 @@ from CrossModalSegLib.logic import (
     Catalogue,
     Connection,
     JobProgress,
+    PendingCall,
     PendingConnection,
     PendingJob,
     PendingPoll,
@@ -262,6 +263,11 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
         return request
 
+    def inBackground(self, what: str, work, finish, kind: type[PendingCall] = PendingCall):
+        """`work()` (backend requests, never MRML) in a worker thread; `finish(pending)` here once it is done."""
+        self.run(lambda: self.startRequest(self.logic.start_call(what, work, kind), finish))
+        self.updateButtons()
+
     def onRequestPoll(self):
         let_workers_run()  # in Slicer, worker threads move only while this thread runs Python
         finished = [(r, finish) for r, finish in self.pendingRequests if r.done()]
@@ -449,10 +455,8 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         on it."""
         if 0 <= index < len(self.listedDatasets):
             dataset_id = self.listedDatasets[index]
-            self.run(lambda: self.startRequest(
-                self.logic.start_call(f"choice of dataset {dataset_id}", lambda: self.logic.choose_dataset(dataset_id),
-                                      PendingRefresh), self.onDatasetLoaded))
-        self.updateButtons()
+            self.inBackground(f"choice of dataset {dataset_id}", lambda: self.logic.choose_dataset(dataset_id),
+                              self.onDatasetLoaded, PendingRefresh)
 
     def onDatasetLoaded(self, pending: PendingRefresh):
         dataset = self.logic.finish_call(pending)
@@ -528,8 +532,7 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCaseAdded(self, pending: PendingUpload):
         case = self.logic.finish_upload(pending)
         self.log(f"added case {case} to {self.logic.dataset_id!r}")
-        self.startRequest(self.logic.start_call("listing of datasets", self.logic.dataset_listing, PendingRefresh),
-                          self.onDatasetsListed)
+        self.inBackground("listing of datasets", self.logic.dataset_listing, self.onDatasetsListed, PendingRefresh)
 
     def onDatasetsListed(self, pending: PendingRefresh):
         self.listDatasets(self.logic.finish_call(pending))
@@ -555,9 +558,7 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.log(f"{what} job {self.logic.finish_call(pending)} submitted")
             self.startPolling()
 
-        self.run(lambda: self.startRequest(self.logic.start_call(f"submission of a {what}", submit, PendingJob),
-                                           submitted))
-        self.updateButtons()
+        self.inBackground(f"submission of a {what}", submit, submitted, PendingJob)
 
     def onFinetune(self):
         """Fine-tunes the current model on the dataset as it is now, with a quarter of the panel's budget."""
@@ -575,15 +576,13 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateButtons()
             return
         job_id = self.logic.job_id
-        self.run(lambda: self.startRequest(self.logic.start_call(f"cancel of job {job_id}", self.logic.cancel),
-                                           self.logic.finish_call))
+        self.inBackground(f"cancel of job {job_id}", self.logic.cancel, self.logic.finish_call)
         self.log(f"asked the backend to cancel job {job_id}")
 
     def onResume(self):
         """Lists the stopped trainings in a worker thread; the newest is resumed once the user agrees."""
-        self.run(lambda: self.startRequest(self.logic.start_call(
-            "listing of stopped trainings", self.logic.resumable_trainings, PendingRefresh), self.onStoppedListed))
-        self.updateButtons()
+        self.inBackground("listing of stopped trainings", self.logic.resumable_trainings, self.onStoppedListed,
+                          PendingRefresh)
 
     def onStoppedListed(self, pending: PendingRefresh):
         stopped = self.logic.finish_call(pending)
