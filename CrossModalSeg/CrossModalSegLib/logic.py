@@ -700,8 +700,8 @@ def predicted_structures(labels: dict[str, int]) -> list[str]:
 
 
 def let_workers_run() -> None:
-    """Hands the GIL to the worker threads for WORKER_SLICE_S. Slicer's Python (PythonQt, built without thread
-    support) keeps the GIL on the GUI thread while the Qt event loop idles, so a worker thread moves only while the
+    """Hands the GIL to the worker threads for WORKER_SLICE_S. Slicer's Python (PythonQt, whose thread support
+    CTK and Slicer do not enable) keeps the GIL on the GUI thread while the Qt event loop idles, so a worker thread moves only while the
     GUI thread runs Python. A segmentation request with 40 MB each way took 10.1 s at one 200 ms tick, 0.85 s at
     20 ms ticks with this slice, 0.16 s unhindered (backend/benchmarks/bench_panel_threads.py)."""
     time.sleep(WORKER_SLICE_S)
