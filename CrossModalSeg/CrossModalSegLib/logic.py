@@ -224,15 +224,12 @@ class CrossModalSegLogic:
     def catalogue(self, select: str | None = None) -> Catalogue:
         """The backend's datasets and ready models; chooses `select`, else the current model, else the newest (see
         `choose_model`: its dataset becomes the current one)."""
-        client = self._backend()
-        datasets = [d["id"] for d in client.datasets()]
         models = self.models()
         ids = [m["id"] for m in models]
         chosen = next((m for m in (select, self.model_id) if m in ids), ids[0] if ids else None)
         if chosen is not None:
             self.choose_model(chosen)
-        if self.dataset_id in datasets:
-            self.cases = list(client.dataset(self.dataset_id)["cases"])
+        datasets = self.dataset_listing()
         return Catalogue(datasets, models, chosen, len(self.cases) if self.dataset_id in datasets else None)
 
     def start_call(self, what: str, work: Callable[[], Any], kind: type[PendingCall] = PendingCall) -> PendingCall:
@@ -302,7 +299,8 @@ class CrossModalSegLogic:
         return existing
 
     def dataset_listing(self) -> list[str]:
-        """The backend's dataset ids; the current dataset's cases are asked for again (`cases`)."""
+        """The backend's dataset ids; the current dataset's cases are asked for again (`cases`; none when the
+        backend no longer has it)."""
         client = self._backend()
         ids = [d["id"] for d in client.datasets()]
         self.cases = list(client.dataset(self.dataset_id)["cases"]) if self.dataset_id in ids else []
@@ -701,9 +699,10 @@ def predicted_structures(labels: dict[str, int]) -> list[str]:
 
 def let_workers_run() -> None:
     """Hands the GIL to the worker threads for WORKER_SLICE_S. Slicer's Python (PythonQt, whose thread support
-    CTK and Slicer do not enable) keeps the GIL on the GUI thread while the Qt event loop idles, so a worker thread moves only while the
-    GUI thread runs Python. A segmentation request with 40 MB each way took 10.1 s at one 200 ms tick, 0.85 s at
-    20 ms ticks with this slice, 0.16 s unhindered (backend/benchmarks/bench_panel_threads.py)."""
+    CTK and Slicer do not enable) keeps the GIL on the GUI thread while the Qt event loop idles, so a worker thread
+    moves only while the GUI thread runs Python. A segmentation request with 40 MB each way took 10.1 s at one
+    200 ms tick, 0.85 s at 20 ms ticks with this slice, 0.16 s unhindered (backend/benchmarks/bench_panel_threads.py).
+    """
     time.sleep(WORKER_SLICE_S)
 
 

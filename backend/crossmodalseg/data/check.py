@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .io import Geometry, ImageError, read_image
+from .io import Geometry, ImageError, beyond_float32, read_image
 from .spec import DatasetError, DatasetSpec, is_ignore, load_spec, spec_path
 
 _SLAB_VOXELS = 1 << 22  # voxels inspected per step: bounds the temporaries (~32 MB at int64)
@@ -153,8 +153,7 @@ def _check_finite(image: sitk.Image, shown: str, report: Report) -> None:
     for slab in _slabs(image):
         nan += int(np.count_nonzero(np.isnan(slab)))
         inf += int(np.count_nonzero(np.isinf(slab)))
-        if slab.dtype == np.float64:  # finite, but infinite once in float32, as the networks compute
-            huge += int(np.count_nonzero(np.isfinite(slab) & (np.abs(slab) > np.finfo(np.float32).max)))
+        huge += beyond_float32(slab)
     if nan or inf:
         counts = " and ".join(s for s in (f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else "") if s)
         report(f"image {shown} has {counts} voxel(s) (of {_voxels(image)}); replace them (e.g. with the minimum "

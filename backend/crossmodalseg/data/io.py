@@ -149,6 +149,14 @@ def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> P
     return write_atomic(path, lambda tmp: sitk.WriteImage(image, tmp, compress), suffix=".tmp" + suffix)
 
 
+def beyond_float32(array: np.ndarray) -> int:
+    """How many finite values of `array` lie beyond float32's range: they become infinite in float32, in which the
+    networks compute (none unless the array is float64)."""
+    if array.dtype != np.float64:
+        return 0
+    return int(np.count_nonzero(np.isfinite(array) & (np.abs(array) > np.finfo(np.float32).max)))
+
+
 def to_array(image: sitk.Image, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
     """Voxel array in (z, y, x) order."""
     return sitk.GetArrayFromImage(image).astype(dtype, copy=False)

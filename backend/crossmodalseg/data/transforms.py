@@ -30,7 +30,7 @@ from monai.transforms import (
 
 from ..errors import UserError
 from .geometry import grid_with_spacing, resample_to_grid
-from .io import Geometry, ImageError, read_image, to_array
+from .io import Geometry, ImageError, beyond_float32, read_image, to_array
 from .plan import Plan
 from .spec import IGNORE_INDEX, Case, LabelSet
 
@@ -38,13 +38,6 @@ from .spec import IGNORE_INDEX, Case, LabelSet
 class LabelValueError(UserError):
     """A label holds values that the dataset spec does not name."""
 
-
-
-def beyond_float32(image: sitk.Image) -> int:
-    """How many voxels of a float64 image lie beyond float32's range (the networks compute in float32)."""
-    if image.GetPixelID() not in (sitk.sitkFloat64, sitk.sitkVectorFloat64):
-        return 0
-    return int(np.count_nonzero(np.abs(sitk.GetArrayViewFromImage(image)) > np.finfo(np.float32).max))
 
 def values_to_indices(label: np.ndarray, label_values: Sequence[int], name: str = "label",
                       ignore_value: int | None = None) -> np.ndarray:
@@ -91,7 +84,7 @@ def load_case_arrays(images: Mapping[str, sitk.Image | str | Path], modalities: 
     grid = reference_grid(loaded[modalities[0]], plan)
     channels = []
     for m in modalities:
-        beyond = beyond_float32(loaded[m])
+        beyond = beyond_float32(sitk.GetArrayViewFromImage(loaded[m]))
         if beyond:  # the cast below would make them infinite, and the message below blame NaN/Inf
             raise ImageError(f"{m}: the image has {beyond} voxel(s) beyond float32's range (|value| > 3.4e38); "
                              f"rescale or clip it before training or prediction")
