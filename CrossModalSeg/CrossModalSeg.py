@@ -42,6 +42,7 @@ from CrossModalSegLib.logic import (
     JobProgress,
     PendingCall,
     PendingConnection,
+    PendingDatasetCheck,
     PendingJob,
     PendingPoll,
     PendingRefresh,
@@ -233,11 +234,13 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @property
     def pendingSegmentation(self) -> PendingSegmentation | None:
-        return next((r for r, _ in self.pendingRequests if isinstance(r, PendingSegmentation)), None)
+        """The segmentation under way (one cancelled is no longer: it only winds down)."""
+        return next((r for r, _ in self.pendingRequests if isinstance(r, PendingSegmentation) and not r.cancelled),
+                    None)
 
     @property
     def uploading(self) -> bool:
-        return any(isinstance(r, PendingUpload) for r, _ in self.pendingRequests)
+        return any(isinstance(r, (PendingDatasetCheck, PendingUpload)) for r, _ in self.pendingRequests)
 
     @property
     def connecting(self) -> bool:
@@ -505,7 +508,8 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- cases and training ------------------------------------------------------------------------------------
     def onAddCase(self):
-        """Writes the case's files and returns: the upload runs in a worker thread while Slicer stays usable."""
+        """Takes the selected volumes and segmentations; a worker thread finds (or creates) the dataset, then the
+        case's files are written here and uploaded from a worker thread, which also chooses the case's id."""
         def add():
             target_seg = self.ui.targetSegmentationSelector.currentNode()
             assistant_seg = self.ui.assistantSegmentationSelector.currentNode()
@@ -513,18 +517,22 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             labels = self.logic.labels_from_segmentation(labelled) if labelled else self.logic.labels
             if not labels:
                 raise ValueError("the first case needs a segmentation: its segment names define the structures")
-            dataset = self.ui.datasetComboBox.currentText.strip()
-            self.logic.use_dataset(dataset, labels, self.modalities())
-            volumes = self.volumes()
+            dataset, modalities, volumes = self.ui.datasetComboBox.currentText.strip(), self.modalities(), self.volumes()
             target, *assistant = list(volumes)
             segmentations = {target: target_seg, **({assistant[0]: assistant_seg} if assistant else {})}
             if self.ui.pairedCheckBox.checked or not assistant:
                 cases = [(volumes, segmentations)]
             else:  # unpaired: each volume is a different patient
                 cases = [({m: v}, {m: segmentations[m]}) for m, v in volumes.items()]
-            for case_volumes, case_segmentations in cases:
-                self.startRequest(self.logic.start_add_case(case_volumes, case_segmentations), self.onCaseAdded)
-            self.log(f"uploading {len(cases)} case(s) to {dataset!r}")
+
+            def upload(pending: PendingDatasetCheck):
+                self.logic.adopt_dataset(self.logic.finish_call(pending), labels, modalities)
+                for case_volumes, case_segmentations in cases:
+                    self.startRequest(self.logic.start_add_case(case_volumes, case_segmentations), self.onCaseAdded)
+                self.log(f"uploading {len(cases)} case(s) to {dataset!r}")
+
+            self.inBackground(f"dataset {dataset}", lambda: self.logic.dataset_for(dataset, labels, modalities),
+                              upload, PendingDatasetCheck)
 
         self.run(add)
         self.updateButtons()
@@ -570,9 +578,8 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         result), else the training job (the backend stops it)."""
         pending = self.pendingSegmentation
         if pending is not None:
-            pending.cancel()
-            self.pendingRequests = [(r, finish) for r, finish in self.pendingRequests if r is not pending]
-            self.log("segmentation cancelled: its result will be discarded")
+            self.discard(pending)
+            self.log("segmentation cancelled: the backend stops it, and nothing of it is kept")
             self.updateButtons()
             return
         job_id = self.logic.job_id
@@ -728,9 +735,14 @@ class CrossModalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # A segmentation still running belongs to the closed scene: its result must not land in the next patient's.
         for request, _ in self.pendingRequests:
             if isinstance(request, PendingSegmentation):
-                request.cancel()
-        self.pendingRequests = [(r, f) for r, f in self.pendingRequests if not isinstance(r, PendingSegmentation)]
+                self.discard(request)
         self.updateButtons()
+
+    def discard(self, request: BackgroundRequest):
+        """Cancels `request`; it stays followed, with nothing to do at its end, so that the request timer keeps
+        giving its worker thread the GIL (in Slicer it moves only then) while it tells the backend and cleans up."""
+        request.cancel()
+        self.pendingRequests = [(r, (lambda _: None) if r is request else f) for r, f in self.pendingRequests]
 
 
 def method_choice(index: int) -> str:

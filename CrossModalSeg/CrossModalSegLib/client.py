@@ -160,11 +160,13 @@ class BackendClient:
         return json.loads(content)
 
     def predict(self, model_id: str, images: dict[str, Path], out_dir: Path, members: bool = False,
-                uncertainty: bool = False) -> dict[str, Path]:
-        """Segments one case; the answer's files are extracted into `out_dir`: name -> path."""
+                uncertainty: bool = False, request_id: str | None = None) -> dict[str, Path]:
+        """Segments one case; the answer's files are extracted into `out_dir`: name -> path. `request_id` (chosen
+        by the caller) lets `cancel_prediction` stop it from another thread."""
         fields = {"model": model_id, "members": str(members).lower(), "uncertainty": str(uncertainty).lower()}
         body, content_type = _multipart(fields, {m: Path(p) for m, p in images.items()})
-        content, _ = self._request("POST", "/predict", body, content_type, transfer=True)
+        content, _ = self._request("POST", "/predict", body, content_type, params={"request": request_id},
+                                   transfer=True)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         out = {}
@@ -176,6 +178,10 @@ class BackendClient:
                     shutil.copyfileobj(src, dst)
                 out[name] = out_dir / name
         return out
+
+    def cancel_prediction(self, request_id: str) -> dict[str, Any]:
+        """Stops the prediction posted with this `request_id` (it answers 409); BackendError 404 once it ended."""
+        return self.send_json("DELETE", f"/predict/{_q(request_id)}")
 
 
 def _q(part: str) -> str:

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +24,7 @@ from .backend import LocalBackend, connect_remote
 from .client import BackendClient, BackendError
 
 MODALITY_TYPES = ("CT", "MR")
+CANCEL_RETRY_S = 5.0  # how long a cancelled segmentation's stop is sent again while the backend has not seen it
 
 
 @dataclass
@@ -61,8 +63,7 @@ class BackgroundRequest:
     cancelled: bool = False
 
     def cancel(self) -> None:
-        """Stops waiting: the result, when it comes, is discarded and leaves nothing behind. (A prediction the
-        backend has started runs to its end there; only its answer is dropped.)"""
+        """Stops waiting: the result, when it comes, is discarded and leaves nothing behind."""
         self.cancelled = True
 
     def start(self, work: Callable[[], None], name: str) -> None:
@@ -101,13 +102,36 @@ class PendingSegmentation(BackgroundRequest):
     members: bool
     uncertainty: bool
     files: dict[str, Path] = field(default_factory=dict)
+    client: BackendClient | None = None  # the backend that predicts, asked to stop when this is cancelled
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def cancel(self) -> None:
+        """Stops waiting (the answer, if it comes, is discarded) and asks the backend, from a worker thread, to stop
+        the prediction: the backend is free at once for the next one."""
+        if self.cancelled:
+            return
+        super().cancel()
+        if self.client is not None and not self.done():
+            threading.Thread(target=self._stop_on_backend, name="crossmodalseg-cancel-segment", daemon=True).start()
+
+    def _stop_on_backend(self) -> None:
+        # 404: the backend has not seen the prediction yet (the two requests race) or has finished it already
+        give_up = time.monotonic() + CANCEL_RETRY_S
+        while not self.done() and time.monotonic() < give_up:
+            try:
+                self.client.cancel_prediction(self.request_id)
+                return
+            except BackendError as e:
+                if e.status != 404:  # the backend is gone, or too old to stop a prediction: it runs to its end
+                    return
+            time.sleep(0.2)
 
 
 @dataclass(eq=False)  # a request is itself: two alike are still two
 class PendingUpload(BackgroundRequest):
     """The uploads of one case's volumes and labels (see CrossModalSegLogic.start_add_case)."""
 
-    case_id: str
+    case_id: str | None  # chosen in the worker thread when the case is new (see _reserve_case_id)
     volume_key: tuple[str, ...]
 
 
@@ -133,6 +157,10 @@ class PendingPoll(PendingCall):
 
 class PendingJob(PendingCall):
     """A training or fine-tuning job being submitted: its id."""
+
+
+class PendingDatasetCheck(PendingCall):
+    """Finding, or creating, the dataset a case is about to be added to: its description (see `dataset_for`)."""
 
 
 @dataclass
@@ -179,6 +207,10 @@ class CrossModalSegLogic:
         self._cleaned_up = False
         self._following = threading.Lock()  # job_id and _events_seen change together (polls run in worker threads)
         self._case_of_volumes: dict[tuple[str, ...], str] = {}
+        # Case ids chosen for uploads under way: two uploads started together (an unpaired CT and MR with one name)
+        # must not pick one id before either reaches the backend, or the second would land in the first's case.
+        self._ids_in_flight: set[tuple[str, str]] = set()
+        self._choosing_id = threading.Lock()
         # Node IDs start again from 1 when the scene is closed: the next patient's volumes must not be taken for the
         # cases added from the last one's (a correction would be filed as that patient's label).
         self._scene_closed = scene.AddObserver(scene.EndCloseEvent, lambda *_: self.forget_scene())
@@ -309,16 +341,28 @@ class CrossModalSegLogic:
     def use_dataset(self, dataset_id: str, labels: dict[str, int], modalities: dict[str, str],
                     name: str | None = None) -> dict[str, Any]:
         """Creates the dataset on the backend, or reuses it when it exists with the same structures."""
-        client = self._backend()
+        return self.adopt_dataset(self.dataset_for(dataset_id, labels, modalities, name), labels, modalities)
+
+    def dataset_for(self, dataset_id: str, labels: dict[str, int], modalities: dict[str, str],
+                    name: str | None = None) -> dict[str, Any]:
+        """The dataset's description from the backend, which creates it when it has none by that id. Requests
+        only, no state: the panel runs this in a worker thread, then `adopt_dataset` on its own."""
         for modality, kind in modalities.items():
             if kind not in MODALITY_TYPES:
                 raise ValueError(f"modality {modality!r}: type {kind!r}, expected CT or MR")
+        client = self._backend()
         try:
-            existing = client.dataset(dataset_id)
+            return client.dataset(dataset_id)
         except BackendError as e:
             if e.status != 404:
                 raise
-            existing = client.create_dataset(dataset_id, name or dataset_id, labels, modalities)
+            return client.create_dataset(dataset_id, name or dataset_id, labels, modalities)
+
+    def adopt_dataset(self, existing: dict[str, Any], labels: dict[str, int],
+                      modalities: dict[str, str]) -> dict[str, Any]:
+        """Makes `existing` (from `dataset_for`) the current dataset, once it is known to hold a segmentation with
+        `labels` and volumes of `modalities`; else ValueError saying what does not fit."""
+        dataset_id = existing["id"]
         structures_fit(existing["labels"], labels, dataset_id)
         missing = {m: t for m, t in modalities.items() if m not in existing["modalities"]}
         if missing:
@@ -354,12 +398,15 @@ class CrossModalSegLogic:
         for modality in segmentations:
             if modality not in volumes:
                 raise ValueError(f"a {modality} segmentation needs its {modality} volume in the same case")
-        return self._start_upload(case_id or self._new_case_id(volumes), volumes, segmentations, send_volumes=True)
+        return self._start_upload(case_id, volumes, segmentations, send_volumes=True)
 
-    def _start_upload(self, case_id: str, volumes: dict[str, Any], segmentations: dict[str, Any],
+    def _start_upload(self, case_id: str | None, volumes: dict[str, Any], segmentations: dict[str, Any],
                       send_volumes: bool) -> PendingUpload:
+        """Writes the files here and sends them from a worker thread, which also chooses a new case's id (named
+        after its first volume) when `case_id` is None."""
         client, dataset_id, labels = self._backend(), self.dataset_id, self.labels
-        folder = Path(tempfile.mkdtemp(prefix=f"upload-{case_id}-", dir=self.work))
+        name = case_id or safe_id(next(iter(volumes.values())).GetName())
+        folder = Path(tempfile.mkdtemp(prefix=f"upload-{name}-", dir=self.work))
         try:  # MRML is read on this thread; the copies of the patient's data live only as long as the upload
             images = {m: mrml.write_volume(v, folder / f"{m}.nrrd", compress=False)
                       for m, v in volumes.items()} if send_volumes else {}
@@ -369,17 +416,22 @@ class CrossModalSegLogic:
             shutil.rmtree(folder, ignore_errors=True)
             raise
 
+        pending = PendingUpload(case_id, self._volume_key(volumes))
+
         def upload() -> None:
+            reserved = None
             try:
+                if pending.case_id is None:
+                    pending.case_id = reserved = self._reserve_case_id(client, dataset_id, name)
                 for modality, path in images.items():
-                    client.put_image(dataset_id, case_id, modality, path)
+                    client.put_image(dataset_id, pending.case_id, modality, path)
                 for modality, path in label_files.items():
-                    client.put_label(dataset_id, case_id, modality, path, "final")
+                    client.put_label(dataset_id, pending.case_id, modality, path, "final")
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
-
-        pending = PendingUpload(case_id, self._volume_key(volumes))
-        pending.start(upload, f"crossmodalseg-upload-{case_id}")
+                with self._choosing_id:  # the backend lists the case now (or never will: the id is free again)
+                    self._ids_in_flight.discard((dataset_id, reserved))
+        pending.start(upload, f"crossmodalseg-upload-{name}")
         return pending
 
     def finish_upload(self, pending: PendingUpload) -> str:
@@ -388,14 +440,18 @@ class CrossModalSegLogic:
         self._case_of_volumes[pending.volume_key] = pending.case_id
         return pending.case_id
 
-    def _new_case_id(self, volumes: dict[str, Any]) -> str:
-        existing = {c["id"] for c in self._backend().dataset(self.dataset_id)["cases"]}
-        base = safe_id(next(iter(volumes.values())).GetName())
-        case_id, k = base, 1
-        while case_id in existing:
-            k += 1
-            case_id = f"{base}_{k}"
-        return case_id
+    def _reserve_case_id(self, client: BackendClient, dataset_id: str, base: str) -> str:
+        """`base`, or `base_2`, `base_3` ...: the first id that neither the backend's cases nor another upload under
+        way use (asked for in the upload's worker thread, so that the id is fresh when the files go)."""
+        with self._choosing_id:
+            taken = {c["id"] for c in client.dataset(dataset_id)["cases"]}
+            taken |= {case for dataset, case in self._ids_in_flight if dataset == dataset_id}
+            case_id, k = base, 1
+            while case_id in taken:
+                k += 1
+                case_id = f"{base}_{k}"
+            self._ids_in_flight.add((dataset_id, case_id))
+            return case_id
 
     @staticmethod
     def _volume_key(volumes: dict[str, Any]) -> tuple[str, ...]:
@@ -577,19 +633,19 @@ class CrossModalSegLogic:
         modality = model["target"] if model["target"] in volumes else next(iter(volumes))
         folder = Path(tempfile.mkdtemp(prefix="segment-", dir=self.work))
         inputs = {m: mrml.write_volume(v, folder / f"input_{m}.nrrd", compress=False) for m, v in volumes.items()}
-        pending = PendingSegmentation(model, volumes, modality, members, uncertainty)
+        pending = PendingSegmentation(model, volumes, modality, members, uncertainty, client=client)
 
         def predict() -> None:
             try:
                 files = client.predict(model_id, inputs, folder / "result", members=members,
-                                       uncertainty=uncertainty)
-                if pending.cancelled:  # nobody will read it: no copy of the patient's segmentation stays
-                    shutil.rmtree(folder, ignore_errors=True)
-                else:
+                                       uncertainty=uncertainty, request_id=pending.request_id)
+                if not pending.cancelled:
                     pending.files = files
             finally:  # the copies of the patient's volumes are not kept
                 for path in inputs.values():
                     path.unlink(missing_ok=True)
+                if pending.cancelled:  # nobody will read it: no copy of the patient's segmentation stays
+                    shutil.rmtree(folder, ignore_errors=True)
 
         pending.start(predict, "crossmodalseg-segment")
         return pending

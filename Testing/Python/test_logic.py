@@ -4,7 +4,10 @@ correct -> submit as `final` -> fine-tune -> segment with the new model."""
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+import urllib.parse
 import zipfile
 from pathlib import Path
 
@@ -17,10 +20,11 @@ from vtk.util import numpy_support
 
 from conftest import make_scene, shared_data
 from CrossModalSegLib import scene as mrml
-from CrossModalSegLib.client import BackendError
+from CrossModalSegLib.client import BackendClient, BackendError
 from CrossModalSegLib.logic import (
     CrossModalSegLogic,
     correction_volumes,
+    describe_event,
     model_title,
     poll_interval_ms,
     predicted_structures,
@@ -123,6 +127,23 @@ def test_the_suggested_method_follows_the_dataset_from_complete_pairs_to_missing
     assert logic.suggest_method("a", ["b"])[0] == "mkd"
 
 
+
+def test_two_cases_uploaded_together_from_volumes_with_one_name_stay_two_cases(session):
+    """The panel starts an unpaired CT and MR as two uploads at once; with one name ("Volume", as two loaded files
+    often are) both must not take the same id before either reaches the backend: the second case would land in the
+    first, making one paired case of two patients."""
+    logic, ct, ct_labels = session["logic"], session["ct"], session["ct_labels"]
+    logic.use_dataset("one-name", logic.labels_from_segmentation(ct_labels), {"a": "CT", "b": "CT"})
+    first = logic.start_add_case({"a": ct}, {"a": ct_labels})
+    second = logic.start_add_case({"b": ct}, {"b": ct_labels})
+    assert first.wait(120) and second.wait(120)
+    ids = [logic.finish_upload(first), logic.finish_upload(second)]
+    base = safe_id(ct.GetName())
+    assert sorted(ids) == [base, f"{base}_2"], ids
+    cases = {c["id"]: sorted(c["images"]) for c in logic.client.dataset("one-name")["cases"]}
+    assert cases == {ids[0]: ["a"], ids[1]: ["b"]}, cases
+    assert logic._ids_in_flight == set()  # nothing stays reserved once the uploads are done
+
 @pytest.mark.slow
 def test_add_cases_train_segment_correct_and_finetune(session, tmp_path: Path):
     logic, scene, ct, mr = session["logic"], session["scene"], session["ct"], session["mr"]
@@ -204,6 +225,74 @@ def test_add_cases_train_segment_correct_and_finetune(session, tmp_path: Path):
     again = logic.segment({"ct": ct})
     assert again.segmentation.GetName() == "CT segmentation" and again.segmentation is not seg
     assert exported_on(again.segmentation, ct).shape == exported_on(seg, ct).shape
+
+
+class SlowRelay:
+    """A TCP relay that holds each connection `delay_s` before passing it on to the real backend: a slow network
+    (the only stand-in here; the backend behind it is the real one)."""
+
+    def __init__(self, target_url: str, delay_s: float):
+        parsed = urllib.parse.urlsplit(target_url)
+        self.target, self.delay_s = (parsed.hostname, parsed.port), delay_s
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        time.sleep(self.delay_s)
+        upstream = socket.create_connection(self.target)
+        for source, sink in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.slow  # polls the jobs that the (slow) workflow test above ran
+def test_a_poll_answered_after_another_job_was_started_loses_none_of_the_new_jobs_lines(session):
+    """The panel polls in a worker thread. A poll of the last job that is answered after the next job was started
+    must not count the last job's log lines as the new job's: that would skip the new job's first lines."""
+    logic = session["logic"]
+    real = logic.client
+    jobs = [j["id"] for j in real.jobs() if j["state"] == "succeeded"]
+    assert len(jobs) >= 2, "runs after the workflow test, which trains and fine-tunes"
+    last, new = jobs[0], jobs[1]
+    relay = SlowRelay(real.url, delay_s=0.5)
+    following = logic.job_id, logic.model_id  # the tests below segment with the workflow's model
+    try:
+        logic.client = BackendClient(relay.url, real.token)
+        logic._follow({"id": last})
+        slow_poll = logic.start_poll()
+        time.sleep(0.2)  # the poll is on its way through the slow network
+        logic._follow({"id": new})  # as the panel does when the next training is submitted
+        assert slow_poll.wait(30)
+        assert logic.finish_call(slow_poll).state == "superseded"
+        logic.client = real
+        lines = logic.poll().messages
+    finally:
+        logic.client = real
+        relay.close()
+        logic._follow({"id": following[0]})
+        logic.model_id = following[1]
+    everything = [line for line in map(describe_event, real.events(new)["events"]) if line]
+    assert lines == everything and lines, (lines, everything)
 
 
 @pytest.mark.slow  # segments with the model that the (slow) workflow test above trains

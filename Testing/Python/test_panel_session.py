@@ -20,6 +20,7 @@ from conftest import ROOT, make_scene, shared_data
 
 pytest.importorskip("PySide6.QtWidgets")
 import slicer_app_standin as standin  # noqa: E402
+from CrossModalSegLib.client import BackendError  # noqa: E402
 
 MODULE_FOLDER = ROOT / "CrossModalSeg"
 
@@ -103,8 +104,9 @@ def test_the_panel_before_any_backend_says_why_it_cannot_connect_and_keeps_going
 
 
 def test_a_server_that_never_answers_does_not_freeze_the_panel(panel, caplog):
-    """Connecting and polling run off the GUI thread: a server that accepts connections but never answers (a hung
-    host, a dead tunnel) holds up neither the event loop nor the other buttons, and each ends in one clear message.
+    """Connecting, polling and adding a case run off the GUI thread: a server that accepts connections but never
+    answers (a hung host, a dead tunnel) holds up neither the event loop nor the other buttons, and each ends in one
+    clear message.
     The silent server is a real listening socket that never accepts."""
     import socket
 
@@ -136,6 +138,25 @@ def test_a_server_that_never_answers_does_not_freeze_the_panel(panel, caplog):
                          tick_s=0.01)
             assert stall < 0.1, f"the Qt event loop stalled {stall:.3f} s while a poll waited for the server"
             assert widget.timer.isActive() and ui.cancelButton.enabled  # it retries, less often
+            widget.timer.stop()
+            pump(app, lambda: widget.idle, timeout_s=30)
+
+            # Add case: the dataset is looked for (and the case id chosen) in worker threads, not in the click.
+            ui.datasetComboBox.currentText = "abdomen"
+            ui.targetVolumeSelector.setCurrentNode(panel["ct"])
+            ui.targetSegmentationSelector.setCurrentNode(panel["ct_labels"])
+            ui.assistantVolumeSelector.setCurrentNode(None)
+            caplog.clear()
+            started = time.monotonic()
+            ui.addCaseButton.click()
+            click_s = time.monotonic() - started
+            assert click_s < 0.5, f"Add case held the GUI thread {click_s:.2f} s"
+            assert widget.uploading and not ui.addCaseButton.enabled and not ui.trainButton.enabled
+            stall = pump(app, lambda: widget.idle, timeout_s=30, tick_s=0.01)
+            assert stall < 0.1, f"the Qt event loop stalled {stall:.3f} s while the dataset was looked for"
+            errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1 and "did not answer" in errors[0], errors
+            assert widget.logic.dataset_id is None and ui.addCaseButton.enabled  # nothing was taken for done
         finally:
             widget.timer.stop()
             pump(app, lambda: widget.idle, timeout_s=30)
@@ -287,7 +308,8 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
     tuned = widget.logic.model_id
     assert widget.listedModels[ui.modelComboBox.currentIndex] == tuned
 
-    # Cancel a segmentation: the panel stops waiting at once, nothing of it reaches the scene or stays on disk.
+    # Cancel a segmentation: the panel stops waiting at once and the backend stops predicting (its answer is the
+    # 409 of a cancelled prediction, not a result); nothing of it reaches the scene or stays on disk.
     before_nodes = node_ids(scene)
     folders_before = set(widget.logic.work.glob("segment-*"))
     ui.segmentButton.click()
@@ -296,9 +318,13 @@ def test_a_whole_unpaired_session_in_the_panel(panel, monkeypatch, caplog):
     ui.cancelButton.click()
     assert widget.pendingSegmentation is None and ui.segmentButton.enabled and not ui.cancelButton.enabled
     assert "segmentation cancelled" in ui.logTextEdit.plainText
+    # Its worker thread still tells the backend: the request timer (which gives it the GIL in Slicer) keeps ticking.
+    assert cancelled.done() or widget.requestTimer.isActive()
     pump(app, cancelled.done, timeout_s=600)
+    assert isinstance(cancelled.error, BackendError) and cancelled.error.status == 409, cancelled.error
     settle = time.monotonic() + 0.5  # a few more timer ticks: the discarded result must stay discarded
     pump(app, lambda: time.monotonic() > settle, timeout_s=5)
+    assert not widget.requestTimer.isActive()  # once the cancelled request has wound down, nothing ticks
     assert node_ids(scene) == before_nodes and widget.result.segmentation is result.segmentation
     assert set(widget.logic.work.glob("segment-*")) == folders_before  # its inputs and result are gone
 

@@ -12,6 +12,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -26,6 +27,7 @@ SIZE, SPACING = (40, 40, 24), (4.5, 4.5, 6.0)
 _c, _s = np.cos(np.pi / 7), np.sin(np.pi / 7)
 DIRECTION = tuple(float(v) for v in np.array([[_c, -_s, 0], [_s, _c, 0], [0, 0, -1]]).ravel())
 TINY_TRAINING = {"epochs": 2, "iterations_per_epoch": 6, "val_every": 2}
+BIG_REPS = (4, 5, 5)  # a case tiled into a prediction of several seconds, to stop midway
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +155,72 @@ def test_twenty_concurrent_predictions_are_all_answered_correctly(server: Server
     for k, got in results.items():
         assert not isinstance(got, Exception), got
         assert np.array_equal(got, expected[k % 3]), f"request {k} got another case's answer"
+
+
+def tiled(case, folder: Path, reps: tuple[int, int, int]) -> dict[str, Path]:
+    """The case's CT and MR repeated `reps` times along z, y, x on their own grid: a long prediction."""
+    out = {}
+    for modality in ("ct", "mr"):
+        image = sitk.ReadImage(str(case.images[modality]))
+        big = sitk.GetImageFromArray(np.tile(sitk.GetArrayFromImage(image), reps))
+        big.SetSpacing(image.GetSpacing())
+        big.SetOrigin(image.GetOrigin())
+        big.SetDirection(image.GetDirection())
+        out[modality] = folder / f"big_{modality}.nii.gz"
+        sitk.WriteImage(big, str(out[modality]), useCompression=True)
+    return out
+
+
+def predict_form(model_id: str, images: dict[str, Path]) -> dict:
+    return {"data": {"model": model_id},
+            "files": {m: (p.name, p.read_bytes(), "application/octet-stream") for m, p in images.items()}}
+
+
+@pytest.mark.slow
+def test_a_cancelled_or_abandoned_prediction_stops_and_the_next_one_does_not_wait_for_it(server: Server, cases,
+                                                                                        trained, tmp_path: Path):
+    """The panel's Cancel (DELETE /predict/{request id}) and a client that goes away (a closed connection) both stop
+    the prediction in the worker: the next request is answered without waiting for the abandoned one's end."""
+    model_id = trained["model"]
+    small = {m: cases[5].images[m] for m in ("ct", "mr")}
+    expected = voxels(in_process_prediction(server, model_id, small))
+    big = tiled(cases[5], tmp_path, BIG_REPS)
+    started = time.monotonic()
+    server.predict(model_id, big)
+    whole_s = time.monotonic() - started  # the big prediction, run to its end
+
+    # Cancelled by its client, midway.
+    answer = {}
+    posting = threading.Thread(target=lambda: answer.update(r=server.client.post(
+        "/predict", params={"request": "big-1"}, **predict_form(model_id, big))))
+    posting.start()
+    time.sleep(0.4 * whole_s)
+    r = server.client.delete("/predict/big-1")
+    assert r.status_code == 200 and r.json() == {"request": "big-1", "cancelled": True}, r.text
+    cancelled_at = time.monotonic()
+    posting.join(60)
+    answered_s = time.monotonic() - cancelled_at
+    assert answer["r"].status_code == 409 and "cancelled" in answer["r"].json()["detail"], answer["r"].text
+    assert answered_s < 2.0, f"the cancelled prediction answered {answered_s:.1f} s after DELETE"
+    assert server.client.delete("/predict/big-1").status_code == 404  # nothing left to cancel
+    started = time.monotonic()
+    got = server.predict(model_id, small)["segmentation.nrrd"]
+    next_s = time.monotonic() - started
+    assert np.array_equal(voxels(got), expected)
+    assert next_s < 0.6 * (0.6 * whole_s), (
+        f"the next prediction took {next_s:.1f} s: it waited for the cancelled one (whole {whole_s:.1f} s)")
+
+    # Abandoned: the client stops waiting and closes its connection midway.
+    with pytest.raises(httpx.ReadTimeout):
+        server.client.post("/predict", **predict_form(model_id, big),
+                           timeout=httpx.Timeout(60, read=0.4 * whole_s))
+    started = time.monotonic()
+    got = server.predict(model_id, small)["segmentation.nrrd"]
+    next_s = time.monotonic() - started
+    assert np.array_equal(voxels(got), expected)
+    assert next_s < 0.6 * (0.6 * whole_s), (
+        f"the next prediction took {next_s:.1f} s: it waited for the abandoned one (whole {whole_s:.1f} s)")
+    print(f"big prediction {whole_s:.1f} s; after it was abandoned midway the next took {next_s:.1f} s")
 
 
 def test_one_job_per_device_the_rest_queue_and_cancel_ends_the_whole_process_tree(server: Server, trained):
@@ -539,7 +607,8 @@ def test_openapi_schema_lists_every_route_with_its_body(server: Server):
                 ("PUT", "/datasets/{dataset_id}/cases/{case_id}/labels/{modality}"),
                 ("DELETE", "/datasets/{dataset_id}/cases/{case_id}"), ("POST", "/jobs"), ("GET", "/jobs/{job_id}"),
                 ("GET", "/jobs/{job_id}/events"), ("DELETE", "/jobs/{job_id}"), ("POST", "/jobs/{job_id}/resume"),
-                ("GET", "/models"), ("POST", "/models"), ("GET", "/models/{model_id}/archive"), ("POST", "/predict")}
+                ("GET", "/models"), ("POST", "/models"), ("GET", "/models/{model_id}/archive"), ("POST", "/predict"),
+                ("DELETE", "/predict/{request_id}")}
     assert expected <= routes
     put_image = schema["paths"]["/datasets/{dataset_id}/cases/{case_id}/images/{modality}"]["put"]
     assert "application/octet-stream" in put_image["requestBody"]["content"]

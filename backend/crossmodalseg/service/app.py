@@ -20,8 +20,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse
 
 from .. import __version__
 from ..config import ConfigError, describe_errors
@@ -52,10 +51,39 @@ from .uploads import (
 logger = logging.getLogger("crossmodalseg.service")
 
 
-async def _drain(response) -> None:
-    """Runs a GET response's body to its end unsent (its own background tasks, e.g. removing a temporary file)."""
-    async for _ in response.body_iterator:
-        pass
+# The middlewares are plain ASGI: Starlette's BaseHTTPMiddleware (@app.middleware) wraps `receive` so that a route
+# never sees its client disconnect, and /predict must stop the prediction of a client that went away.
+class HeadAsGet:
+    """HEAD on any GET route: the GET's status and headers, no body (HTTP requires HEAD wherever GET is). The GET
+    runs to its end unsent (its own background tasks, e.g. removing a temporary file, run too)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+class RequestGuard:
+    """Answers `refusal(request)` instead of running the app when that is not None (`request`: headers only)."""
+
+    def __init__(self, app, refusal) -> None:
+        self.app, self.refusal = app, refusal
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            refused = self.refusal(Request(scope))
+            if refused is not None:
+                return await refused(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int = 2 << 30,
@@ -135,18 +163,9 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
         message = user_message(e)
         return error(503, message) if message else internal(request, e)
 
-    @app.middleware("http")
-    async def head_like_get(request: Request, call_next):
-        """HEAD on any GET route: the GET's status and headers, no body (HTTP requires HEAD wherever GET is)."""
-        if request.method != "HEAD":
-            return await call_next(request)
-        request.scope["method"] = "GET"
-        response = await call_next(request)
-        return Response(status_code=response.status_code, headers=dict(response.headers),
-                        background=BackgroundTask(_drain, response))
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
+    def refusal(request: Request) -> JSONResponse | None:
+        """The answer to a request that goes no further: another site's, without the token, storing on a nearly
+        full disk, or a body past the upload limit."""
         refused = browser_attack(request.headers.get("host"), request.headers.get("origin"), bool(token))
         if refused:
             return error(403, refused)
@@ -161,7 +180,10 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
         if length is not None and (not length.isdigit() or int(length) > max_upload_bytes + (1 << 20)):
             return error(413, f"request body larger than the server's limit of {max_upload_bytes / 2**20:.0f} MiB "
                               f"(start the server with a larger --max-upload-mb)")
-        return await call_next(request)
+        return None
+
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(RequestGuard, refusal=refusal)  # outermost: nothing runs for a refused request
 
     service = Service(store, runner, pool, max_upload_bytes, redact)
     for make_router in (info_router, datasets_router, jobs_router, models_router, predict_router):

@@ -223,6 +223,11 @@ class DeletedOut(Answer):
     deleted: str
 
 
+class CancelledPredictionOut(Answer):
+    request: str
+    cancelled: bool
+
+
 class ProgressOut(Answer):
     fraction: float
     eta_s: float | None
