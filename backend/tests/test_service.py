@@ -223,6 +223,49 @@ def test_a_cancelled_or_abandoned_prediction_stops_and_the_next_one_does_not_wai
     print(f"big prediction {whole_s:.1f} s; after it was abandoned midway the next took {next_s:.1f} s")
 
 
+def peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak memory from /proc (Linux)")
+def test_label_bombs_sent_at_once_are_checked_a_few_at_a_time(tmp_path: Path):
+    """A float64 label map of 2^26 zeros is 0.5 MB as .nii.gz and 512 MB in memory. Six sent at once must not add
+    up in the server's memory: uploads are checked two at a time, slab by slab (each is refused afterwards: its case
+    has no image)."""
+    from crossmodalseg.service.uploads import CHECK_SLOTS
+
+    bomb = tmp_path / "bomb.nii.gz"
+    sitk.WriteImage(sitk.Image(512, 512, 256, sitk.sitkFloat64), str(bomb), useCompression=True)
+    body = bomb.read_bytes()
+    array_bytes = 512 * 512 * 256 * 8
+    server = Server(tmp_path / "home").start()
+    try:
+        server.create_dataset("bombs")
+        before = peak_rss_bytes(server.proc.pid)
+        answers = {}
+
+        def send(k: int) -> None:
+            answers[k] = server.client.put(f"/datasets/bombs/cases/c{k}/labels/ct", content=body)
+
+        threads = [threading.Thread(target=send, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        grown = peak_rss_bytes(server.proc.pid) - before
+    finally:
+        server.stop()
+    assert all(a.status_code == 422 and "no 'ct' image yet" in a.json()["detail"] for a in answers.values()), answers
+    print(f"6 label bombs of {len(body) / 2**20:.1f} MB ({array_bytes / 2**20:.0f} MB of voxels each): the server's "
+          f"peak memory grew {grown / 2**20:.0f} MB")
+    # A check holds up to twice the voxels (ITK reads the file into a buffer, then into the image)
+    assert grown < (2 * CHECK_SLOTS + 1) * array_bytes, f"the server's peak memory grew {grown / 2**20:.0f} MB"
+
+
 def test_one_job_per_device_the_rest_queue_and_cancel_ends_the_whole_process_tree(server: Server, trained):
     long = {**TINY_TRAINING, "epochs": 500}
     first = server.submit(kind="train", dataset="loop", method="single", target="ct", **long)

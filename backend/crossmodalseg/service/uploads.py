@@ -7,8 +7,10 @@ import asyncio
 import hashlib
 import os
 import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,18 @@ from ..data.io import Geometry, ImageError, read_image, write_image
 from ..errors import UserError
 
 STORED_SUFFIX = ".nrrd"  # NRRD keeps spacing, origin and direction in double precision (NIfTI's sform is float32)
+# Uploads read and checked at once. A check holds the whole image in memory, and a .nii.gz of a few MB can hold
+# gigabytes of voxels (zeros compress a thousandfold): many sent together must not add up to the server's memory.
+CHECK_SLOTS = 2
+SLAB_VOXELS = 1 << 22  # the label and NaN checks work slab by slab: no full-size temporary arrays
+_check_slots = threading.BoundedSemaphore(CHECK_SLOTS)
+
+
+@contextmanager
+def check_slot() -> Iterator[None]:
+    """Held while an upload is read, checked and stored (in a worker thread: it may wait for a slot)."""
+    with _check_slots:
+        yield
 
 
 class UploadError(UserError):
@@ -127,19 +141,27 @@ def load_checked(path: Path, kind: str, label_values: list[int] | None = None) -
     except ImageError as e:
         raise UploadError(str(e).replace(str(path), "uploaded file")) from None
     array = sitk.GetArrayViewFromImage(image)
+    floating = np.issubdtype(array.dtype, np.floating)
     if kind == "image":
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        if floating and not all(np.isfinite(slab).all() for slab in _slabs(array)):
             raise UploadError("the image holds NaN or infinite voxels; fix or mask them before uploading")
         return image
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all() or not np.array_equal(array, np.round(array)):
+    values: set[int] = set()
+    for slab in _slabs(array):
+        if floating and (not np.isfinite(slab).all() or not np.array_equal(slab, np.round(slab))):
             raise UploadError("a label map must hold integer values (this one has fractions, NaN or Inf)")
-    values = set(np.unique(array).astype(np.int64).tolist())
+        values.update(np.unique(slab).astype(np.int64).tolist())
     unknown = sorted(values - set(label_values or []))
     if unknown:
         raise UploadError(f"label values {unknown[:10]} are not in the dataset's labels {label_values}; map them to "
                           f"the dataset's structures first")
     return image
+
+
+def _slabs(array: np.ndarray) -> Iterator[np.ndarray]:
+    step = max(1, SLAB_VOXELS // max(1, array[0].size))
+    for start in range(0, array.shape[0], step):
+        yield array[start:start + step]
 
 
 def check_same_grid(label: sitk.Image | Geometry, image: sitk.Image | Geometry, what: str) -> None:

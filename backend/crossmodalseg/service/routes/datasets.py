@@ -19,7 +19,7 @@ from ..schemas import (
     UploadOut,
 )
 from ..store import NotFound, StoredFile, check_id, new_id
-from ..uploads import UploadError, check_same_grid, load_checked, receive, store_image
+from ..uploads import UploadError, check_same_grid, check_slot, load_checked, receive, store_image
 from .common import BINARY_BODY, NRRD, Service, download
 
 
@@ -64,31 +64,32 @@ def datasets_router(svc: Service) -> APIRouter:
 
     def _check_and_store(dataset: dict[str, Any], case_id: str, modality: str, kind: str, tag: str,
                          tmp: Path) -> StoredFile:
-        label_values = sorted(dataset["labels"].values())
-        image = load_checked(tmp, kind, label_values)
-        geometry = Geometry.of(image)
-        folder = store.dataset_folder(dataset["id"], case_id)
-        name = f"image_{modality}" if kind == "image" else f"label_{modality}_{tag}"
-        with store.file_lock:
-            # The grid check and the commit under one lock: an image and a label uploaded to one case at the same
-            # moment cannot both pass against the state before the other (which left labels on a wrong grid).
-            others = {(f["kind"], f["tag"]): f for f in store.files(dataset["id"], case_id)
-                      if f["modality"] == modality}
-            if kind == "label":
-                if ("image", "") not in others:
-                    raise UploadError(f"case {case_id!r} has no {modality!r} image yet; upload the image before its "
-                                      f"label")
-                check_same_grid(geometry, Geometry.from_json(others["image", ""]["geometry"]),
-                                f"{modality} label of case {case_id!r}")
-            else:
-                for (other_kind, other_tag), f in others.items():
-                    if other_kind == "label":
-                        check_same_grid(Geometry.from_json(f["geometry"]), geometry,
-                                        f"new {modality} image of case {case_id!r} vs its stored {other_tag} label")
-            path, sha = store_image(image, folder / name)
-            stored = StoredFile(path, sha, geometry.to_json())
-            store.put_file(dataset["id"], case_id, kind, modality, tag, stored)
-        return stored
+        with check_slot():  # the image is in memory from its check until it is stored
+            label_values = sorted(dataset["labels"].values())
+            image = load_checked(tmp, kind, label_values)
+            geometry = Geometry.of(image)
+            folder = store.dataset_folder(dataset["id"], case_id)
+            name = f"image_{modality}" if kind == "image" else f"label_{modality}_{tag}"
+            with store.file_lock:
+                # The grid check and the commit under one lock: an image and a label uploaded to one case at the same
+                # moment cannot both pass against the state before the other (which left labels on a wrong grid).
+                others = {(f["kind"], f["tag"]): f for f in store.files(dataset["id"], case_id)
+                          if f["modality"] == modality}
+                if kind == "label":
+                    if ("image", "") not in others:
+                        raise UploadError(f"case {case_id!r} has no {modality!r} image yet; upload the image "
+                                          f"before its label")
+                    check_same_grid(geometry, Geometry.from_json(others["image", ""]["geometry"]),
+                                    f"{modality} label of case {case_id!r}")
+                else:
+                    for (other_kind, other_tag), f in others.items():
+                        if other_kind == "label":
+                            check_same_grid(Geometry.from_json(f["geometry"]), geometry,
+                                            f"new {modality} image of case {case_id!r} vs its stored {other_tag} label")
+                path, sha = store_image(image, folder / name)
+                stored = StoredFile(path, sha, geometry.to_json())
+                store.put_file(dataset["id"], case_id, kind, modality, tag, stored)
+            return stored
 
     @router.put("/datasets/{dataset_id}/cases/{case_id}/images/{modality}", status_code=201, openapi_extra=BINARY_BODY)
     async def put_image(dataset_id: str, case_id: str, modality: str, request: Request) -> UploadOut:
