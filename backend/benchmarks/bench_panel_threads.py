@@ -1,8 +1,8 @@
 """The Slicer panel's background transfers under Slicer's GIL: how fast a segmentation's upload and download go.
 
-Slicer's Python (PythonQt, whose thread support CTK and Slicer do not enable) keeps the GIL on the GUI thread while the Qt event loop
-idles, so the panel's worker threads move only while the GUI thread runs Python. The tests run the panel under
-PySide6, whose event loop releases the GIL, so they cannot show this. Here the GUI thread is emulated as PythonQt
+Slicer's Python (PythonQt, whose thread support CTK and Slicer do not enable) keeps the GIL on the GUI thread
+while the Qt event loop idles, so the panel's worker threads move only while the GUI thread runs Python. The tests
+run the panel under PySide6, whose event loop releases the GIL, so they cannot show this. Here the GUI thread is emulated as PythonQt
 runs it: it holds the GIL between timer ticks (a libc sleep called through ctypes.PyDLL, which keeps the GIL), and at
 each tick it runs the panel's Python. Meanwhile a worker thread runs `BackendClient.predict`, the panel's real
 request: it uploads one image, then downloads and unpacks the answer zip.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from crossmodalseg.data import check
+from crossmodalseg.data import check, io
 from crossmodalseg.data.check import (
     Problem,
     check_dataset,
@@ -234,7 +234,7 @@ def test_nan_and_inf_image_voxels_are_counted(tmp_path):
 
 def test_slabs_add_up(tmp_path, monkeypatch):
     """Voxels are inspected a few slices at a time; counts and values must cover the whole volume."""
-    monkeypatch.setattr(check, "_SLAB_VOXELS", 300)  # about one slice per slab
+    monkeypatch.setattr(io, "SLAB_VOXELS", 300)  # about one slice per slab
     data = build(tmp_path)
     image = intensity()
     image[:, 0, 0] = np.nan  # one per slice

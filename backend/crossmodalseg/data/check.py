@@ -10,17 +10,16 @@ training never sees them in NIfTI files and neither can this check.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from .io import Geometry, ImageError, beyond_float32, read_image
+from .io import Geometry, ImageError, beyond_float32, read_image, slabs
 from .spec import DatasetError, DatasetSpec, is_ignore, load_spec, spec_path
 
-_SLAB_VOXELS = 1 << 22  # voxels inspected per step: bounds the temporaries (~32 MB at int64)
 _MAX_VALUES = 1000  # distinct offending label values kept; a wrong file (an image given as label) has millions
 _SHOWN_VALUES = 10
 
@@ -139,18 +138,11 @@ def _inspect(path: Path, root: Path, kind: str, allowed: list[int], report: Repo
     return None
 
 
-def _slabs(image: sitk.Image) -> Iterator[np.ndarray]:
-    array = sitk.GetArrayViewFromImage(image)  # (z, y, x) view of the image buffer, no copy
-    step = max(1, _SLAB_VOXELS // max(1, array[0].size))
-    for z in range(0, array.shape[0], step):
-        yield array[z:z + step]
-
-
 def _check_finite(image: sitk.Image, shown: str, report: Report) -> None:
     if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
         return  # integer images cannot hold NaN/Inf
     nan = inf = huge = 0
-    for slab in _slabs(image):
+    for slab in slabs(image):
         nan += int(np.count_nonzero(np.isnan(slab)))
         inf += int(np.count_nonzero(np.isinf(slab)))
         huge += beyond_float32(slab)
@@ -168,7 +160,7 @@ def _check_label_values(image: sitk.Image, shown: str, allowed: list[int], repor
     non_integer, example = 0, None
     offending = np.empty(0)
     more = False
-    for slab in _slabs(image):
+    for slab in slabs(image):
         if slab.dtype.kind == "f":
             bad = ~np.isfinite(slab) | (slab != np.round(slab))
             if bad.any():

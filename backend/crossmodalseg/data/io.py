@@ -149,6 +149,17 @@ def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> P
     return write_atomic(path, lambda tmp: sitk.WriteImage(image, tmp, compress), suffix=".tmp" + suffix)
 
 
+SLAB_VOXELS = 1 << 22  # voxels per slab: bounds the temporaries of a whole-image check (~32 MB at int64)
+
+
+def slabs(image: sitk.Image) -> Iterator[np.ndarray]:
+    """The image's voxels as (z, y, x) views of its buffer, a few slices at a time (no copy)."""
+    array = sitk.GetArrayViewFromImage(image)
+    step = max(1, SLAB_VOXELS // max(1, array[0].size))
+    for z in range(0, array.shape[0], step):
+        yield array[z:z + step]
+
+
 def beyond_float32(array: np.ndarray) -> int:
     """How many finite values of `array` lie beyond float32's range: they become infinite in float32, in which the
     networks compute (none unless the array is float64)."""

@@ -9,29 +9,22 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from ..data.io import Geometry, ImageError, read_image, write_image
+from ..data.io import Geometry, ImageError, read_image, slabs, write_image
 from ..errors import UserError
 
 STORED_SUFFIX = ".nrrd"  # NRRD keeps spacing, origin and direction in double precision (NIfTI's sform is float32)
 # Uploads read and checked at once. A check holds the whole image in memory, and a .nii.gz of a few MB can hold
 # gigabytes of voxels (zeros compress a thousandfold): many sent together must not add up to the server's memory.
+# A slot is held from the read to the stored file, in a worker thread (which may wait for one); the checks themselves
+# go slab by slab, with no full-size temporaries.
 CHECK_SLOTS = 2
-SLAB_VOXELS = 1 << 22  # the label and NaN checks work slab by slab: no full-size temporary arrays
-_check_slots = threading.BoundedSemaphore(CHECK_SLOTS)
-
-
-@contextmanager
-def check_slot() -> Iterator[None]:
-    """Held while an upload is read, checked and stored (in a worker thread: it may wait for a slot)."""
-    with _check_slots:
-        yield
+check_slots = threading.BoundedSemaphore(CHECK_SLOTS)
 
 
 class UploadError(UserError):
@@ -140,14 +133,13 @@ def load_checked(path: Path, kind: str, label_values: list[int] | None = None) -
         image = read_image(path)
     except ImageError as e:
         raise UploadError(str(e).replace(str(path), "uploaded file")) from None
-    array = sitk.GetArrayViewFromImage(image)
-    floating = np.issubdtype(array.dtype, np.floating)
+    floating = np.issubdtype(sitk.GetArrayViewFromImage(image).dtype, np.floating)
     if kind == "image":
-        if floating and not all(np.isfinite(slab).all() for slab in _slabs(array)):
+        if floating and not all(np.isfinite(slab).all() for slab in slabs(image)):
             raise UploadError("the image holds NaN or infinite voxels; fix or mask them before uploading")
         return image
     values: set[int] = set()
-    for slab in _slabs(array):
+    for slab in slabs(image):
         if floating and (not np.isfinite(slab).all() or not np.array_equal(slab, np.round(slab))):
             raise UploadError("a label map must hold integer values (this one has fractions, NaN or Inf)")
         values.update(np.unique(slab).astype(np.int64).tolist())
@@ -156,12 +148,6 @@ def load_checked(path: Path, kind: str, label_values: list[int] | None = None) -
         raise UploadError(f"label values {unknown[:10]} are not in the dataset's labels {label_values}; map them to "
                           f"the dataset's structures first")
     return image
-
-
-def _slabs(array: np.ndarray) -> Iterator[np.ndarray]:
-    step = max(1, SLAB_VOXELS // max(1, array[0].size))
-    for start in range(0, array.shape[0], step):
-        yield array[start:start + step]
 
 
 def check_same_grid(label: sitk.Image | Geometry, image: sitk.Image | Geometry, what: str) -> None:

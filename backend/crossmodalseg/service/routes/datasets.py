@@ -19,7 +19,7 @@ from ..schemas import (
     UploadOut,
 )
 from ..store import NotFound, StoredFile, check_id, new_id
-from ..uploads import UploadError, check_same_grid, check_slot, load_checked, receive, store_image
+from ..uploads import UploadError, check_same_grid, check_slots, load_checked, receive, store_image
 from .common import BINARY_BODY, NRRD, Service, download
 
 
@@ -64,7 +64,7 @@ def datasets_router(svc: Service) -> APIRouter:
 
     def _check_and_store(dataset: dict[str, Any], case_id: str, modality: str, kind: str, tag: str,
                          tmp: Path) -> StoredFile:
-        with check_slot():  # the image is in memory from its check until it is stored
+        with check_slots:  # the image is in memory from its check until it is stored
             label_values = sorted(dataset["labels"].values())
             image = load_checked(tmp, kind, label_values)
             geometry = Geometry.of(image)

@@ -18,7 +18,7 @@ from ...errors import UserError
 from ..predictor_pool import PredictionAbandoned, predict_in_worker
 from ..schemas import CancelledPredictionOut
 from ..store import Conflict, NotFound, check_id
-from ..uploads import check_slot, load_checked, read_form, receive
+from ..uploads import check_slots, load_checked, read_form, receive
 from .common import Service, download
 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -109,7 +109,7 @@ def predict_router(svc: Service) -> APIRouter:
 
 
 def _check_image(path: Path) -> None:
-    with check_slot():
+    with check_slots:
         load_checked(path, "image")
 
 
