@@ -128,6 +128,21 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
     put("hugespacing.mha", mha(spacing="1e30 1 1"), "voxel spacing")
     put("farorigin.mha", mha(origin="1e20 0 0"), "not a position in mm")
     put("sheared.mha", mha(direction="1 0 0 0.3 1 0 0 0 1"), "not orthonormal")  # NIfTI would rotate it
+    # MetaIO sizes its arrays by NDims whatever DimSize holds: NDims = -1 crashed ITK (segmentation fault) and 100
+    # corrupted its heap, through an upload too; too few numbers, or one field under two names, made up a geometry.
+    for label, ndims in (("negative", "-1"), ("hundred", "100"), ("missing", "")):
+        put(f"ndims_{label}.mha", mha().replace(b"NDims = 3", f"NDims = {ndims}".encode()), "NDims")
+    put("short_offset.mha", mha(origin="1"), "Offset needs 3 numbers")
+    put("two_origins.mha", mha().replace(b"Offset", b"Position = 0 0 0\nOffset"), "one field under two names")
+    # A NaN or infinite vox_offset: the gate's own arithmetic failed (a 500 from the server), where it must refuse.
+    for label, value in (("nan", float("nan")), ("inf", float("inf"))):
+        header = bytearray(_nifti_header((8, 8, 8)))
+        struct.pack_into("<f", header, 108, value)
+        put(f"{label}offset.nii.gz", gzip.compress(bytes(header) + bytes(8 * 8 * 8 * 4)), "vox_offset")
+    # NRRD: ITK reads a NaN spacing, or an axis without a direction, as 1 mm without a word
+    put("nan_spacings.nrrd", nrrd.format("spacings: 1 nan 1\n").encode() + bytes(1000), "not sizes in mm")
+    put("none_direction.nrrd", nrrd.format("space: left-posterior-superior\nspace directions: none (0,1,0) "
+                                           "(0,0,1)\n").encode() + bytes(1000), "no direction")
     cases["fifo"] = (fifo, "not a regular file")
     return cases
 

@@ -118,7 +118,11 @@ def nifti_header(head: bytes, name: str, limits: Limits) -> tuple[Header, int]:
             dim = struct.unpack(order + "8h", head[40:56])
             pixdim = struct.unpack(order + "8f", head[76:108])
             bitpix = struct.unpack(order + "h", head[72:74])[0]
-            offset = int(struct.unpack(order + "f", head[108:112])[0])
+            vox_offset = struct.unpack(order + "f", head[108:112])[0]
+            if not math.isfinite(vox_offset):
+                raise ImageError(f"{name}: the NIfTI header's vox_offset is {vox_offset}, not a position in the file; "
+                                 f"the header is broken: save the image again")
+            offset = int(vox_offset)
             break
         if size == 540:
             if len(head) < 540:
@@ -243,11 +247,34 @@ def nrrd_header(head: bytes, name: str, limits: Limits) -> tuple[Header, int, st
         bytes_per_voxel = _NRRD_TYPES[fields["type"].lower()]
     except (KeyError, ValueError):
         raise ImageError(f"{name}: NRRD header without valid 'sizes' and 'type'") from None
+    _check_nrrd_spacing(fields, name)
     encoding = fields.get("encoding", "raw").lower()
     encoding = {"gz": "gzip", "bz2": "bzip2"}.get(encoding, encoding)
     if encoding not in ("raw", "gzip", "bzip2"):
         raise ImageError(f"{name}: NRRD encoding {encoding!r} is not accepted; save with raw or gzip encoding")
     return _count(name, _dims(sizes, name), bytes_per_voxel, limits, "nrrd"), offset, encoding
+
+
+def _check_nrrd_spacing(fields: dict[str, str], name: str) -> None:
+    """ITK reads a NaN or missing voxel size as 1 mm without a word (as it does NIfTI's pixdim): refused. (In 4D files
+    the non-spatial axis rightly has none; check_3d refuses those with its own message.)"""
+    if fields.get("dimension") != "3":
+        return
+    spacings = fields.get("spacings", "").split()
+    if any(not _positive_number(v) for v in spacings):
+        raise ImageError(f"{name}: NRRD spacings {' '.join(spacings)[:60]!r} are not sizes in mm; the header is "
+                         f"broken: fix the spacing and save the image again")
+    if "none" in fields.get("space directions", "").split():
+        raise ImageError(f"{name}: NRRD space directions give an axis of this 3D volume no direction ('none'); the "
+                         f"header is broken: fix the directions and save the image again")
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(value) and value > 0
 
 
 def _meta_key(line: str) -> str:
@@ -280,8 +307,35 @@ def metaimage_header(head: bytes, name: str, limits: Limits) -> tuple[Header, in
         channels = int(fields.get("ElementNumberOfChannels", "1"))
     except (KeyError, ValueError):
         raise ImageError(f"{name}: MetaImage header without valid DimSize and ElementType") from None
+    _check_meta_dimensions(fields, len(sizes), name)
     header = _count(name, _dims(sizes + [max(channels, 1)], name), bytes_per_voxel, limits, "metaimage")
     return header, offset, fields.get("CompressedData", "False").lower() == "true"
+
+
+# MetaIO sizes its arrays by NDims and reads NDims (or NDims²) numbers from each of these fields whatever the line
+# holds: NDims = -1 or 100 crashes ITK (a segmentation fault, heap corruption), too few numbers leave made-up values.
+# Each group is one field under several names, and which name wins depends on their order, so only one may be given.
+_META_VECTOR_FIELDS = (("ElementSpacing",), ("ElementSize",), ("Offset", "Position", "Origin"), ("CenterOfRotation",))
+_META_MATRIX_FIELDS = ("TransformMatrix", "Rotation", "Orientation")
+MAX_META_DIMS = 4  # a 3D volume, or a 4D/2D one that check_3d then refuses with its own message
+
+
+def _check_meta_dimensions(fields: dict[str, str], sizes: int, name: str) -> None:
+    ndims = fields.get("NDims", "").strip()
+    if not ndims.isdigit() or not 2 <= int(ndims) <= MAX_META_DIMS:
+        raise ImageError(f"{name}: MetaImage NDims {ndims[:20]!r} is not 2 to {MAX_META_DIMS} (CrossModalSeg reads 3D "
+                         f"volumes); the header is broken: save the image again")
+    n = int(ndims)
+    if sizes != n:
+        raise ImageError(f"{name}: MetaImage DimSize gives {sizes} sizes for NDims = {n}; save the image again")
+    for group, count in [*((g, n) for g in _META_VECTOR_FIELDS), (_META_MATRIX_FIELDS, n * n)]:
+        given = [key for key in group if key in fields]
+        if len(given) > 1:
+            raise ImageError(f"{name}: the MetaImage header gives both {given[0]} and {given[1]} (one field under two "
+                             f"names); save the image again")
+        if given and len(fields[given[0]].split()) != count:
+            raise ImageError(f"{name}: MetaImage {given[0]} needs {count} numbers for NDims = {n}, the header gives "
+                             f"{len(fields[given[0]].split())}; save the image again")
 
 
 # ---- data checks ---------------------------------------------------------------------------------------------------
