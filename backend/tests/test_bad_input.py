@@ -264,7 +264,7 @@ def test_model_folder_damage_is_reported(tiny_model: Path, tmp_path: Path):
             ("list", b"[2]", "a JSON object is expected"),
             ("no_plan", json.dumps({k: v for k, v in meta.items() if k != "plan"}).encode(), "plan missing"),
             ("spacing0", json.dumps({**meta, "plan": {**meta["plan"], "spacing": [0, 0, 0]}}).encode(),
-             "three positive values"),
+             "plan.spacing.0: Input should be greater than or equal to 0.0001"),
             ("task_list", json.dumps({**meta, "task": {**meta["task"], "labels": [1]}}).encode(),
              "does not describe a model"),
             ("latin1", b'{"format_version": 2, "x": "\xe9"}', "not UTF-8")):
@@ -273,6 +273,43 @@ def test_model_folder_damage_is_reported(tiny_model: Path, tmp_path: Path):
         (damaged / "model.json").write_bytes(content)
         assert_clean_error(cli("predict", str(damaged), "--image", f"ct={image}", "--out", str(tmp_path / "o")),
                            fragment)
+
+
+def test_a_model_description_out_of_range_is_refused_before_anything_is_built(tiny_model: Path):
+    """model.json comes from anyone (an imported archive, an edited file). Found by mutating a real one: filters of
+    1e6 asked for terabytes (an allocation error, a 500 on import), a kernel of 4 failed an assertion inside MONAI, a
+    normalisation std of "x" passed the import and made every prediction a 500, a patch that the strides do not
+    divide failed inside the network. Each is now refused, naming the field, before a weight is allocated."""
+    from crossmodalseg.engine.checkpoint import ModelFolderError
+    from crossmodalseg.engine.inferer import build_method
+
+    meta = json.loads((tiny_model / "model.json").read_text())
+    assert build_method(meta).task.num_classes == 2  # the real one builds
+
+    def changed(section: str, **fields) -> dict:
+        return {**meta, section: {**meta[section], **fields}}
+
+    levels = len(meta["plan"]["strides"])
+    normalisation = meta["plan"]["normalisation"]["ct"]
+    for damaged, fragment in (
+            (changed("plan", filters=[1_000_000] * levels), "plan.filters.0"),
+            (changed("plan", kernels=[[4, 4, 4]] * levels), "plan.kernels.0.0"),
+            (changed("plan", normalisation={"ct": {**normalisation, "std": "x"}}), "plan.normalisation.ct.std"),
+            (changed("plan", normalisation={"ct": {**normalisation, "clip": [100.0, -100.0]}}), "[low, high]"),
+            (changed("plan", normalisation={}), "no entry for modality ct"),
+            (changed("plan", patch_size=[p + 1 for p in meta["plan"]["patch_size"]]), "not a multiple"),
+            (changed("plan", patch_size=[512, 512, 64], strides=[[1, 1, 1]] * levels), "voxels"),
+            (changed("plan", convs_per_level=3), "plan.convs_per_level"),
+            # within every field's range, but 8 levels of 1024 filters with 5x5x5 kernels: 2e9 parameters
+            (changed("plan", filters=[1024] * 8, strides=[[1, 1, 1]] * 8, kernels=[[5, 5, 5]] * 8,
+                     patch_size=[8, 8, 8]), "parameters"),
+            (changed("task", labels={"background": 0, "x": 1.5}), "label 'x' has value 1.5"),
+            (changed("task", labels={"background": 0}), "no structure besides the background"),
+            (changed("task", assistants=["ct"]), "'target' and 'assistants'"),
+            (changed("method", hparams={"width": 1e9}), "width")):
+        with pytest.raises(ModelFolderError, match="does not describe a model") as refused:
+            build_method(damaged)
+        assert fragment in str(refused.value), (fragment, str(refused.value))
 
 
 def test_gpu_out_of_memory_becomes_advice():

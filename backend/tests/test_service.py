@@ -458,6 +458,12 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(server: Server, trained
          "modalities"),
         (changed(lambda meta: meta["plan"].__setitem__("normalisation", [])), "does not describe a model"),
         (changed(lambda meta: meta["method"].__setitem__("hparams", [])), "hparams"),
+        # passed the import, then made every prediction with the model a 500
+        (changed(lambda meta: meta["plan"]["normalisation"]["ct"].__setitem__("std", "x")),
+         "plan.normalisation.ct.std"),
+        # asked the worker for terabytes (a 500 on import)
+        (changed(lambda meta: meta["plan"].__setitem__("filters", [10 ** 6] * len(meta["plan"]["filters"]))),
+         "plan.filters.0"),
     ]
     requests = [
         ("GET", "/datasets/nope", {}, 404, "no dataset"),

@@ -11,13 +11,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import SimpleITK as sitk
+from pydantic import Field, model_validator
 
+from ..config import Identifier, StrictModel, parse
 from ..errors import UserError
-from .io import read_image, to_array
+from .io import SPACING_RANGE_MM, read_image, to_array
 from .spec import DatasetSpec
 
 
@@ -114,6 +116,81 @@ class Normalisation:
         return out
 
 
+# ---- what a plan read from a file may hold ------------------------------------------------------------------------
+# Far beyond what the presets make (at most 6 levels, 320 filters, 128³-voxel patches, about 9e7 feature voxels per
+# window), and far below what would exhaust a machine: a model.json asking for 1e9 filters or a 2000³ patch is
+# refused when it is read, not when a worker tries to allocate it.
+MAX_LEVELS = 8
+MAX_FILTERS = 1024
+MAX_PATCH_EDGE = 512
+MAX_PATCH_VOXELS = 4 * 128 ** 3
+MAX_WINDOW_FEATURES = 2 ** 28  # sum over levels of filters x voxels of one window (1 GiB of float32)
+
+_Spacing = Annotated[float, Field(ge=SPACING_RANGE_MM[0], le=SPACING_RANGE_MM[1])]
+_Axes = Annotated[list[int], Field(min_length=3, max_length=3)]
+
+
+class NormalisationFields(StrictModel):
+    modality: Identifier
+    kind: Literal["CT", "MR"]
+    clip: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
+    mean: float = 0.0
+    std: Annotated[float, Field(ge=0)] = 1.0  # 0 for a constant foreground: apply() divides by at least 1e-6
+
+    @model_validator(mode="after")
+    def _clip_in_order(self) -> "NormalisationFields":
+        if self.clip is not None and self.clip[0] > self.clip[1]:
+            raise ValueError(f"clip {self.clip} must be [low, high]")
+        return self
+
+
+class PlanFields(StrictModel):
+    preset: Literal["fast", "full"]
+    spacing: Annotated[list[_Spacing], Field(min_length=3, max_length=3)]
+    patch_size: Annotated[list[Annotated[int, Field(ge=1, le=MAX_PATCH_EDGE)]], Field(min_length=3, max_length=3)]
+    strides: Annotated[list[Annotated[list[Literal[1, 2]], Field(min_length=3, max_length=3)]],
+                       Field(min_length=1, max_length=MAX_LEVELS)]
+    kernels: Annotated[list[Annotated[list[Literal[1, 3, 5]], Field(min_length=3, max_length=3)]],
+                       Field(min_length=1, max_length=MAX_LEVELS)]
+    filters: Annotated[list[Annotated[int, Field(ge=1, le=MAX_FILTERS)]], Field(min_length=1, max_length=MAX_LEVELS)]
+    batch_size: Annotated[int, Field(ge=1, le=256)]
+    iterations_per_epoch: Annotated[int, Field(ge=1, le=1_000_000)]
+    learning_rate: Annotated[float, Field(gt=0, le=1)]
+    deep_supervision_heads: Annotated[int, Field(ge=0, le=MAX_LEVELS)]
+    convs_per_level: Literal[1, 2] = 2
+    restore_channels: Annotated[int, Field(ge=0, le=MAX_FILTERS)] = 0
+    augment: bool = True
+    foreground_fraction: Annotated[float, Field(ge=0, le=1)] = 1.0
+    warmup_fraction: float = 0.0  # plans written before the warm-up existed: poly from the start
+    warmup_start_factor: float = 1.0
+    normalisation: Annotated[dict[Identifier, NormalisationFields], Field(max_length=16)] = {}
+    statistics: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PlanFields":
+        if not (0 <= self.warmup_fraction < 1 and 0 < self.warmup_start_factor <= 1):
+            raise ValueError(f"warmup_fraction {self.warmup_fraction} and warmup_start_factor "
+                             f"{self.warmup_start_factor} must lie in [0, 1) and (0, 1]: train the model again")
+        levels = len(self.strides)
+        if len(self.kernels) != levels or len(self.filters) < levels:
+            raise ValueError(f"{levels} levels of strides need as many kernels and filters (found {len(self.kernels)} "
+                             f"and {len(self.filters)})")
+        divisor = np.prod(np.asarray(self.strides), axis=0)
+        if any(p % d for p, d in zip(self.patch_size, divisor)):
+            raise ValueError(f"patch size {self.patch_size} is not a multiple of the strides' product "
+                             f"{divisor.tolist()} along every axis")
+        if math.prod(self.patch_size) > MAX_PATCH_VOXELS:
+            raise ValueError(f"patch size {self.patch_size} has more than {MAX_PATCH_VOXELS:,} voxels")
+        voxels, features = float(math.prod(self.patch_size)), 0.0
+        for stride, filters in zip(self.strides, self.filters):
+            voxels /= math.prod(stride)
+            features += voxels * filters
+        if features > MAX_WINDOW_FEATURES:
+            raise ValueError(f"the network's feature maps of one window would hold {features:,.0f} values, more than "
+                             f"{MAX_WINDOW_FEATURES:,}")
+        return self
+
+
 def background_fill(array: np.ndarray) -> bool:
     """Whether the image has a background fill: at least 10 % of its voxels at its minimum (skull-stripped, padded)."""
     return bool(array.size) and float((array == array.min()).mean()) > 0.1
@@ -152,28 +229,20 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        out["normalisation"] = {m: asdict(n) for m, n in self.normalisation.items()}
+        out["normalisation"] = {m: {**asdict(n), "clip": list(n.clip) if n.clip else None}
+                                for m, n in self.normalisation.items()}
         return out
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Plan":
-        data = dict(data)
-        data["normalisation"] = {
-            m: Normalisation(**{**n, "clip": tuple(n["clip"]) if n.get("clip") else None})
-            for m, n in data.get("normalisation", {}).items()
+    def from_json(cls, data: Any) -> "Plan":
+        """The plan of a model.json or run.json, which may come from anyone (an imported archive, an edited file):
+        every field typed and bounded (`PlanFields`), or a ConfigError naming each problem."""
+        fields = parse(PlanFields, data, "plan.").model_dump()
+        fields["normalisation"] = {
+            m: Normalisation(**{**n, "clip": tuple(n["clip"]) if n["clip"] else None})
+            for m, n in fields["normalisation"].items()
         }
-        plan = cls(**data)
-        spacing, patch = plan.spacing, plan.patch_size
-        if not (len(spacing) == 3 and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in spacing)
-                and len(patch) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in patch)):
-            raise UserError(f"the model's plan has spacing {spacing!r} and patch size {patch!r}; three positive values "
-                            f"each are needed: the model.json was damaged or edited")
-        fraction, start = plan.warmup_fraction, plan.warmup_start_factor
-        if not (isinstance(fraction, (int, float)) and isinstance(start, (int, float))
-                and 0 <= fraction < 1 and 0 < start <= 1):
-            raise UserError(f"the model's plan has warmup_fraction {fraction!r} and warmup_start_factor {start!r}; "
-                            f"they must lie in [0, 1) and (0, 1]: train the model again with this crossmodalseg")
-        return plan
+        return cls(**fields)
 
     def with_preset(self, preset: Preset) -> "Plan":
         return plan_from_statistics(self.statistics, preset, self.normalisation)

@@ -149,6 +149,28 @@ def spec_path(path: str | Path) -> Path:
     return path / SPEC_FILE if path.is_dir() else path
 
 
+def label_problems(labels: Any) -> list[str]:
+    """What is wrong with a `labels` mapping (structure name -> on-disk value), of a dataset.json or a model.json."""
+    if not isinstance(labels, dict) or not labels:
+        return ["'labels' must map structure names to integer values, e.g. {\"background\": 0, \"liver\": 1}"]
+    problems = []
+    for name, value in labels.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LABEL_VALUE:
+            problems.append(f"label {name!r} has value {value!r}; values must be integers from 0 to "
+                            f"{MAX_LABEL_VALUE} (label maps are written as 16-bit)")
+    values = [v for v in labels.values() if isinstance(v, int)]
+    if len(set(values)) != len(values):
+        problems.append("two structures share one label value")
+    if 0 not in values:
+        problems.append("'labels' must name the background value 0")
+    ignored = [name for name in labels if is_ignore(str(name))]
+    if len(ignored) > 1:
+        problems.append(f"'labels' name {len(ignored)} 'ignore' structures ({', '.join(ignored)}); keep one")
+    if any(labels[name] == 0 for name in ignored):
+        problems.append("'ignore' cannot be the background value 0; give it its own value (e.g. the highest)")
+    return problems
+
+
 def parse_spec(data: Any, root: Path) -> DatasetSpec:
     """Builds a spec from parsed JSON, raising DatasetError with every structural problem listed."""
     problems: list[str] = []
@@ -161,24 +183,8 @@ def parse_spec(data: Any, root: Path) -> DatasetSpec:
         raise DatasetError("dataset.json: " + "; ".join(problems))
 
     labels = data["labels"]
-    if not isinstance(labels, dict) or not labels:
-        problems.append("'labels' must map structure names to integer values, e.g. {\"background\": 0, \"liver\": 1}")
-        labels = {}
-    else:
-        for name, value in labels.items():
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LABEL_VALUE:
-                problems.append(f"label {name!r} has value {value!r}; values must be integers from 0 to "
-                                f"{MAX_LABEL_VALUE} (label maps are written as 16-bit)")
-        values = [v for v in labels.values() if isinstance(v, int)]
-        if len(set(values)) != len(values):
-            problems.append("two structures share one label value")
-        if 0 not in values:
-            problems.append("'labels' must name the background value 0")
-        ignored = [name for name in labels if is_ignore(str(name))]
-        if len(ignored) > 1:
-            problems.append(f"'labels' name {len(ignored)} 'ignore' structures ({', '.join(ignored)}); keep one")
-        if any(labels[name] == 0 for name in ignored):
-            problems.append("'ignore' cannot be the background value 0; give it its own value (e.g. the highest)")
+    problems += label_problems(labels)
+    labels = labels if isinstance(labels, dict) else {}
 
     modalities = data["modalities"]
     if not isinstance(modalities, dict) or not modalities:

@@ -30,19 +30,50 @@ from ..methods import Method, Task, get_method
 from .checkpoint import ModelFolderError, load_weights, read_model_meta
 from .distributed import autocast_dtype, resolve_device
 
+# Parameters of the largest networks a model may describe: at the `full` preset `single` has 3.1e7, MKD and MAML 6.2e7
+# and 6.3e7, CMC 7.1e7. A model.json (imported, edited) asking for more is refused before anything is allocated.
+MAX_PARAMETERS = 500_000_000
+
+
+@dataclass
+class ModelDescription:
+    """What a model.json (or a run.json) describes, every part checked."""
+    method: type[Method]
+    task: Task
+    plan: Plan
+    hparams: dict[str, Any]
+
+
+def describe_model(meta: dict[str, Any]) -> ModelDescription:
+    """The checked description of a model.json, or ModelFolderError: a field missing, of the wrong type or out of
+    range, or networks too large. The file may have been damaged or edited, or come from someone else, so everything
+    in it is checked before it is used, and the networks' size before any memory is taken for them."""
+    try:
+        task = Task.from_json(meta["task"])
+        plan = Plan.from_json(meta["plan"])
+        missing = [m for m in task.modalities if m not in plan.normalisation]
+        if missing:
+            raise UserError(f"plan.normalisation has no entry for modality {', '.join(missing)}")
+        method_class = get_method(meta["method"]["name"])
+        try:
+            hparams = method_class.check_options(meta["method"]["hparams"])
+        except UserError as e:
+            raise UserError(f"method.hparams: {e}") from None
+        with torch.device("meta"):  # sizes only: no memory for the weights
+            parameters = sum(p.numel() for net in method_class(task, plan, hparams).nets.values()
+                             for p in net.parameters())
+        if parameters > MAX_PARAMETERS:
+            raise UserError(f"its networks would have {parameters:,} parameters, more than {MAX_PARAMETERS:,}")
+        return ModelDescription(method_class, task, plan, hparams)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        raise ModelFolderError(f"model.json does not describe a model this version can build ({reason})") from None
+
 
 def build_method(meta: dict[str, Any]) -> Method:
-    """The method object described by a model.json (or a run.json), networks initialised; ModelFolderError when the
-    description cannot be built (a field missing or of the wrong shape: the file was damaged or edited)."""
-    try:
-        task = Task(**meta["task"])
-        plan = Plan.from_json(meta["plan"])
-        return get_method(meta["method"]["name"])(task, plan, meta["method"]["hparams"])
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
-        if isinstance(e, UserError):
-            raise
-        raise ModelFolderError(f"model.json does not describe a model this version can build "
-                               f"({type(e).__name__}: {e})") from None
+    """The method object described by a model.json (or a run.json), networks initialised (see `describe_model`)."""
+    described = describe_model(meta)
+    return described.method(described.task, described.plan, described.hparams)
 
 
 def mirror_axes(tta: bool) -> list[tuple[int, ...]]:

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import __version__
 from ..config import TrainConfig
 from ..data.check import check_dataset
-from ..data.plan import Plan, make_plan
+from ..data.plan import make_plan
 from ..data.spec import DatasetError, DatasetSpec, load_spec, write_json_atomic
 from ..data.transforms import LoadCased, patch_ready
 from ..errors import UserError
@@ -55,7 +55,7 @@ from .distributed import (
     shutdown_distributed,
 )
 from .events import EventLog
-from .inferer import build_method
+from .inferer import ModelDescription, build_method, describe_model
 from .validation import Validation
 
 RUN_FILE = "run.json"
@@ -296,15 +296,16 @@ class Trainer:
         init_meta = None
         if self.config.init_from:
             init_meta = read_model_meta(Path(self.config.init_from))
-            self._check_compatible(init_meta, task)
-            plan = Plan.from_json(init_meta["plan"])
+            init_model = describe_model(init_meta)
+            self._check_compatible(init_model, task)
+            plan = init_model.plan
         else:  # statistics of the training cases only: validation cases must not shape the preprocessing
             plan = method_cls.adapt_plan(make_plan(self.spec, [task.target, *task.assistants], self.config.preset,
                                                    exclude=val_ids))
         if self.config.iterations_per_epoch:
             plan.iterations_per_epoch = self.config.iterations_per_epoch
         if init_meta is not None:  # the model's own hyper-parameters (its networks depend on them), then overrides
-            self.config.options = {**init_meta["method"].get("hparams", {}), **self.config.options}
+            self.config.options = {**init_model.hparams, **self.config.options}
         torch.manual_seed(self.config.seed)  # before the networks exist: their initial weights are part of the run
         method = method_cls(task, plan, self.config.options)
         if init_meta is not None:
@@ -315,11 +316,11 @@ class Trainer:
                "dataset": {"name": self.spec.name, "path": str(self.spec.root)}}
         return method, run, val_ids
 
-    def _check_compatible(self, meta: dict[str, Any], task: Task) -> None:
-        if meta["method"]["name"] != self.config.method:
-            raise TrainingError(f"--init-from model was trained with method {meta['method']['name']!r}, not "
+    def _check_compatible(self, model: ModelDescription, task: Task) -> None:
+        if model.method.name != self.config.method:
+            raise TrainingError(f"--init-from model was trained with method {model.method.name!r}, not "
                                 f"{self.config.method!r}; fine-tune with the same method")
-        old = Task(**meta["task"])
+        old = model.task
         if old.labels != task.labels:
             raise TrainingError(f"--init-from model segments {old.labels}, this dataset labels {task.labels}")
         if old.modalities != task.modalities or old.target != task.target:

@@ -18,8 +18,10 @@ from torch import nn
 
 from ..config import ConfigError, MethodOptions, parse
 from ..data.plan import Plan
-from ..data.spec import Case, DatasetSpec, LabelSet
+from ..data.spec import ID_PATTERN, MODALITY_TYPES, Case, DatasetSpec, LabelSet, is_ignore, label_problems
 from ..errors import UserError
+
+MAX_MODALITIES = 16
 
 
 @dataclass
@@ -42,6 +44,33 @@ class Task(LabelSet):
             raise UserError(f"{target!r} is the target; it cannot also be an assistant")
         ordered = {n: v for n, v in sorted(spec.labels.items(), key=lambda kv: kv[1])}
         return cls(ordered, {m: spec.modalities[m] for m in [target, *assistants]}, target, list(assistants))
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Task":
+        """The task of a model.json or run.json (which may come from anyone), or a UserError saying what is wrong."""
+        if not isinstance(data, Mapping) or set(data) - {"labels", "modalities", "target", "assistants"}:
+            raise UserError("task must be an object with labels, modalities, target and assistants")
+        labels, modalities = data.get("labels"), data.get("modalities")
+        target, assistants = data.get("target"), data.get("assistants", [])
+        problems = label_problems(labels)
+        if not problems and not any(value != 0 and not is_ignore(name) for name, value in labels.items()):
+            problems.append("'labels' name no structure besides the background")
+        if not (isinstance(modalities, dict) and 1 <= len(modalities) <= MAX_MODALITIES
+                and all(isinstance(m, str) and ID_PATTERN.match(m) and kind in MODALITY_TYPES
+                        for m, kind in modalities.items())):
+            problems.append(f"'modalities' must map 1 to {MAX_MODALITIES} modality names to "
+                            f"{' or '.join(MODALITY_TYPES)}")
+            modalities = {}
+        if not isinstance(assistants, list) or len(set(map(str, assistants))) != len(assistants):
+            problems.append("'assistants' must be a list of distinct modalities")
+            assistants = []
+        if modalities and (not isinstance(target, str) or target in assistants
+                           or {target, *assistants} != set(modalities)):
+            problems.append(f"'target' and 'assistants' must be the modalities {sorted(modalities)}, the target not "
+                            f"also an assistant")
+        if problems:
+            raise UserError("task: " + "; ".join(problems))
+        return cls(dict(labels), dict(modalities), target, list(assistants))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
