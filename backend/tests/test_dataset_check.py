@@ -137,6 +137,17 @@ def test_missing_image_file(tmp_path):
     assert problem.message == "image file not found: case001/mr.nii.gz"
 
 
+def test_a_file_name_too_long_for_the_file_system_is_one_problem(tmp_path):
+    """Path.exists() raises for such a name (found by mutating dataset.json): the check raised instead of listing it
+    with the dataset's other problems."""
+    data = build(tmp_path)
+    data["cases"][1]["images"]["mr"] = "a" * 5000
+    save(tmp_path, data)
+    problem = only_problem(tmp_path)
+    assert (problem.case, problem.modality) == ("case001", "mr")
+    assert problem.message.startswith("image ") and problem.message.endswith(": cannot be read (File name too long)")
+
+
 def test_missing_label_file(tmp_path):
     build(tmp_path)
     (tmp_path / "case000" / "ct_label.nii.gz").unlink()

@@ -121,7 +121,12 @@ def format_report(spec: DatasetSpec | None, problems: list[Problem], warnings: l
 def _inspect(path: Path, root: Path, kind: str, allowed: list[int], report: Report) -> Geometry | None:
     """Reads one file and reports its problems; returns its geometry, or None when it cannot be read."""
     shown = _shown_path(path, root)
-    if not path.exists():
+    try:
+        found = path.exists()
+    except OSError as e:  # a name too long for the file system, say: Path.exists raises rather than say False
+        report(f"{kind} {shown}: cannot be read ({e.strerror})")
+        return None
+    if not found:
         report(f"{kind} file not found: {shown}")
         return None
     try:
