@@ -205,7 +205,7 @@ def test_label_values_not_in_the_spec(tmp_path):
                                               make_image(segmentation((0, 1, 7))))}
     save(tmp_path, data)
     problem = only_problem(tmp_path)
-    assert str(problem) == "case003 [ct]: label values {7} are not in the spec (allowed: 0, 1, 2)"
+    assert str(problem) == "case003 [ct]: label values {7} are not in the dataset's labels (allowed: 0, 1, 2); map them to the dataset's structures first"
 
 
 def test_negative_and_many_label_values_are_listed_briefly(tmp_path):
@@ -214,7 +214,7 @@ def test_negative_and_many_label_values_are_listed_briefly(tmp_path):
     write(tmp_path / "case000" / "ct_label.nii.gz", make_image(label))
     message = only_problem(tmp_path).message
     assert message.startswith("label values {-5, -4, -3, -2, -1, 3, 4, 5, 6, 7, ...")
-    assert message.endswith("(more than 1000 distinct)} are not in the spec (allowed: 0, 1, 2)")
+    assert "(more than 1000 distinct)} are not in the dataset's labels (allowed: 0, 1, 2)" in message
 
 
 def test_non_integer_label_voxels(tmp_path):

@@ -11,7 +11,7 @@ training never sees them in NIfTI files and neither can this check.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -144,48 +144,91 @@ def _inspect(path: Path, root: Path, kind: str, allowed: list[int], report: Repo
 
 
 def _check_finite(image: sitk.Image, shown: str, report: Report) -> None:
-    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
-        return  # integer images cannot hold NaN/Inf
-    nan = inf = huge = 0
-    for slab in slabs(image):
-        nan += int(np.count_nonzero(np.isnan(slab)))
-        inf += int(np.count_nonzero(np.isinf(slab)))
-        huge += beyond_float32(slab)
-    if nan or inf:
-        counts = " and ".join(s for s in (f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else "") if s)
-        report(f"image {shown} has {counts} voxel(s) (of {_voxels(image)}); replace them (e.g. with the minimum "
-               f"intensity) before training")
-    if huge:
-        report(f"image {shown} has {huge} voxel(s) (of {_voxels(image)}) beyond float32's range (|value| > 3.4e38); "
-               f"rescale or clip it before training")
+    for problem in VoxelCensus.of(image).problems(f"image {shown}"):
+        report(problem)
 
 
 def _check_label_values(image: sitk.Image, shown: str, allowed: list[int], report: Report) -> None:
-    allowed_values = np.asarray(allowed, dtype=np.int64)
-    non_integer, example = 0, None
-    offending = np.empty(0)
-    more = False
-    for slab in slabs(image):
-        if slab.dtype.kind == "f":
-            bad = ~np.isfinite(slab) | (slab != np.round(slab))
-            if bad.any():
-                non_integer += int(np.count_nonzero(bad))
-                example = slab[bad][0] if example is None else example
-                slab = slab[~bad]
-        values = _distinct(slab)
-        values = values[~np.isin(values, allowed_values)]
-        if values.size and not more:
-            offending = np.union1d(offending, values)
-            if offending.size > _MAX_VALUES:
-                offending, more = offending[:_MAX_VALUES], True
-    if non_integer:
-        report(f"label {shown} has {non_integer} non-integer voxel(s) (e.g. {float(example):g}); labels must hold "
-               f"integer values (resample labels with nearest-neighbour interpolation)")
-    if offending.size:
-        values = ", ".join(_fmt(v) for v in offending[:_SHOWN_VALUES])
-        if more or offending.size > _SHOWN_VALUES:
-            values += f", ... ({'more than ' if more else ''}{offending.size} distinct)"
-        report(f"label values {{{values}}} are not in the spec (allowed: {', '.join(map(str, allowed))})")
+    for problem in LabelCensus.of(image, allowed).problems(f"label {shown}"):
+        report(problem)
+
+
+# ---- what is wrong with an image's voxels: for this check and for the service's upload check -----------------------
+@dataclass
+class VoxelCensus:
+    """NaN, infinite and beyond-float32 voxels of an image (training computes in float32), counted slab by slab."""
+    voxels: int
+    nan: int = 0
+    inf: int = 0
+    beyond_float32: int = 0
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "VoxelCensus":
+        census = cls(_voxels(image))
+        if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+            return census  # integer images cannot hold NaN/Inf
+        for slab in slabs(image):
+            census.nan += int(np.count_nonzero(np.isnan(slab)))
+            census.inf += int(np.count_nonzero(np.isinf(slab)))
+            census.beyond_float32 += beyond_float32(slab)
+        return census
+
+    def problems(self, shown: str) -> list[str]:
+        """One message per kind of problem; `shown` names the image ("image case000/ct.nii.gz")."""
+        problems = []
+        if self.nan or self.inf:
+            counts = " and ".join(s for s in (f"{self.nan} NaN" if self.nan else "",
+                                              f"{self.inf} infinite" if self.inf else "") if s)
+            problems.append(f"{shown} has {counts} voxel(s) (of {self.voxels}); replace them (e.g. with the minimum "
+                            f"intensity) before training")
+        if self.beyond_float32:
+            problems.append(f"{shown} has {self.beyond_float32} voxel(s) (of {self.voxels}) beyond float32's range "
+                            f"(|value| > 3.4e38); rescale or clip it before training")
+        return problems
+
+
+@dataclass
+class LabelCensus:
+    """Voxels of a label map that are not whole numbers, and the distinct values `allowed` does not hold (the first
+    _MAX_VALUES of them: an image given as a label has millions), counted slab by slab."""
+    allowed: list[int]
+    non_integer: int = 0
+    example: float | None = None
+    unknown: np.ndarray = field(default_factory=lambda: np.empty(0))
+    more: bool = False
+
+    @classmethod
+    def of(cls, image: sitk.Image, allowed: list[int]) -> "LabelCensus":
+        census = cls(list(allowed))
+        allowed_values = np.asarray(allowed, dtype=np.int64)
+        for slab in slabs(image):
+            if slab.dtype.kind == "f":
+                bad = ~np.isfinite(slab) | (slab != np.round(slab))
+                if bad.any():
+                    census.non_integer += int(np.count_nonzero(bad))
+                    census.example = float(slab[bad][0]) if census.example is None else census.example
+                    slab = slab[~bad]
+            values = _distinct(slab)
+            values = values[~np.isin(values, allowed_values)]
+            if values.size and not census.more:
+                census.unknown = np.union1d(census.unknown, values)
+                if census.unknown.size > _MAX_VALUES:
+                    census.unknown, census.more = census.unknown[:_MAX_VALUES], True
+        return census
+
+    def problems(self, shown: str) -> list[str]:
+        """One message per kind of problem; `shown` names the label map ("label case000/ct_label.nii.gz")."""
+        problems = []
+        if self.non_integer:
+            problems.append(f"{shown} has {self.non_integer} non-integer voxel(s) (e.g. {self.example:g}); labels "
+                            f"must hold integer values (resample labels with nearest-neighbour interpolation)")
+        if self.unknown.size:
+            values = ", ".join(_fmt(v) for v in self.unknown[:_SHOWN_VALUES])
+            if self.more or self.unknown.size > _SHOWN_VALUES:
+                values += f", ... ({'more than ' if self.more else ''}{self.unknown.size} distinct)"
+            problems.append(f"label values {{{values}}} are not in the dataset's labels (allowed: "
+                            f"{', '.join(map(str, self.allowed))}); map them to the dataset's structures first")
+        return problems
 
 
 def _distinct(values: np.ndarray) -> np.ndarray:

@@ -12,10 +12,10 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
-from ..data.io import Geometry, ImageError, read_image, slabs, write_image
+from ..data.check import LabelCensus, VoxelCensus
+from ..data.io import Geometry, ImageError, read_image, write_image
 from ..errors import UserError
 
 STORED_SUFFIX = ".nrrd"  # NRRD keeps spacing, origin and direction in double precision (NIfTI's sform is float32)
@@ -133,20 +133,10 @@ def load_checked(path: Path, kind: str, label_values: list[int] | None = None) -
         image = read_image(path)
     except ImageError as e:
         raise UploadError(str(e).replace(str(path), "uploaded file")) from None
-    floating = np.issubdtype(sitk.GetArrayViewFromImage(image).dtype, np.floating)
-    if kind == "image":
-        if floating and not all(np.isfinite(slab).all() for slab in slabs(image)):
-            raise UploadError("the image holds NaN or infinite voxels; fix or mask them before uploading")
-        return image
-    values: set[int] = set()
-    for slab in slabs(image):
-        if floating and (not np.isfinite(slab).all() or not np.array_equal(slab, np.round(slab))):
-            raise UploadError("a label map must hold integer values (this one has fractions, NaN or Inf)")
-        values.update(np.unique(slab).astype(np.int64).tolist())
-    unknown = sorted(values - set(label_values or []))
-    if unknown:
-        raise UploadError(f"label values {unknown[:10]} are not in the dataset's labels {label_values}; map them to "
-                          f"the dataset's structures first")
+    census = VoxelCensus.of(image).problems("the image") if kind == "image" else \
+        LabelCensus.of(image, label_values or []).problems("the label map")
+    if census:
+        raise UploadError("; ".join(census))
     return image
 
 
