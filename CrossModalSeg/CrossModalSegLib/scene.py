@@ -123,18 +123,32 @@ def _blank_like(volume):
 
 
 def grid_difference(volume: slicer.vtkMRMLVolumeNode, reference: slicer.vtkMRMLVolumeNode) -> str | None:
-    """How `volume`'s voxel grid differs from `reference`'s (dimensions, or the IJK-to-RAS matrix beyond a
-    thousandth of a voxel), or None when they are the same grid."""
+    """How `volume`'s voxel grid differs from `reference`'s (dimensions, or the voxel centres beyond a thousandth of
+    a voxel), or None when they are the same grid. Axes may run the other way: Slicer's reader turns a file whose
+    axes are a left-handed permutation (written from such a volume node) into a right-handed grid by reversing
+    one axis, the same voxels indexed from the other end, which segment import places by position."""
     dims, reference_dims = volume.GetImageData().GetDimensions(), reference.GetImageData().GetDimensions()
     if dims != reference_dims:
         return f"{'x'.join(map(str, dims))} voxels, not {'x'.join(map(str, reference_dims))}"
-    a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(a)
-    reference.GetIJKToRASMatrix(b)
-    tolerance = 1e-3 * min(reference.GetSpacing())
-    if any(abs(a.GetElement(i, j) - b.GetElement(i, j)) > tolerance for i in range(3) for j in range(4)):
+    a, b = _canonical_grid(volume, dims), _canonical_grid(reference, dims)
+    if np.abs(a - b).max() > 1e-3 * min(reference.GetSpacing()):
         return "another position, spacing or orientation"
     return None
+
+
+def _canonical_grid(volume: slicer.vtkMRMLVolumeNode, dims: tuple[int, int, int]) -> np.ndarray:
+    """The IJK-to-RAS matrix (3 x 4) with each axis turned to point along its largest RAS component's positive
+    direction (the origin moved to the axis's other end where it is turned): equal for two grids of the same voxel
+    centres whichever way their axes run."""
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    m = np.array([[matrix.GetElement(i, j) for j in range(4)] for i in range(3)])
+    for axis in range(3):
+        column = m[:, axis]
+        if column[np.argmax(np.abs(column))] < 0:
+            m[:, 3] += (dims[axis] - 1) * column
+            m[:, axis] = -column
+    return m
 
 
 def read_volume(scene: slicer.vtkMRMLScene, path: Path, name: str, labelmap: bool = False
