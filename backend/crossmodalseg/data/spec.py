@@ -171,6 +171,20 @@ def label_problems(labels: Any) -> list[str]:
     return problems
 
 
+def modality_problems(modalities: Any) -> list[str]:
+    """What is wrong with a `modalities` mapping (name -> "CT" or "MR"), of a dataset.json or a model.json."""
+    if not isinstance(modalities, dict) or not modalities:
+        return ["'modalities' must map modality names to a type, e.g. {\"ct\": \"CT\", \"t1c\": \"MR\"}"]
+    problems = []
+    for name, kind in modalities.items():
+        if kind not in MODALITY_TYPES:
+            problems.append(f"'modalities' give {name!r} the type {kind!r}; use one of {', '.join(MODALITY_TYPES)}")
+        if not ID_PATTERN.match(str(name)):
+            problems.append(f"'modalities' name {name!r}: a modality name may hold only letters, digits, '_', '-' "
+                            f"and '.'")
+    return problems
+
+
 def parse_spec(data: Any, root: Path) -> DatasetSpec:
     """Builds a spec from parsed JSON, raising DatasetError with every structural problem listed."""
     problems: list[str] = []
@@ -187,14 +201,8 @@ def parse_spec(data: Any, root: Path) -> DatasetSpec:
     labels = labels if isinstance(labels, dict) else {}
 
     modalities = data["modalities"]
-    if not isinstance(modalities, dict) or not modalities:
-        problems.append("'modalities' must map modality names to a type, e.g. {\"ct\": \"CT\", \"t1c\": \"MR\"}")
-        modalities = {}
-    for name, kind in modalities.items():
-        if kind not in MODALITY_TYPES:
-            problems.append(f"modality {name!r} has type {kind!r}; use one of {', '.join(MODALITY_TYPES)}")
-        if not ID_PATTERN.match(str(name)):
-            problems.append(f"modality name {name!r} may hold only letters, digits, '_', '-' and '.'")
+    problems += modality_problems(modalities)
+    modalities = modalities if isinstance(modalities, dict) else {}
 
     cases: list[Case] = []
     raw_cases = data["cases"]

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import ConfigError, MethodOptions, parse
 from ..data.plan import Plan
-from ..data.spec import ID_PATTERN, MODALITY_TYPES, Case, DatasetSpec, LabelSet, is_ignore, label_problems
+from ..data.spec import Case, DatasetSpec, LabelSet, is_ignore, label_problems, modality_problems
 from ..errors import UserError
 
 MAX_MODALITIES = 16
@@ -55,11 +55,11 @@ class Task(LabelSet):
         problems = label_problems(labels)
         if not problems and not any(value != 0 and not is_ignore(name) for name, value in labels.items()):
             problems.append("'labels' name no structure besides the background")
-        if not (isinstance(modalities, dict) and 1 <= len(modalities) <= MAX_MODALITIES
-                and all(isinstance(m, str) and ID_PATTERN.match(m) and kind in MODALITY_TYPES
-                        for m, kind in modalities.items())):
-            problems.append(f"'modalities' must map 1 to {MAX_MODALITIES} modality names to "
-                            f"{' or '.join(MODALITY_TYPES)}")
+        modality_errors = modality_problems(modalities)
+        if not modality_errors and len(modalities) > MAX_MODALITIES:
+            modality_errors.append(f"'modalities' name {len(modalities)} modalities, more than {MAX_MODALITIES}")
+        if modality_errors:
+            problems += modality_errors
             modalities = {}
         if not isinstance(assistants, list) or len(set(map(str, assistants))) != len(assistants):
             problems.append("'assistants' must be a list of distinct modalities")
