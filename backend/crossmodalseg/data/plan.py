@@ -127,7 +127,6 @@ MAX_PATCH_VOXELS = 4 * 128 ** 3
 MAX_WINDOW_FEATURES = 2 ** 28  # sum over levels of filters x voxels of one window (1 GiB of float32)
 
 _Spacing = Annotated[float, Field(ge=SPACING_RANGE_MM[0], le=SPACING_RANGE_MM[1])]
-_Axes = Annotated[list[int], Field(min_length=3, max_length=3)]
 
 
 class NormalisationFields(StrictModel):

@@ -293,10 +293,9 @@ class Trainer:
         task = Task.from_spec(self.spec, self.config.target, self.config.assistants)
         method_cls = get_method(self.config.method)
         val_ids = split_validation([c.id for c in method_cls.scorable_cases(task, self.spec)], self.config)
-        init_meta = None
+        init_model = None
         if self.config.init_from:
-            init_meta = read_model_meta(Path(self.config.init_from))
-            init_model = describe_model(init_meta)
+            init_model = describe_model(read_model_meta(Path(self.config.init_from)))
             self._check_compatible(init_model, task)
             plan = init_model.plan
         else:  # statistics of the training cases only: validation cases must not shape the preprocessing
@@ -304,11 +303,11 @@ class Trainer:
                                                    exclude=val_ids))
         if self.config.iterations_per_epoch:
             plan.iterations_per_epoch = self.config.iterations_per_epoch
-        if init_meta is not None:  # the model's own hyper-parameters (its networks depend on them), then overrides
+        if init_model is not None:  # the model's own hyper-parameters (its networks depend on them), then overrides
             self.config.options = {**init_model.hparams, **self.config.options}
         torch.manual_seed(self.config.seed)  # before the networks exist: their initial weights are part of the run
         method = method_cls(task, plan, self.config.options)
-        if init_meta is not None:
+        if init_model is not None:
             load_weights(Path(self.config.init_from), method.nets)
             plan.learning_rate *= self.config.finetune_lr_factor
         run = {"method": method.to_json(), "task": task.to_json(), "plan": plan.to_json(),
