@@ -237,8 +237,10 @@ def peak_rss_bytes(pid: int) -> int:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak memory from /proc (Linux)")
 def test_label_bombs_sent_at_once_are_checked_a_few_at_a_time(tmp_path: Path):
     """A float64 label map of 2^26 zeros is 0.5 MB as .nii.gz and 512 MB in memory. Six sent at once must not add
-    up in the server's memory: uploads are checked two at a time, slab by slab (each is refused afterwards: its case
-    has no image)."""
+    up: uploads are checked in CHECK_SLOTS reader processes, one each, slab by slab, and the server's own process
+    never holds their voxels (each upload is refused afterwards: its case has no image)."""
+    import psutil
+
     from crossmodalseg.service.uploads import CHECK_SLOTS
 
     bomb = tmp_path / "bomb.nii.gz"
@@ -260,13 +262,68 @@ def test_label_bombs_sent_at_once_are_checked_a_few_at_a_time(tmp_path: Path):
         for t in threads:
             t.join(300)
         grown = peak_rss_bytes(server.proc.pid) - before
+        readers = {p.pid: peak_rss_bytes(p.pid) for p in psutil.Process(server.proc.pid).children()
+                   if "spawn_main" in " ".join(p.cmdline())}
     finally:
         server.stop()
     assert all(a.status_code == 422 and "no 'ct' image yet" in a.json()["detail"] for a in answers.values()), answers
     print(f"6 label bombs of {len(body) / 2**20:.1f} MB ({array_bytes / 2**20:.0f} MB of voxels each): the server's "
-          f"peak memory grew {grown / 2**20:.0f} MB")
-    # A check holds up to twice the voxels (ITK reads the file into a buffer, then into the image)
-    assert grown < (2 * CHECK_SLOTS + 1) * array_bytes, f"the server's peak memory grew {grown / 2**20:.0f} MB"
+          f"peak memory grew {grown / 2**20:.0f} MB; its readers' peaks "
+          f"{', '.join(f'{v / 2**20:.0f}' for v in readers.values())} MB")
+    assert grown < array_bytes / 4, f"the server's peak memory grew {grown / 2**20:.0f} MB"
+    assert 1 <= len(readers) <= CHECK_SLOTS, readers
+    # A check holds up to twice the voxels (ITK reads the file into a buffer, then into the image), and the reader's
+    # interpreter ~130 MB
+    assert all(peak < 2 * array_bytes + 256 * 2**20 for peak in readers.values()), readers
+
+
+def test_an_image_reader_that_crashes_refuses_its_upload_alone_and_is_replaced(tmp_path: Path):
+    """The server reads uploads in reader processes: ITK's C++ readers can crash on a header the gate does not know
+    (a MetaImage with NDims = -1 did, with a segmentation fault, inside the server). A real segmentation fault in a
+    reader (ctypes reading address 0 stands for such a file: every crashing file the fuzzers found is now refused
+    by the gate before ITK sees it) refuses that upload alone with 422; an upload checked beside it in the other
+    reader is stored voxel for voxel, and the next uploads are checked as before."""
+    import ctypes
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    from crossmodalseg.service.uploads import (
+        READER_CRASHED,
+        ImageReaders,
+        UploadError,
+        check_and_stage,
+        check_image,
+    )
+
+    image = sitk.GetImageFromArray(np.arange(24 * 20 * 16, dtype=np.int16).reshape(24, 20, 16))
+    image.SetSpacing((0.8, 0.9, 3.0))
+    image.SetOrigin((-12.5, 7.25, 40.0))
+    image.SetDirection(DIRECTION)
+    good = tmp_path / "ct.nrrd"
+    sitk.WriteImage(image, str(good))
+    truncated = tmp_path / "truncated.nrrd"
+    truncated.write_bytes(good.read_bytes()[:300])
+    assert pickle.loads(pickle.dumps(UploadError("too large", status=413))).status == 413
+
+    readers = ImageReaders()
+    try:
+        with ThreadPoolExecutor(2) as threads:
+            beside = threads.submit(readers.run, check_and_stage, good, "image", None, tmp_path)
+            with pytest.raises(UploadError) as crashed:
+                readers.run(ctypes.string_at, 0)
+            staged = beside.result(60)
+        assert str(crashed.value) == READER_CRASHED and crashed.value.status == 422
+        stored = sitk.ReadImage(str(staged.path))
+        assert staged.path.suffix == ".nrrd" and same_geometry(stored, image)
+        assert np.array_equal(sitk.GetArrayFromImage(stored), sitk.GetArrayFromImage(image))
+        # The dead reader was replaced: both slots read again, and a file's own refusal still comes back as such.
+        with ThreadPoolExecutor(2) as threads:
+            assert list(threads.map(lambda _: readers.run(check_image, good), range(4))) == [None] * 4
+        with pytest.raises(UploadError) as refused:
+            readers.run(check_image, truncated)
+        assert refused.value.status == 422 and "uploaded file" in str(refused.value), refused.value
+    finally:
+        readers.shutdown()
 
 
 def test_one_job_per_device_the_rest_queue_and_cancel_ends_the_whole_process_tree(server: Server, trained):

@@ -45,6 +45,7 @@ from .schemas import (
 )
 from .store import Conflict, NotFound, Store
 from .uploads import (
+    ImageReaders,
     UploadError,
 )
 
@@ -96,6 +97,7 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
     store = Store(home)
     runner = JobRunner(store, devices)
     pool = PredictorPool()
+    readers = ImageReaders()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -103,6 +105,7 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
         yield
         runner.stop()
         pool.shutdown()
+        readers.shutdown()
 
     app = FastAPI(title="CrossModalSeg", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES,
                   description="Cross-modality segmentation with few labels: datasets, training jobs, models, "
@@ -185,7 +188,7 @@ def create_app(home: str | Path, token: str | None = None, max_upload_bytes: int
     app.add_middleware(HeadAsGet)
     app.add_middleware(RequestGuard, refusal=refusal)  # outermost: nothing runs for a refused request
 
-    service = Service(store, runner, pool, max_upload_bytes, redact)
+    service = Service(store, runner, pool, readers, max_upload_bytes, redact)
     for make_router in (info_router, datasets_router, jobs_router, models_router, predict_router):
         app.include_router(make_router(service))
     return app

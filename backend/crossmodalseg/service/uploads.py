@@ -1,30 +1,41 @@
 """Uploaded files are checked before anything is stored: size, format (by content, not by name), a readable 3D
-image, finite voxels; labels also integer values that the dataset names and the geometry of their image."""
+image, finite voxels; labels also integer values that the dataset names and the geometry of their image.
+
+The server never reads an uploaded image itself: `ImageReaders` do, in processes of their own. ITK's readers are C++,
+and a header that slips past the gate can crash the process that reads it (a MetaImage with `NDims = -1` did, with a
+segmentation fault, before the gate refused it): in a reader, such a file ends that reader alone, and its upload is
+refused."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import multiprocessing
 import os
+import secrets
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import SimpleITK as sitk
 
 from ..data.check import LabelCensus, VoxelCensus
 from ..data.io import Geometry, ImageError, read_image, write_image
 from ..errors import UserError
+from .processes import die_with_parent
 
 STORED_SUFFIX = ".nrrd"  # NRRD keeps spacing, origin and direction in double precision (NIfTI's sform is float32)
-# Uploads read and checked at once. A check holds the whole image in memory, and a .nii.gz of a few MB can hold
-# gigabytes of voxels (zeros compress a thousandfold): many sent together must not add up to the server's memory.
-# A slot is held from the read to the stored file, in a worker thread (which may wait for one); the checks themselves
-# go slab by slab, with no full-size temporaries.
+# Uploads read and checked at once, one per reader process. A check holds the whole image in memory, and a .nii.gz
+# of a few MB can hold gigabytes of voxels (zeros compress a thousandfold): many sent together must not add up. A
+# slot is held from the read to the staged file (a worker thread may wait for one); the checks go slab by slab, with
+# no full-size temporaries.
 CHECK_SLOTS = 2
-check_slots = threading.BoundedSemaphore(CHECK_SLOTS)
 
 
 class UploadError(UserError):
@@ -33,6 +44,9 @@ class UploadError(UserError):
     def __init__(self, message: str, status: int = 422):
         super().__init__(message)
         self.status = status
+
+    def __reduce__(self):  # raised in a reader process, it comes back with its status
+        return type(self), (str(self), self.status)
 
 
 def sniff_suffix(head: bytes) -> str:
@@ -128,7 +142,8 @@ async def receive(chunks: AsyncIterator[bytes], tmp_dir: Path, limit_bytes: int)
 
 
 def load_checked(path: Path, kind: str, label_values: list[int] | None = None) -> sitk.Image:
-    """The uploaded file as a 3D image; ImageError/UploadError with the reason when it is not acceptable."""
+    """The uploaded file as a 3D image; UploadError with the reason when it is not acceptable. Reads the file: call
+    it in a reader process (`ImageReaders`), not in the server's."""
     try:
         image = read_image(path)
     except ImageError as e:
@@ -138,6 +153,104 @@ def load_checked(path: Path, kind: str, label_values: list[int] | None = None) -
     if census:
         raise UploadError("; ".join(census))
     return image
+
+
+@dataclass(frozen=True)
+class StagedImage:
+    """A checked upload written in the stored format, waiting to be committed (moved into its case's folder)."""
+    path: Path
+    sha256: str
+    geometry: Geometry
+
+
+def check_and_stage(path: Path, kind: str, label_values: list[int] | None, staging_dir: Path) -> StagedImage:
+    """In a reader: the upload checked (`load_checked`) and written as a stored image in `staging_dir`."""
+    image = load_checked(path, kind, label_values)
+    staged, sha = store_image(image, Path(staging_dir) / f"staged.{secrets.token_hex(8)}")
+    return StagedImage(staged, sha, Geometry.of(image))
+
+
+def check_image(path: Path) -> None:
+    """In a reader: refuses (UploadError) an image upload that `load_checked` refuses."""
+    load_checked(path, "image")
+
+
+def commit_staged(staged: StagedImage, destination: Path) -> Path:
+    """Moves a staged image to `destination` + the stored suffix, in one rename (same file system)."""
+    path = destination.with_name(destination.name + STORED_SUFFIX)
+    os.replace(staged.path, path)
+    return path
+
+
+R = TypeVar("R")
+READER_CRASHED = ("the process reading this file ended without an answer (ITK crashed on it, or the server ran out "
+                  "of memory): nothing was stored; check that the file opens in your viewer, save it again as NIfTI "
+                  "(.nii.gz) or NRRD and upload that")
+
+
+class ImageReaders:
+    """CHECK_SLOTS reader processes, each checking one upload at a time (a calling thread waits for a free one).
+    A reader that dies (a crash in ITK, or killed for memory) fails only the upload it was reading: that upload is
+    refused (422) and a new reader takes the dead one's place."""
+
+    def __init__(self, slots: int = CHECK_SLOTS) -> None:
+        self._slots = threading.BoundedSemaphore(slots)
+        self._lock = threading.Lock()
+        self._idle: list[ProcessPoolExecutor] = []
+        self._all: set[ProcessPoolExecutor] = set()
+        self._starter = ThreadPoolExecutor(1, thread_name_prefix="image-reader-starter")
+
+    def run(self, fn: Callable[..., R], *args: Any) -> R:
+        """`fn(*args)` in a reader process; blocks (call it from a worker thread)."""
+        with self._slots:
+            reader = self._take()
+            try:
+                result = reader.submit(fn, *args).result()
+            except BrokenProcessPool:
+                self._drop(reader)
+                raise UploadError(READER_CRASHED) from None
+            except BaseException:
+                self._give_back(reader)
+                raise
+            self._give_back(reader)
+            return result
+
+    def _take(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        reader = self._starter.submit(_start_reader).result()
+        with self._lock:
+            self._all.add(reader)
+        return reader
+
+    def _give_back(self, reader: ProcessPoolExecutor) -> None:
+        with self._lock:
+            self._idle.append(reader)
+
+    def _drop(self, reader: ProcessPoolExecutor) -> None:
+        with self._lock:
+            self._all.discard(reader)
+        reader.shutdown(wait=False)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            readers, self._all, self._idle = list(self._all), set(), []
+        for reader in readers:
+            reader.shutdown(wait=False, cancel_futures=True)
+        self._starter.shutdown(wait=False)
+
+
+def _start_reader() -> ProcessPoolExecutor:
+    """A reader process, started at once by the calling thread: ImageReaders start them all from one thread that
+    lives as long as they do, because Linux sends the parent-death signal (`die_with_parent`) when the *thread* that
+    started a process ends, and the threads that wait for a reader come and go (a reader started by one was killed
+    with it)."""
+    # spawn: a clean interpreter, not a fork of the threaded web process
+    reader = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent,
+                                 initargs=(os.getpid(),))
+    reader.submit(int).result()
+    return reader
 
 
 def check_same_grid(label: sitk.Image | Geometry, image: sitk.Image | Geometry, what: str) -> None:

@@ -11,6 +11,7 @@ from fastapi.responses import FileResponse
 from ..jobs import JobRunner
 from ..predictor_pool import PredictorPool
 from ..store import Store
+from ..uploads import ImageReaders
 
 
 @dataclass
@@ -18,6 +19,7 @@ class Service:
     store: Store
     runner: JobRunner
     pool: PredictorPool
+    readers: ImageReaders  # every uploaded image is read in one of these processes
     max_upload_bytes: int
     redact: Callable[[str | None], str | None]  # replaces the server's folders in any text a client sees
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -19,13 +18,13 @@ from ..schemas import (
     UploadOut,
 )
 from ..store import NotFound, StoredFile, check_id, new_id
-from ..uploads import UploadError, check_same_grid, check_slots, load_checked, receive, store_image
+from ..uploads import StagedImage, UploadError, check_and_stage, check_same_grid, commit_staged, receive
 from .common import BINARY_BODY, NRRD, Service, download
 
 
 def datasets_router(svc: Service) -> APIRouter:
     router = APIRouter(tags=["datasets"])
-    store, max_upload_bytes = svc.store, svc.max_upload_bytes
+    store, max_upload_bytes, readers = svc.store, svc.max_upload_bytes, svc.readers
 
     @router.post("/datasets", status_code=201)
     def create_dataset(body: DatasetIn) -> DatasetDetailOut:
@@ -56,40 +55,41 @@ def datasets_router(svc: Service) -> APIRouter:
         _modality(dataset, modality)
         tmp = await receive(request.stream(), store.home / "tmp", max_upload_bytes)
         try:
-            stored = await run_in_threadpool(_check_and_store, dataset, case_id, modality, kind, tag, tmp)
+            staged = await run_in_threadpool(readers.run, check_and_stage, tmp, kind,
+                                             sorted(dataset["labels"].values()), store.home / "tmp")
         finally:
             tmp.unlink(missing_ok=True)
+        try:
+            stored = await run_in_threadpool(_commit, dataset, case_id, modality, kind, tag, staged)
+        finally:
+            staged.path.unlink(missing_ok=True)  # still there when the commit refused it
         return {"dataset": dataset_id, "case": case_id, "modality": modality, "kind": kind, "tag": tag or None,
                 "sha256": stored.sha256, "geometry": stored.geometry}
 
-    def _check_and_store(dataset: dict[str, Any], case_id: str, modality: str, kind: str, tag: str,
-                         tmp: Path) -> StoredFile:
-        with check_slots:  # the image is in memory from its check until it is stored
-            label_values = sorted(dataset["labels"].values())
-            image = load_checked(tmp, kind, label_values)
-            geometry = Geometry.of(image)
-            folder = store.dataset_folder(dataset["id"], case_id)
-            name = f"image_{modality}" if kind == "image" else f"label_{modality}_{tag}"
-            with store.file_lock:
-                # The grid check and the commit under one lock: an image and a label uploaded to one case at the same
-                # moment cannot both pass against the state before the other (which left labels on a wrong grid).
-                others = {(f["kind"], f["tag"]): f for f in store.files(dataset["id"], case_id)
-                          if f["modality"] == modality}
-                if kind == "label":
-                    if ("image", "") not in others:
-                        raise UploadError(f"case {case_id!r} has no {modality!r} image yet; upload the image "
-                                          f"before its label")
-                    check_same_grid(geometry, Geometry.from_json(others["image", ""]["geometry"]),
-                                    f"{modality} label of case {case_id!r}")
-                else:
-                    for (other_kind, other_tag), f in others.items():
-                        if other_kind == "label":
-                            check_same_grid(Geometry.from_json(f["geometry"]), geometry,
-                                            f"new {modality} image of case {case_id!r} vs its stored {other_tag} label")
-                path, sha = store_image(image, folder / name)
-                stored = StoredFile(path, sha, geometry.to_json())
-                store.put_file(dataset["id"], case_id, kind, modality, tag, stored)
-            return stored
+    def _commit(dataset: dict[str, Any], case_id: str, modality: str, kind: str, tag: str,
+                staged: StagedImage) -> StoredFile:
+        geometry = staged.geometry
+        folder = store.dataset_folder(dataset["id"], case_id)
+        name = f"image_{modality}" if kind == "image" else f"label_{modality}_{tag}"
+        with store.file_lock:
+            # The grid check and the commit under one lock: an image and a label uploaded to one case at the same
+            # moment cannot both pass against the state before the other (which left labels on a wrong grid).
+            others = {(f["kind"], f["tag"]): f for f in store.files(dataset["id"], case_id)
+                      if f["modality"] == modality}
+            if kind == "label":
+                if ("image", "") not in others:
+                    raise UploadError(f"case {case_id!r} has no {modality!r} image yet; upload the image "
+                                      f"before its label")
+                check_same_grid(geometry, Geometry.from_json(others["image", ""]["geometry"]),
+                                f"{modality} label of case {case_id!r}")
+            else:
+                for (other_kind, other_tag), f in others.items():
+                    if other_kind == "label":
+                        check_same_grid(Geometry.from_json(f["geometry"]), geometry,
+                                        f"new {modality} image of case {case_id!r} vs its stored {other_tag} label")
+            stored = StoredFile(commit_staged(staged, folder / name), staged.sha256, geometry.to_json())
+            store.put_file(dataset["id"], case_id, kind, modality, tag, stored)
+        return stored
 
     @router.put("/datasets/{dataset_id}/cases/{case_id}/images/{modality}", status_code=201, openapi_extra=BINARY_BODY)
     async def put_image(dataset_id: str, case_id: str, modality: str, request: Request) -> UploadOut:

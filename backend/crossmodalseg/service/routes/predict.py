@@ -18,7 +18,7 @@ from ...errors import UserError
 from ..predictor_pool import PredictionAbandoned, predict_in_worker
 from ..schemas import CancelledPredictionOut
 from ..store import Conflict, NotFound, check_id
-from ..uploads import check_slots, load_checked, read_form, receive
+from ..uploads import check_image, read_form, receive
 from .common import Service, download
 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -84,7 +84,7 @@ def predict_router(svc: Service) -> APIRouter:
                 if key not in wanted:
                     raise UserError(f"this model uses modalities {', '.join(wanted)}; {key!r} is not one of them")
                 tmp = await receive(_chunks(value), work, max_upload_bytes)
-                await run_in_threadpool(_check_image, tmp)
+                await run_in_threadpool(svc.readers.run, check_image, tmp)
                 images[key] = str(tmp)
             if not images:
                 raise UserError(f"no image given: add a file field named after a modality ({', '.join(wanted)})")
@@ -106,11 +106,6 @@ def predict_router(svc: Service) -> APIRouter:
                             background=BackgroundTask(shutil.rmtree, work, True))
 
     return router
-
-
-def _check_image(path: Path) -> None:
-    with check_slots:
-        load_checked(path, "image")
 
 
 async def _chunks(upload, size: int = 1 << 20):
