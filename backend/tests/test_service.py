@@ -588,7 +588,8 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(server: Server, trained
         detail = json.dumps(r.json()["detail"])
         assert message.lower() in detail.lower(), f"{method} {path}: {detail}"
     assert _state(server) == before
-    assert not list((server.home / "tmp").glob("upload.*")), "refused uploads must not leave files behind"
+    left = [p.name for pattern in ("upload.*", "staged.*") for p in (server.home / "tmp").glob(pattern)]
+    assert not left, f"refused uploads must not leave files behind: {left}"
     for listing in ("/jobs", "/models", "/datasets"):
         assert client.get(listing).status_code == 200, listing
 

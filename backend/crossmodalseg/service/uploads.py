@@ -178,6 +178,7 @@ def check_image(path: Path) -> None:
 def commit_staged(staged: StagedImage, destination: Path) -> Path:
     """Moves a staged image to `destination` + the stored suffix, in one rename (same file system)."""
     path = destination.with_name(destination.name + STORED_SUFFIX)
+    path.parent.mkdir(parents=True, exist_ok=True)  # a case's folder comes with its first file
     os.replace(staged.path, path)
     return path
 
