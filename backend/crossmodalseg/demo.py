@@ -10,6 +10,7 @@ and Markdown), per-case PNG pictures (reference, baseline, ensemble, member disa
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
@@ -43,6 +44,9 @@ CT_SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # level 40 HU, width 400 HU
 # the same kind made 107 baseline and 101 MKD iterations at 1 minute, and MKD found no spleen (Dice 0.000); at 2
 # minutes, 210 and 198 iterations, spleen 0.897 (baseline) and 0.809 (MKD).
 DEMO_MINUTES = 2.0
+# About this many iterations find every organ (above: ~200 did; ~100 and, on 2026-12-07, 69 / 64 found no spleen).
+# The budget is wall time, so a slower machine makes fewer: the report then says how many minutes would do.
+DEMO_ENOUGH_ITERATIONS = 200
 DEMO_MARKER = ".crossmodalseg-demo"  # marks a folder the demo made, and may replace
 
 
@@ -145,6 +149,12 @@ def _report(results: dict[str, dict], iterations: dict[str, int], budgets: dict[
                   f"{budgets['mkd'] / budgets['baseline']:g}x the baseline's minutes, for about as many iterations "
                   "(`--minutes` sets the baseline's). Two held-out cases and one seed: a first look, not a comparison "
                   "of methods (backend/benchmarks/ has those, with seeds and spread).", ""]
+    fewest = min(iterations.values())
+    if fewest < DEMO_ENOUGH_ITERATIONS:
+        enough = math.ceil(budgets["baseline"] * DEMO_ENOUGH_ITERATIONS / max(fewest, 1) * 10) / 10
+        lines += [f"This machine made only {fewest} iterations in a model's budget; about "
+                  f"{DEMO_ENOUGH_ITERATIONS} find every organ. For the demo's full result run it with "
+                  f"`--minutes {enough:g}`.", ""]
     for name, r in results.items():
         lines += [f"## {name}", "", format_table(r), ""]
     return "\n".join(lines)

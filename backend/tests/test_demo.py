@@ -34,6 +34,11 @@ def test_demo_writes_a_complete_report(tmp_path: Path):
     assert summary["minutes"] == {"baseline": 0.4, "mkd": pytest.approx(1.2)}  # MKD: 3x, for its two networks
     report = (out / "metrics.md").read_text()
     assert "`mkd` ensemble" in report and "`single`, CT only" in report and "member seg_assistant" in report
+    # 0.4 minutes make far fewer iterations than find every organ: the report says how long to train instead
+    fewest = min(summary["iterations"].values())
+    assert fewest < 200 and f"made only {fewest} iterations" in report, report
+    advised = float(report.split("run it with `--minutes ")[1].split("`")[0])
+    assert advised >= 0.4 * 200 / fewest, (advised, fewest)
     assert len(summary["overlays"]) == 2
     for png in summary["overlays"]:
         with Image.open(png) as image:
