@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import os
 import threading
 from collections.abc import Awaitable, Callable
@@ -16,6 +15,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
+from .processes import one_process_pool
 from .store import Conflict
 
 CACHE_SIZE = 2
@@ -54,12 +54,6 @@ def validate_model_in_worker(model_dir: str) -> dict[str, Any]:
     return meta
 
 
-def _init_worker(server_pid: int) -> None:
-    from .worker import die_with_parent
-
-    die_with_parent(server_pid)  # a server killed with kill -9 must not leave its predictor process behind
-
-
 class PredictionAbandoned(Conflict):
     """A call given up before its end: its client cancelled it or went away (answered 409, if anyone listens)."""
 
@@ -76,9 +70,8 @@ class PredictorPool:
     def _executor(self) -> ProcessPoolExecutor:
         with self._lock:
             if self._pool is None:
-                # spawn: a clean interpreter, not a fork of the threaded web process
-                self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_init_worker, initargs=(os.getpid(),))
+                # dies with the server (kill -9 included); started by `run`, on the event loop's thread
+                self._pool = one_process_pool()
             return self._pool
 
     async def run(self, fn, *args, abandoned: Abandoned | None = None) -> Any:

@@ -11,6 +11,7 @@ kernel's parent-death signal, which fires even when the worker is too busy to po
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from typing import IO, Any
 
 import psutil
@@ -97,6 +99,15 @@ def die_with_parent(parent_pid: int) -> None:
     if os.getppid() != parent_pid:  # the parent died before the watch began
         os._exit(1)
     threading.Thread(target=watch, name="die-with-server", daemon=True).start()
+
+
+def one_process_pool() -> ProcessPoolExecutor:
+    """An executor of one spawned worker process that dies with this one (`die_with_parent`). On Linux the process
+    must be started (by the first submit) from a thread that lives as long as it does: the parent-death signal
+    fires when the thread that started a process ends."""
+    # spawn: a clean interpreter, not a fork of the threaded web process
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent,
+                               initargs=(os.getpid(),))
 
 
 # ---- details -----------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import multiprocessing
 import os
 import secrets
 import tempfile
@@ -28,7 +27,7 @@ import SimpleITK as sitk
 from ..data.check import LabelCensus, VoxelCensus
 from ..data.io import Geometry, ImageError, read_image, write_image
 from ..errors import UserError
-from .processes import die_with_parent
+from .processes import one_process_pool
 
 STORED_SUFFIX = ".nrrd"  # NRRD keeps spacing, origin and direction in double precision (NIfTI's sform is float32)
 # Uploads read and checked at once, one per reader process. A check holds the whole image in memory, and a .nii.gz
@@ -244,12 +243,8 @@ class ImageReaders:
 
 def _start_reader() -> ProcessPoolExecutor:
     """A reader process, started at once by the calling thread: ImageReaders start them all from one thread that
-    lives as long as they do, because Linux sends the parent-death signal (`die_with_parent`) when the *thread* that
-    started a process ends, and the threads that wait for a reader come and go (a reader started by one was killed
-    with it)."""
-    # spawn: a clean interpreter, not a fork of the threaded web process
-    reader = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent,
-                                 initargs=(os.getpid(),))
+    lives as long as they do (why: `one_process_pool`; a reader started by a request's thread was killed with it)."""
+    reader = one_process_pool()
     reader.submit(int).result()
     return reader
 
