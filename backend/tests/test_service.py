@@ -326,6 +326,27 @@ def test_an_image_reader_that_crashes_refuses_its_upload_alone_and_is_replaced(t
         readers.shutdown()
 
 
+def test_an_image_reader_that_takes_too_long_is_stopped_and_replaced(tmp_path: Path):
+    """A file that sent ITK into an endless loop would hold its reader for good (and with both readers, every
+    upload): past its time limit the reader is killed, that upload refused with 422, and the next one checked as
+    before. time.sleep stands for the endless read (no such file is known)."""
+    from crossmodalseg.service.uploads import ImageReaders, UploadError, check_image
+
+    good = tmp_path / "ct.nrrd"
+    sitk.WriteImage(sitk.Image(16, 16, 8, sitk.sitkInt16), str(good))
+    readers = ImageReaders(timeout_s=3)
+    try:
+        assert readers.run(check_image, good) is None  # the reader is up
+        started = time.monotonic()
+        with pytest.raises(UploadError) as stopped:
+            readers.run(time.sleep, 120)
+        assert time.monotonic() - started < 20
+        assert stopped.value.status == 422 and "longer than 3 s" in str(stopped.value), stopped.value
+        assert readers.run(check_image, good) is None
+    finally:
+        readers.shutdown()
+
+
 def test_one_job_per_device_the_rest_queue_and_cancel_ends_the_whole_process_tree(server: Server, trained):
     long = {**TINY_TRAINING, "epochs": 500}
     first = server.submit(kind="train", dataset="loop", method="single", target="ct", **long)

@@ -15,7 +15,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from .processes import one_process_pool
+from .processes import kill_pool, one_process_pool
 from .store import Conflict
 
 CACHE_SIZE = 2
@@ -121,13 +121,7 @@ class PredictorPool:
     def _stop(self, pool: ProcessPoolExecutor) -> None:
         """Ends the worker now, whatever it computes (the executor has no public way before Python 3.14)."""
         self._forget_pool(pool)
-        kill = getattr(pool, "kill_workers", None)
-        if kill is not None:
-            kill()
-        else:
-            for process in list((getattr(pool, "_processes", None) or {}).values()):
-                process.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
+        kill_pool(pool)
 
     def shutdown(self) -> None:
         with self._lock:

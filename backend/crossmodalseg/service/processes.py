@@ -110,6 +110,17 @@ def one_process_pool() -> ProcessPoolExecutor:
                                initargs=(os.getpid(),))
 
 
+def kill_pool(pool: ProcessPoolExecutor) -> None:
+    """Ends an executor's worker processes now, whatever they compute (no public way before Python 3.14)."""
+    kill = getattr(pool, "kill_workers", None)
+    if kill is not None:
+        kill()
+    else:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
 # ---- details -----------------------------------------------------------------------------------------------------
 def _posix_group(pgid: int) -> list[psutil.Process]:
     out = []

@@ -27,7 +27,7 @@ import SimpleITK as sitk
 from ..data.check import LabelCensus, VoxelCensus
 from ..data.io import Geometry, ImageError, read_image, write_image
 from ..errors import UserError
-from .processes import one_process_pool
+from .processes import kill_pool, one_process_pool
 
 STORED_SUFFIX = ".nrrd"  # NRRD keeps spacing, origin and direction in double precision (NIfTI's sform is float32)
 # Uploads read and checked at once, one per reader process. A check holds the whole image in memory, and a .nii.gz
@@ -188,12 +188,19 @@ READER_CRASHED = ("the process reading this file ended without an answer (ITK cr
                   "(.nii.gz) or NRRD and upload that")
 
 
+# The longest a reader may take over one upload: a file that sends ITK into an endless loop must not hold a reader
+# (and with CHECK_SLOTS of them, every upload) for good. Far above what a real file takes: six 512x512x256 float64
+# label maps were read and checked by the two readers in about 20 s.
+READ_TIMEOUT_S = 600.0
+
+
 class ImageReaders:
     """CHECK_SLOTS reader processes, each checking one upload at a time (a calling thread waits for a free one).
-    A reader that dies (a crash in ITK, or killed for memory) fails only the upload it was reading: that upload is
-    refused (422) and a new reader takes the dead one's place."""
+    A reader that dies (a crash in ITK, or killed for memory) or takes longer than `timeout_s` fails only the upload
+    it was reading: that upload is refused (422) and a new reader takes the old one's place."""
 
-    def __init__(self, slots: int = CHECK_SLOTS) -> None:
+    def __init__(self, slots: int = CHECK_SLOTS, timeout_s: float = READ_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
         self._slots = threading.BoundedSemaphore(slots)
         self._lock = threading.Lock()
         self._idle: list[ProcessPoolExecutor] = []
@@ -205,10 +212,15 @@ class ImageReaders:
         with self._slots:
             reader = self._take()
             try:
-                result = reader.submit(fn, *args).result()
+                result = reader.submit(fn, *args).result(timeout=self.timeout_s)
             except BrokenProcessPool:
                 self._drop(reader)
                 raise UploadError(READER_CRASHED) from None
+            except TimeoutError:
+                self._drop(reader, kill=True)
+                raise UploadError(f"reading this file took longer than {self.timeout_s:g} s and was stopped; nothing "
+                                  f"was stored; check that it opens in your viewer, save it again as NIfTI (.nii.gz) "
+                                  f"or NRRD and upload that") from None
             except BaseException:
                 self._give_back(reader)
                 raise
@@ -228,10 +240,10 @@ class ImageReaders:
         with self._lock:
             self._idle.append(reader)
 
-    def _drop(self, reader: ProcessPoolExecutor) -> None:
+    def _drop(self, reader: ProcessPoolExecutor, kill: bool = False) -> None:
         with self._lock:
             self._all.discard(reader)
-        reader.shutdown(wait=False)
+        kill_pool(reader) if kill else reader.shutdown(wait=False)
 
     def shutdown(self) -> None:
         with self._lock:
