@@ -183,9 +183,10 @@ def commit_staged(staged: StagedImage, destination: Path) -> Path:
 
 
 R = TypeVar("R")
+RESAVE = ("nothing was stored; check that the file opens in your viewer, save it again as NIfTI (.nii.gz) or NRRD and "
+          "upload that")
 READER_CRASHED = ("the process reading this file ended without an answer (ITK crashed on it, or the server ran out "
-                  "of memory): nothing was stored; check that the file opens in your viewer, save it again as NIfTI "
-                  "(.nii.gz) or NRRD and upload that")
+                  f"of memory): {RESAVE}")
 
 
 # The longest a reader may take over one upload: a file that sends ITK into an endless loop must not hold a reader
@@ -218,9 +219,8 @@ class ImageReaders:
                 raise UploadError(READER_CRASHED) from None
             except TimeoutError:
                 self._drop(reader, kill=True)
-                raise UploadError(f"reading this file took longer than {self.timeout_s:g} s and was stopped; nothing "
-                                  f"was stored; check that it opens in your viewer, save it again as NIfTI (.nii.gz) "
-                                  f"or NRRD and upload that") from None
+                raise UploadError(f"reading this file took longer than {self.timeout_s:g} s and was stopped; "
+                                  f"{RESAVE}") from None
             except BaseException:
                 self._give_back(reader)
                 raise
@@ -243,7 +243,10 @@ class ImageReaders:
     def _drop(self, reader: ProcessPoolExecutor, kill: bool = False) -> None:
         with self._lock:
             self._all.discard(reader)
-        kill_pool(reader) if kill else reader.shutdown(wait=False)
+        if kill:
+            kill_pool(reader)
+        else:
+            reader.shutdown(wait=False)
 
     def shutdown(self) -> None:
         with self._lock:
