@@ -4,11 +4,13 @@ On a CPU without native bfloat16 the product trains in float32, and a step's tim
 backward pass. This benchmark times, at one torch thread (the learning tests' setting):
 - single convolutions of the `fast` U-Net at the learning tests' patch (batch 4 of 24x40x40), forward and forward +
   backward, in PyTorch's default (contiguous) layout and in channels-last (`torch.channels_last_3d`);
-- a whole training step (forward, cross-entropy, backward, SGD) of that U-Net in both layouts, and once more with
-  every InstanceNorm replaced by the equivalent GroupNorm (one group per channel): PyTorch's instance norm returns
-  a contiguous tensor whatever its input, so in the network every convolution after a norm gets the default layout
-  back, and the backward passes convert between the two.
-Interleaved repeats, median and range. Nothing here changes the product; it measures whether a change would pay.
+- a whole training step (forward, cross-entropy, backward, SGD) of that U-Net in both layouts, once more with
+  every InstanceNorm replaced by the equivalent GroupNorm (one group per channel), and once as the product trains
+  in float32 on a CPU (`nets/layout.py`: channels-last, with its layout-keeping instance norm). PyTorch's instance
+  norm returns a contiguous tensor whatever its input, so in the plain channels-last network every convolution
+  after a norm gets the default layout back, and the backward passes convert between the two; its group norm keeps
+  the layout but its backward is slow on channels-last tensors.
+Interleaved repeats, median and range.
 
     python backend/benchmarks/bench_conv_layout.py --out conv_layout_cpu.json
 """
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from crossmodalseg.engine.distributed import cpu_has_native_bf16
+from crossmodalseg.nets.layout import to_channels_last
 from crossmodalseg.nets.unet import UNet, UNetConfig
 
 BATCH, PATCH = 4, (24, 40, 40)  # the learning tests' phantom: one patch is the whole 24x40x40 volume
@@ -74,7 +77,7 @@ def training_step(layout: str, norm: str) -> Callable[[], None]:
     if norm == "group":
         net = group_norms(net)
     fmt = LAYOUTS[layout]
-    net = net.to(memory_format=fmt)
+    net = to_channels_last(net) if norm == "layout-keeping instance" else net.to(memory_format=fmt)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
     x = torch.randn(BATCH, 1, *PATCH).to(memory_format=fmt)
     y = torch.randint(0, 4, (BATCH, *PATCH))
@@ -105,6 +108,8 @@ def main() -> None:
     for layout in LAYOUTS:
         for norm in ("instance", "group"):
             cases[f"U-Net training step, {norm} norm, {layout}"] = training_step(layout, norm)
+    cases["U-Net training step, layout-keeping instance norm, channels_last (the product)"] = training_step(
+        "channels_last", "layout-keeping instance")
 
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.rounds):  # interleaved: a change in the machine's speed hits every case alike

@@ -37,6 +37,7 @@ from ..data.spec import DatasetError, DatasetSpec, load_spec, write_json_atomic
 from ..data.transforms import LoadCased, patch_ready
 from ..errors import UserError
 from ..methods import Method, StepContext, Task, get_method
+from ..nets.layout import trains_channels_last
 from .budget import Budget
 from .checkpoint import (
     MODEL_FILE,
@@ -145,7 +146,8 @@ class Trainer:
         if self.dist.is_main and not self.resume:
             write_json_atomic(self.out / RUN_FILE, run)
         self.events.path = self.out / "events.jsonl" if self.dist.is_main else None
-        method.to(device)
+        self.amp_dtype = autocast_dtype(device, cfg.amp)
+        method.to(device, channels_last=trains_channels_last(device, self.amp_dtype))
         self.events.emit("log", message=f"preprocessing {self.spec.name}: method {method.name}, plan spacing "
                                         f"{[round(s, 3) for s in method.plan.spacing]} mm, patch {method.plan.patch_size}")
         self.items, self.validation = self._load_data(method, val_ids)
@@ -157,7 +159,6 @@ class Trainer:
         self.optimizers = method.optimizers()
         # The schedule's base rates, fixed here, before a checkpoint overwrites the groups' (decayed) rates.
         self.base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in self.optimizers.items()}
-        self.amp_dtype = autocast_dtype(device, cfg.amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.ctx = StepContext(device, self.amp_dtype, self.scaler)
 

@@ -20,6 +20,7 @@ from ..config import ConfigError, MethodOptions, parse
 from ..data.plan import Plan
 from ..data.spec import Case, DatasetSpec, LabelSet, is_ignore, label_problems, modality_problems
 from ..errors import UserError
+from ..nets.layout import to_channels_last
 
 MAX_MODALITIES = 16
 
@@ -189,9 +190,12 @@ class Method(ABC):
         function of progress alone, so a resumed run follows the same curves."""
         return progress
 
-    def to(self, device: torch.device) -> "Method":
+    def to(self, device: torch.device, channels_last: bool = False) -> "Method":
+        """Every network onto `device`; `channels_last`: in that layout too (nets/layout.py says when it pays)."""
         for net in self.nets.values():
             net.to(device)
+            if channels_last:
+                to_channels_last(net)
         return self
 
     def wrap(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
