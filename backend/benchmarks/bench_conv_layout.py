@@ -10,19 +10,24 @@ backward pass. This benchmark times, at one torch thread (the learning tests' se
   norm returns a contiguous tensor whatever its input, so in the plain channels-last network every convolution
   after a norm gets the default layout back, and the backward passes convert between the two; its group norm keeps
   the layout but its backward is slow on channels-last tensors.
+With `--trainings`, also whole trainings as the learning tests run them (each method, 50 iterations on their
+phantom, validation included) with the layout and without it; the product has no switch for the layout, so the
+benchmark replaces the trainer's rule (`trains_channels_last`) for the runs without it.
 Interleaved repeats, median and range.
 
-    python backend/benchmarks/bench_conv_layout.py --out conv_layout_cpu.json
+    python backend/benchmarks/bench_conv_layout.py --trainings 1 --out conv_layout_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -92,10 +97,54 @@ def training_step(layout: str, norm: str) -> Callable[[], None]:
     return step
 
 
+@contextlib.contextmanager
+def layout_rule(channels_last: bool) -> Iterator[None]:
+    from crossmodalseg.engine import trainer
+
+    product_rule = trainer.trains_channels_last
+    trainer.trains_channels_last = product_rule if channels_last else (lambda device, amp_dtype: False)
+    try:
+        yield
+    finally:
+        trainer.trains_channels_last = product_rule
+
+
+def training_seconds(method: str, channels_last: bool, dataset: Path, out: Path) -> float:
+    """Wall time of `train` for 2 epochs of 25 iterations (the learning tests' phantom, validation included)."""
+    from crossmodalseg.engine.trainer import TrainConfig, train
+
+    config = TrainConfig(method=method, target="ct", assistants=[] if method == "single" else ["mr"], epochs=2,
+                         iterations_per_epoch=25, device="cpu", val_every=1, seed=0)
+    with layout_rule(channels_last):
+        started = time.perf_counter()
+        train(dataset, out, config)
+        return time.perf_counter() - started
+
+
+def time_trainings(rounds: int) -> dict[str, dict[str, float]]:
+    from crossmodalseg.data.phantom import make_phantom_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = make_phantom_dataset(Path(tmp) / "phantom", n_cases=6, seed=3, size=(40, 40, 24),
+                                       spacing=(4.5, 4.5, 6.0)).root
+        times: dict[str, list[float]] = {}
+        for r in range(rounds):
+            for method in ("single", "mkd", "maml", "cmc"):
+                for layout in LAYOUTS:
+                    seconds_ = training_seconds(method, layout == "channels_last", dataset,
+                                                Path(tmp) / f"{method}-{layout}-{r}")
+                    times.setdefault(f"{method}, 50 iterations, {layout}", []).append(seconds_)
+                    print(f"{method} {layout}: {seconds_:.1f} s", flush=True)
+    return {name: {"median": round(statistics.median(v), 1), "min": round(min(v), 1), "max": round(max(v), 1)}
+            for name, v in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--trainings", type=int, default=0, metavar="ROUNDS",
+                        help="also time whole trainings of every method, this many interleaved rounds")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -123,6 +172,8 @@ def main() -> None:
         "ms": {name: {"median": round(statistics.median(v), 1), "min": round(min(v), 1), "max": round(max(v), 1)}
                for name, v in times.items()},
     }
+    if args.trainings:
+        result["training_s"] = time_trainings(args.trainings)
     for name, v in result["ms"].items():
         print(f"{name:60s} {v['median']:8.1f} ms ({v['min']:.1f}-{v['max']:.1f})")
     if args.out:

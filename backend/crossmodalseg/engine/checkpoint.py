@@ -35,8 +35,10 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_network(path: Path, net: torch.nn.Module) -> None:
-    """Weights of one network (networks such as DynUNet alias submodules; save_model stores shared tensors once)."""
-    write_atomic(path, lambda tmp: save_model(net, tmp))
+    """Weights of one network (networks such as DynUNet alias submodules; save_model stores shared tensors once).
+    Contiguous on disk whatever the layout in memory (float32 CPU training keeps channels-last weights; older
+    safetensors releases refuse those unless told)."""
+    write_atomic(path, lambda tmp: save_model(net, tmp, force_contiguous=True))
 
 
 def load_network(path: Path, net: torch.nn.Module, origin: str = "") -> None:
