@@ -46,7 +46,8 @@ def test_cmc_learns_from_one_labelled_pair_and_gains_from_unlabelled_pairs(few_l
     both consistency weights 0, on the labelled pair alone), mean Dice at seeds 0 / 1, 2 torch threads: +0.071 /
     +0.045 on one machine, +0.017 / +0.074 on another (AMD EPYC, 2026-12-06). One seed's lead moves with the CPU's
     floating-point kernels, so the test asks for a mean lead of at least 0.03 over seeds 0 and 1. CMC itself reached
-    0.66-0.74 in those runs: each run must reach 0.6, where an untrained network scores about 0.
+    0.66-0.74 in those runs (300 iterations; the test trains 200: tests/learning.py): each run must reach 0.6, where
+    an untrained network scores about 0.
     The labelled CT image with its own MR trains as a true pair (co-registered phantoms: the label is the MR's too),
     so both decoders learn on the fused pass and no MR image needs a pass of its own."""
     data, held_out = few_labels
