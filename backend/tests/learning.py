@@ -21,7 +21,7 @@ SIZE, SPACING = (40, 40, 24), (4.5, 4.5, 6.0)  # the tiny phantom: 180 x 180 x 1
 # 200 iterations. The bars were measured at 300 (the seeds and spreads the tests cite, RESULTS.md). On a 2-core CPU
 # without native bfloat16 (AVX2 only, float32) 300 iterations made the learning modules alone take 63 min in CI,
 # more than the whole CI budget; even with the channels-last layout one CMC training of them took 947 s and the MAML
-# one 868 s (2026-12-07). Since then they train 200 and the same bars must hold; MKD with MR as the target keeps 300
+# one 868 s (2026-12-07). Since then they train 200 and the same bars must hold; the two MKD tests keep 300
 # (test_methods.py says why).
 EPOCHS = 8
 ITERATIONS = 25
