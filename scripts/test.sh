@@ -7,24 +7,10 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 "$root/.venv/bin/ruff" check .
 
-# The two learning modules train for about half of the suite's time. They run side by side, one module per
-# pytest-xdist worker, at the one torch thread their bars hold at (why: backend/tests/learning.py); then the rest.
-# pytest's exit code 5 says that the arguments selected none of a part's tests: an error only when they selected
-# none at all.
-learning=(backend/tests/test_methods.py backend/tests/test_cmc_learning.py)
-codes=()
-part() {
-  local rc=0
-  "$root/.venv/bin/python" -m pytest "$@" || rc=$?
-  codes+=("$rc")
-}
-part -n 2 --dist loadfile "${learning[@]}" "$@"
-# The rest on two workers as well, one torch thread in every process (the servers and CLIs that tests start
-# inherit it); the groups and their order: backend/tests/conftest.py.
+# One pytest run on two pytest-xdist workers, one torch thread in every process (the servers and CLIs that tests
+# start inherit it; the learning tests' bars hold at one thread: backend/tests/learning.py). A group of tests runs
+# on one worker (a module, or the modules that share the session model), the longest groups first: the two learning
+# modules side by side, then whichever worker is free takes the next group (backend/tests/conftest.py). Two phases
+# (learning, then the rest) left one worker idle for the ~11 min between the two learning modules' ends.
 export OMP_NUM_THREADS=1
-part -n 2 --dist loadgroup --no-loadscope-reorder backend/tests Testing/Python "${learning[@]/#/--ignore=}" "$@"
-case "${codes[*]}" in
-  "0 0" | "0 5" | "5 0") exit 0 ;;
-  "5 5") exit 5 ;;
-  *) exit 1 ;;
-esac
+exec "$root/.venv/bin/python" -m pytest -n 2 --dist loadgroup --no-loadscope-reorder backend/tests Testing/Python "$@"
