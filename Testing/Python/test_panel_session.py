@@ -390,9 +390,11 @@ def test_the_in_application_self_test_drives_this_panel_to_a_segmentation(panel,
     backend the self-test skips, saying what to install."""
     module, widget = panel["module"], panel["widget"]
     monkeypatch.setenv("HOME", str(panel["home"]))
+    widget.ui.minutesSpinBox.value = 30  # a minutes budget the user left set: the self-test still trains one epoch
     module.panel_self_test(widget, panel["ct"], panel["ct_labels"], tmp_path / "selftest-home", sys.executable,
                            timeout_s=900)
     assert widget.logic.local.home == tmp_path / "selftest-home" and widget.logic.dataset_id == "selftest"
+    assert "epoch 1/1  loss " in widget.ui.logTextEdit.plainText and widget.ui.minutesSpinBox.value == 0
     assert module.backend_missing() is None  # this Python has the backend
     monkeypatch.setattr(module, "torch_installed", lambda: False)
     assert "click 'Install backend'" in module.backend_missing()
