@@ -11,6 +11,6 @@ cd "$root"
 # start inherit it; the learning tests' bars hold at one thread: backend/tests/learning.py). A group of tests runs
 # on one worker (a module, or the modules that share the session model), the longest groups first: the two learning
 # modules side by side, then whichever worker is free takes the next group (backend/tests/conftest.py). Two phases
-# (learning, then the rest) left one worker idle for the ~11 min between the two learning modules' ends.
+# (learning, then the rest) left one worker idle between the two learning modules' ends (about 11 min, estimated).
 export OMP_NUM_THREADS=1
 exec "$root/.venv/bin/python" -m pytest -n 2 --dist loadgroup --no-loadscope-reorder backend/tests Testing/Python "$@"

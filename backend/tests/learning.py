@@ -19,10 +19,11 @@ from crossmodalseg.engine.trainer import TrainConfig, train
 
 # The tiny phantom: 180 x 180 x 144 mm at coarse spacing, (x, y, z) voxels and mm. MKD's and CMC's scenarios on
 # 32 x 32 x 20 voxels since 2026-12-07 (a training step costs about half the 40 x 40 x 24 one's, and their bars
-# held there, seed 0: RESULTS.md "The learning tests on a coarser phantom"); MAML's keeps 40 x 40 x 24, where on
-# the coarser grid its fused head fell below its bars (spleen 0.49).
+# held there, seed 0: RESULTS.md "The learning tests on a coarser phantom"); MAML's keeps the finer 40 x 40 x 24,
+# where on the coarser grid its fused head fell below its bars (spleen 0.49). The finer grid is also the one of the
+# GPU tests and of the engine's and service's short trainings.
 SIZE, SPACING = (32, 32, 20), (5.625, 5.625, 7.2)
-MAML_SIZE, MAML_SPACING = (40, 40, 24), (4.5, 4.5, 6.0)
+FINE_SIZE, FINE_SPACING = (40, 40, 24), (4.5, 4.5, 6.0)
 # 200 iterations. The bars were measured at 300 (the seeds and spreads the tests cite, RESULTS.md). On a 2-core CPU
 # without native bfloat16 (AVX2 only, float32) 300 iterations made the learning modules alone take 63 min in CI,
 # more than the whole CI budget; even with the channels-last layout one CMC training of them took 947 s and the MAML

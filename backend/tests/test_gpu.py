@@ -24,19 +24,18 @@ from crossmodalseg.engine.events import read_events
 from crossmodalseg.engine.inferer import Predictor
 from crossmodalseg.engine.trainer import TrainConfig, train
 
-from .learning import mean_dice, split
+from .learning import FINE_SIZE, FINE_SPACING, mean_dice, split
 from .test_training_engine import CrashAfterEpoch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (PyTorch sees none)")
 
-SIZE, SPACING = (40, 40, 24), (4.5, 4.5, 6.0)
-EPOCHS, ITERATIONS = 12, 25  # the CPU tests' budget (tests/test_methods.py): the same bar must hold on the GPU
+EPOCHS, ITERATIONS = 12, 25  # the CPU learning tests' budget when measured (300 iterations): the same bar on GPU
 
 
 @pytest.fixture(scope="module")
 def paired(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu")
-    spec = make_phantom_dataset(root / "all", n_cases=10, seed=3, size=SIZE, spacing=SPACING)
+    spec = make_phantom_dataset(root / "all", n_cases=10, seed=3, size=FINE_SIZE, spacing=FINE_SPACING)
     return split(spec, root, ["case008", "case009"])
 
 

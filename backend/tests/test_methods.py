@@ -24,7 +24,7 @@ from crossmodalseg.engine.trainer import TrainConfig, train
 from crossmodalseg.errors import UserError
 from crossmodalseg.methods import StepContext, Task, get_method
 
-from .learning import MAML_SIZE, MAML_SPACING, SIZE, SPACING, fit, held_out_in, mean_dice, split
+from .learning import FINE_SIZE, FINE_SPACING, SIZE, SPACING, fit, held_out_in, mean_dice, split
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def paired(tmp_path_factory):
     root = tmp_path_factory.mktemp("paired")
-    spec = make_phantom_dataset(root / "all", n_cases=10, seed=3, size=MAML_SIZE, spacing=MAML_SPACING)
+    spec = make_phantom_dataset(root / "all", n_cases=10, seed=3, size=FINE_SIZE, spacing=FINE_SPACING)
     return split(spec, root, ["case008", "case009"])
 
 

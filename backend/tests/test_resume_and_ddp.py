@@ -20,6 +20,8 @@ from crossmodalseg.engine.checkpoint import latest_checkpoint, read_model_meta
 from crossmodalseg.engine.events import read_events
 from crossmodalseg.engine.inferer import Predictor
 
+from .learning import FINE_SIZE, FINE_SPACING
+
 CLI = [sys.executable, "-m", "crossmodalseg.cli"]
 
 
@@ -64,7 +66,7 @@ def ddp_data(tmp_path_factory) -> Path:
     """Paired CT + MR phantom cases: three labelled on CT only (so CMC has no labelled assistant image, a case the
     method allows), two unlabelled pairs."""
     root = tmp_path_factory.mktemp("ddp")
-    spec = make_phantom_dataset(root / "all", n_cases=5, seed=11, size=(40, 40, 24), spacing=(4.5, 4.5, 6.0))
+    spec = make_phantom_dataset(root / "all", n_cases=5, seed=11, size=FINE_SIZE, spacing=FINE_SPACING)
     for case in spec.cases:
         case.labels = {"ct": case.labels["ct"]} if case.id < "case003" else {}
         case.co_registered = False  # so the CT label does not serve the MR image
@@ -98,7 +100,7 @@ def test_torchrun_two_cpu_processes_train_every_method(ddp_data: Path, tmp_path:
     assert [e["event"] for e in events].count("done") == 1 and [e["event"] for e in events].count("start") == 1
     assert np.isfinite(meta["training"]["val_dice"]["mean"])
     label = Predictor(tmp_path / "ddp", device="cpu").predict({"ct": str(ddp_data.parent / "all" / "case004" / "ct.nii.gz")}).label
-    assert label.GetSize() == (40, 40, 24)
+    assert label.GetSize() == FINE_SIZE
 
 
 def test_service_worker_runs_a_ddp_training_job_under_torchrun(ddp_data: Path, tmp_path: Path):

@@ -20,9 +20,9 @@ import SimpleITK as sitk
 from crossmodalseg.data.phantom import make_phantom_dataset
 from crossmodalseg.engine.inferer import Predictor
 
+from .learning import FINE_SIZE, FINE_SPACING
 from .service_harness import Server, group_processes, same_geometry, voxels
 
-SIZE, SPACING = (40, 40, 24), (4.5, 4.5, 6.0)
 # An oblique, flipped grid: the service must keep it exactly.
 _c, _s = np.cos(np.pi / 7), np.sin(np.pi / 7)
 DIRECTION = tuple(float(v) for v in np.array([[_c, -_s, 0], [_s, _c, 0], [0, 0, -1]]).ravel())
@@ -34,7 +34,7 @@ GIVE_UP_AT = 0.25  # of the big prediction's time: it is given up while it runs 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
     """6 paired CT+MR phantom cases (5 to train, 1 to segment) on an oblique grid."""
-    spec = make_phantom_dataset(tmp_path_factory.mktemp("svc-data"), n_cases=6, seed=11, size=SIZE, spacing=SPACING,
+    spec = make_phantom_dataset(tmp_path_factory.mktemp("svc-data"), n_cases=6, seed=11, size=FINE_SIZE, spacing=FINE_SPACING,
                                 direction=DIRECTION)
     return spec.cases
 

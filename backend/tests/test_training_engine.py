@@ -28,14 +28,14 @@ from crossmodalseg.engine.events import EventLog, read_events
 from crossmodalseg.engine.trainer import TrainConfig, learning_rate_factor, train
 from crossmodalseg.errors import UserError
 
-SIZE, SPACING = (40, 40, 24), (4.5, 4.5, 6.0)
+from .learning import FINE_SIZE, FINE_SPACING
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> DatasetSpec:
     """Six paired CT + MR phantom cases; cases 4 and 5 lose their labels (CMC's unlabelled pairs)."""
     root = tmp_path_factory.mktemp("tiny")
-    spec = make_phantom_dataset(root / "all", n_cases=6, seed=7, size=SIZE, spacing=SPACING)
+    spec = make_phantom_dataset(root / "all", n_cases=6, seed=7, size=FINE_SIZE, spacing=FINE_SPACING)
     for case in spec.cases[4:]:
         case.labels = {}
     spec.root = root / "semi"
@@ -167,7 +167,7 @@ def test_loader_workers_draw_different_batches_and_the_same_stream(tiny: Dataset
 def test_the_plan_never_sees_validation_cases(tmp_path: Path):
     """Six CT cases, one of them (held out for validation) ten times brighter: the CT normalisation of the run must
     be that of the five training cases."""
-    spec = make_phantom_dataset(tmp_path / "d", n_cases=6, seed=2, size=SIZE, spacing=SPACING, modalities=("ct",))
+    spec = make_phantom_dataset(tmp_path / "d", n_cases=6, seed=2, size=FINE_SIZE, spacing=FINE_SPACING, modalities=("ct",))
     import SimpleITK as sitk
 
     bright = spec.cases[5]
