@@ -89,9 +89,9 @@ def datasets(root: Path) -> tuple[dict[str, Path], Callable[[list[str]], Any]]:
 
 
 def train_and_score(dataset: Path, test_set: Any, method: str, target: str, assistants: list[str], options: dict,
-                    seed: int, out: Path) -> dict:
+                    seed: int, out: Path, batch_size: int | None = None) -> dict:
     """Trains one model at the learning tests' budget and scores it (and each ensemble member) on `test_set`: one
-    JSON-ready row."""
+    JSON-ready row. `batch_size`: patches a step (default: the plan's)."""
     import torch
 
     from crossmodalseg.engine.evaluate import evaluate_model
@@ -99,13 +99,14 @@ def train_and_score(dataset: Path, test_set: Any, method: str, target: str, assi
     from crossmodalseg.engine.trainer import TrainConfig, train
 
     config = TrainConfig(method=method, target=target, assistants=assistants, epochs=EPOCHS,
-                         iterations_per_epoch=ITERATIONS, device="cpu", val_every=EPOCHS, seed=seed, options=options)
+                         iterations_per_epoch=ITERATIONS, batch_size=batch_size, device="cpu", val_every=EPOCHS,
+                         seed=seed, options=options)
     started = time.time()
     model = train(dataset, out, config)
     seconds = time.time() - started
     results = evaluate_model(model, test_set, device="cpu", members=True)
     last = [e for e in read_events(model / "events.jsonl") if e["event"] == "epoch"][-1]
-    row = {"method": method, "dataset": dataset.name, "options": options, "seed": seed,
+    row = {"method": method, "dataset": dataset.name, "options": options, "seed": seed, "batch_size": batch_size,
            "torch_threads": torch.get_num_threads(), "train_seconds": round(seconds, 1),
            "dice": {k: round(v["dice"], 3) for k, v in results["mean"].items()},
            "members": {m: {k: round(v["dice"], 3) for k, v in r["mean"].items()}

@@ -12,7 +12,9 @@ cases; one JSON line per run.
 
     python backend/benchmarks/phantom_test_scenarios.py --seeds 0 1 2 --out phantom_test_scenarios.jsonl
 
-The tests train at one torch thread (backend/tests/learning.py): `--threads 1` measures what they see.
+The tests train at one torch thread (backend/tests/learning.py): `--threads 1` measures what they see. Since
+2026-12-08 they train 2 patches a step (`--batch-size 2`), and MKD's scenarios are on the coarser phantom
+(`--grid coarse`, 32 x 32 x 20 voxels; `fine` is 40 x 40 x 24, MAML's).
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ from pathlib import Path
 
 from phantom_methods import SIZE, SPACING, add_threads_option, emit, held_out_set, set_threads, train_and_score
 
+GRIDS = {"fine": (SIZE, SPACING), "coarse": ((32, 32, 20), (5.625, 5.625, 7.2))}  # tests/learning.py's two
 
-def scenarios(root: Path) -> dict[str, tuple[Path, object, str, str, list[str], dict]]:
-    """{run name: (training set, held-out spec, method, target, assistants, options)}."""
+
+def scenarios(root: Path, grid: str = "fine") -> dict[str, tuple[Path, object, str, str, list[str], dict]]:
+    """{run name: (training set, held-out spec, method, target, assistants, options)} on the phantom `grid`."""
+    size, spacing = GRIDS[grid]
     from crossmodalseg.data.phantom import make_phantom_dataset
     from crossmodalseg.data.spec import DatasetSpec
 
@@ -36,15 +41,15 @@ def scenarios(root: Path) -> dict[str, tuple[Path, object, str, str, list[str], 
         made.save()
         return made
 
-    paired = make_phantom_dataset(root / "paired_all", n_cases=10, seed=3, size=SIZE, spacing=SPACING)
+    paired = make_phantom_dataset(root / "paired_all", n_cases=10, seed=3, size=size, spacing=spacing)
     held_out_ids = {"case008", "case009"}
     paired_train = save(paired, "paired", [c for c in paired.cases if c.id not in held_out_ids]).root
     paired_test = save(paired, "paired_test", [c for c in paired.cases if c.id in held_out_ids])
-    unpaired = make_phantom_dataset(root / "unpaired_all", n_cases=12, seed=4, size=SIZE, spacing=SPACING,
+    unpaired = make_phantom_dataset(root / "unpaired_all", n_cases=12, seed=4, size=size, spacing=spacing,
                                     paired=False)
     unpaired_train = save(unpaired, "unpaired", unpaired.cases).root
     ct_only = save(unpaired, "ct_only", unpaired.cases_with("ct"), {"ct": unpaired.modalities["ct"]}).root
-    held = make_phantom_dataset(root / "held_out", n_cases=2, seed=40, size=SIZE, spacing=SPACING)
+    held = make_phantom_dataset(root / "held_out", n_cases=2, seed=40, size=size, spacing=spacing)
     held_ct = held_out_set(held, ["ct"])
     held_mr = held_out_set(held, ["mr"])
     return {"maml": (paired_train, paired_test, "maml", "ct", ["mr"], {}),
@@ -65,20 +70,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, help="append one JSON line per run")
     parser.add_argument("--only", nargs="*", help="run only these (default: all)")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="fine", help="the phantom's voxel grid")
+    parser.add_argument("--batch-size", type=int, help="patches a step (default: the plan's)")
     add_threads_option(parser)
     args = parser.parse_args(argv)
     set_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="phantom_test_scenarios_") as tmp:
         work = Path(tmp)
-        runs = scenarios(work / "data")
+        runs = scenarios(work / "data", args.grid)
         if unknown := set(args.only or []) - set(runs):
             raise SystemExit(f"unknown run(s) {sorted(unknown)}; choose from {list(runs)}")
         for seed in args.seeds:
             for name, (dataset, test_set, method, target, assistants, options) in runs.items():
                 if args.only and name not in args.only:
                     continue
-                emit({"run": name, **train_and_score(dataset, test_set, method, target, assistants, options, seed,
-                                                     work / "models" / re.sub(r"\W+", "_", f"{name}_{seed}"))}, args.out)
+                model = work / "models" / re.sub(r"\W+", "_", f"{name}_{seed}")
+                emit({"run": name, "grid": args.grid, **train_and_score(dataset, test_set, method, target, assistants,
+                                                                        options, seed, model, args.batch_size)},
+                     args.out)
     return 0
 
 

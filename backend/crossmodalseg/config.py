@@ -126,6 +126,8 @@ class RunBudget(StrictModel):
     minutes: float | None = Field(None, gt=0, le=MAX_MINUTES,
                                   description="wall-time budget of the whole run; not with `epochs`")
     iterations_per_epoch: int | None = Field(None, ge=1, le=100_000, description="default from the plan")
+    batch_size: int | None = Field(None, ge=1, le=16, description="patches per training step (default from the "
+                                   "plan: 4 with preset fast, 2 with full); fewer need less memory")
     device: Device = Field("auto", description="auto = a GPU when there is one")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     checkpoint_every: int = Field(1, ge=1, le=MAX_EPOCHS, description="epochs between checkpoints")

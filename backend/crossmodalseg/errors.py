@@ -19,8 +19,8 @@ def user_message(error: BaseException) -> str | None:
     import torch
 
     if isinstance(error, torch.cuda.OutOfMemoryError):
-        return ("the GPU ran out of memory; use --preset fast (smaller network and patches), free the GPU from "
-                "other jobs, or use --device cpu")
+        return ("the GPU ran out of memory; use --preset fast (smaller network and patches) or a smaller "
+                "--batch-size, free the GPU from other jobs, or use --device cpu")
     if isinstance(error, (UserError, FloatingPointError, FileNotFoundError)):
         return str(error)
     if isinstance(error, OSError) and error.filename is not None and error.strerror:

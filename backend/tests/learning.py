@@ -1,8 +1,8 @@
 """What the learning tests share: the tiny phantom, the training budget, dataset splits and scores.
 
 The learning tests train at one torch thread. `scripts/test.sh` starts their two modules (test_methods.py and
-test_cmc_learning.py) side by side, one core each: 1124 s, where the same trainings one after the other at two
-threads took about 1350 s (RESULTS.md, "The learning tests at one torch thread"). A trained model's numbers depend on
+test_cmc_learning.py) side by side, one core each (RESULTS.md, "The learning tests at one torch thread"; the two
+took 1100 and 784 s on 2026-12-08). A trained model's numbers depend on
 the thread count (oneDNN splits its reductions by thread: the losses of a 50-iteration run differ in the fourth
 digit), so the tests pin it, and their bars hold at one thread in a serial run too.
 """
@@ -31,6 +31,13 @@ FINE_SIZE, FINE_SPACING = (40, 40, 24), (4.5, 4.5, 6.0)
 # (test_methods.py says why).
 EPOCHS = 8
 ITERATIONS = 25
+# Two patches a step, where the `fast` plan takes 4. On these phantoms the patch covers the whole image, and until
+# 2026-12-08 a batch was one case's image 4 times (data/loaders.py): the gradient of one case at the cost of four.
+# The bars were measured with those batches. Now each patch comes from a case of its own, and a step of 2 cases
+# costs about half the 4 copies' (278 against 550 ms on the coarse grid, 454 against 901 on the fine one, one
+# thread, AVX2: benchmarks/bench_batch_step.py). Every bar held at 2 (seed 0; CMC seeds 0 and 1; MKD with CT as the
+# target seeds 0-2; RESULTS.md "Two patches of two cases").
+BATCH = 2
 
 
 def split(spec: DatasetSpec, root: Path, test_ids: list[str], drop_labels: list[str] = ()) -> tuple[Path, DatasetSpec]:
@@ -55,7 +62,8 @@ def fit(dataset: Path, out: Path, method: str, target: str, assistants: list[str
     assert torch.get_num_threads() == 1, ("learning tests train at one torch thread (the one_torch_thread fixture of "
                                           "conftest.py)")
     config = TrainConfig(method=method, target=target, assistants=assistants, epochs=epochs,
-                         iterations_per_epoch=ITERATIONS, device="cpu", val_every=epochs, seed=seed, options=hparams)
+                         iterations_per_epoch=ITERATIONS, batch_size=BATCH, device="cpu", val_every=epochs, seed=seed,
+                         options=hparams)
     return train(dataset, out, config)
 
 

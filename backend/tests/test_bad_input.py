@@ -184,6 +184,9 @@ def test_train_argument_errors(tmp_path: Path):
     assert_clean_error(cli("train", str(root), "--target", "mr", "--out", str(tmp_path / "m"), "--device", "cpu"),
                        "'mr' is not in dataset")
     assert_clean_error(cli(*train_args(root, tmp_path / "m", "--resume")), "no run to resume")
+    for size in ("0", "17", "two"):
+        assert_clean_error(cli(*train_args(root, tmp_path / "m", "--batch-size", size)), "batch")
+    assert not (tmp_path / "m").exists()
 
 
 def test_demo_argument_errors(tmp_path: Path):

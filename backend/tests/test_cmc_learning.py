@@ -48,7 +48,8 @@ def test_cmc_learns_from_one_labelled_pair_and_gains_from_unlabelled_pairs(few_l
     floating-point kernels, so the test asks for a mean lead of at least 0.03 over seeds 0 and 1. CMC itself reached
     0.66-0.74 in those runs (300 iterations; the test trains 200: tests/learning.py): each run must reach 0.6, where
     an untrained network scores about 0. Those runs used the 40 x 40 x 24 phantom; on this test's 32 x 32 x 20 one
-    (2026-12-07, one torch thread) CMC reached 0.688 / 0.688 with leads of +0.045 / +0.082.
+    (2026-12-07, one torch thread) CMC reached 0.688 / 0.688 with leads of +0.045 / +0.082, and with two patches of
+    two cases a step (tests/learning.py, 2026-12-08) 0.684 / 0.681 with leads of +0.041 / +0.089.
     The labelled CT image with its own MR trains as a true pair (co-registered phantoms: the label is the MR's too),
     so both decoders learn on the fused pass and no MR image needs a pass of its own."""
     data, held_out = few_labels

@@ -18,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from crossmodalseg.data.phantom import make_phantom_dataset
+from crossmodalseg.engine.checkpoint import read_model_meta
 from crossmodalseg.engine.inferer import Predictor
 
 from .learning import FINE_SIZE, FINE_SPACING
@@ -26,7 +27,7 @@ from .service_harness import Server, group_processes, same_geometry, voxels
 # An oblique, flipped grid: the service must keep it exactly.
 _c, _s = np.cos(np.pi / 7), np.sin(np.pi / 7)
 DIRECTION = tuple(float(v) for v in np.array([[_c, -_s, 0], [_s, _c, 0], [0, 0, -1]]).ravel())
-TINY_TRAINING = {"epochs": 2, "iterations_per_epoch": 6, "val_every": 2}
+TINY_TRAINING = {"epochs": 2, "iterations_per_epoch": 6, "batch_size": 2, "val_every": 2}
 BIG_REPS = (4, 4, 4)  # a case tiled into a prediction of several seconds, to stop while it runs
 GIVE_UP_AT = 0.25  # of the big prediction's time: it is given up while it runs in the worker
 
@@ -73,6 +74,7 @@ def test_full_loop_upload_train_predict_correct_finetune(server: Server, cases, 
     assert job["progress"]["fraction"] == 1.0 and job["progress"]["metrics"]["val_dice"]
     model = client.get(f"/models/{model_id}").json()
     assert model["state"] == "ready" and model["method"] == "single" and set(model["modalities"]) == {"ct", "mr"}
+    assert read_model_meta(server.home / "models" / model_id)["plan"]["batch_size"] == 2  # the job's batch_size
 
     # Synchronous prediction: exactly what the engine predicts in-process, on the input's own (oblique) grid.
     images = {m: new_case.images[m] for m in ("ct", "mr")}

@@ -73,12 +73,13 @@ def epochs_of(out: Path) -> list[dict]:
 @pytest.mark.parametrize("method,assistants,hparams", METHOD_CASES, ids=METHOD_IDS)
 def test_a_resumed_run_continues_the_uninterrupted_one(tiny: DatasetSpec, tmp_path: Path, method: str,
                                                         assistants: list[str], hparams: dict):
-    config = dict(method=method, target="ct", assistants=assistants, epochs=4, iterations_per_epoch=2, device="cpu",
-                  val_every=100, seed=3, options=hparams)
+    config = dict(method=method, target="ct", assistants=assistants, epochs=4, iterations_per_epoch=2, batch_size=2,
+                  device="cpu", val_every=100, seed=3, options=hparams)
     train(tiny.root, tmp_path / "whole", TrainConfig(**config))
     with pytest.raises(KeyboardInterrupt):
         train(tiny.root, tmp_path / "cut", TrainConfig(**config), events=CrashAfterEpoch(2))
-    # A resume states only the budget; the seed, method and options come from the interrupted run's record.
+    # A resume states only the budget; the seed, method, options and plan (its batch of 2 too) come from the
+    # interrupted run's record.
     train(tiny.root, tmp_path / "cut", TrainConfig(epochs=4, device="cpu"), resume=True)
 
     whole, cut = epochs_of(tmp_path / "whole"), epochs_of(tmp_path / "cut")
@@ -114,7 +115,7 @@ def test_the_trainer_follows_the_plans_learning_rate_curve(tiny: DatasetSpec, tm
         if name == "plain":
             monkeypatch.setitem(PRESETS, "fast", replace(fast, warmup_fraction=0.0, warmup_start_factor=1.0))
         config = TrainConfig(method=method, target="ct", assistants=assistants, epochs=20, iterations_per_epoch=1,
-                             device="cpu", val_every=100)
+                             batch_size=2, device="cpu", val_every=100)
         out = train(tiny.root, tmp_path / name, config)
         plan = Plan.from_json(read_model_meta(out)["plan"])
         assert (plan.learning_rate, plan.warmup_fraction, plan.warmup_start_factor) == pytest.approx(
@@ -164,6 +165,30 @@ def test_loader_workers_draw_different_batches_and_the_same_stream(tiny: Dataset
     assert torch.equal(first(2, 0, start=4)[0], serial[4])  # a resumed stream starts at its next batch
 
 
+def test_a_batch_of_cases_that_the_patch_covers_takes_each_patch_from_a_case_of_its_own(tmp_path: Path):
+    """Cases no larger than the patch (small or coarse images) offer one patch position: the batch's patches, drawn
+    from one case, were that case B times, identical without augmentation (the `fast` plan's). Each patch now comes
+    from a case drawn on its own, image and label together."""
+    spec = make_phantom_dataset(tmp_path / "d", n_cases=4, seed=3, size=(32, 32, 20), spacing=(5.625, 5.625, 7.2),
+                                modalities=("ct",))
+    plan = make_plan(spec, ["ct"], "fast")
+    assert plan.patch_size == [20, 32, 32] and not plan.augment and plan.batch_size == 4
+    items = [patch_ready(LoadCased(["ct"], plan, spec)({"case": case}), plan, spec.num_classes)
+             for case in spec.cases]
+    stream = patch_stream(items, labelled_patch_transform(plan, spec.num_classes), seed=0, device=torch.device("cpu"))
+    cases_per_batch = []
+    for _ in range(8):
+        batch = next(stream)
+        held = []
+        for image, label in zip(batch["image"], batch["label"]):
+            matches = [i for i, item in enumerate(items) if torch.equal(image, torch.as_tensor(item["image"]))]
+            assert len(matches) == 1  # a whole case
+            assert torch.equal(label, torch.as_tensor(items[matches[0]]["label"]))  # with its own label
+            held.append(matches[0])
+        cases_per_batch.append(len(set(held)))
+    assert sum(cases_per_batch) >= 2 * len(cases_per_batch), cases_per_batch  # drawn with replacement: ~2.7 of 4
+
+
 def test_the_plan_never_sees_validation_cases(tmp_path: Path):
     """Six CT cases, one of them (held out for validation) ten times brighter: the CT normalisation of the run must
     be that of the five training cases."""
@@ -192,6 +217,19 @@ def test_validation_says_what_it_measured(tiny: DatasetSpec, tmp_path: Path):
     training = read_model_meta(held)["training"]
     assert training["val_on"] == "held-out" and training["val_cases"] == ["case003"]
     assert set(training["val_dice"]) >= {"liver", "mean"}
+
+
+def test_batch_size_sets_the_patches_per_step_and_the_model_keeps_it(tiny: DatasetSpec, tmp_path: Path):
+    model = train(tiny.root, tmp_path / "m", TrainConfig(target="ct", epochs=1, iterations_per_epoch=1, batch_size=2,
+                                                         device="cpu"))
+    plan = Plan.from_json(read_model_meta(model)["plan"])
+    assert plan.batch_size == 2 and make_plan(tiny, ["ct"], "fast").batch_size == 4
+    item = patch_ready(LoadCased(["ct"], plan, tiny)({"case": tiny.cases[0]}), plan, tiny.num_classes)
+    stream = patch_stream([item], labelled_patch_transform(plan, tiny.num_classes), seed=0, device=torch.device("cpu"))
+    assert next(stream)["image"].shape[0] == 2
+    tuned = train(tiny.root, tmp_path / "tuned", TrainConfig(target="ct", epochs=1, iterations_per_epoch=1,
+                                                             batch_size=1, init_from=str(model), device="cpu"))
+    assert Plan.from_json(read_model_meta(tuned)["plan"]).batch_size == 1  # a fine-tuning may choose its own
 
 
 @pytest.mark.slow

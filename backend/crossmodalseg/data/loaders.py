@@ -1,9 +1,9 @@
 """Endless patch streams over preprocessed (cached) case items.
 
-Batch k of a stream is a pure function of (seed, k): which case it comes from and every random choice of its
-transforms (crop positions, augmentation) are drawn from a generator seeded with (seed, k). So the stream is the same
-with 0 or N loader workers (each worker computes whole batches, and no two batches share random draws), and a resumed
-run continues exactly where the interrupted one stopped by starting at its next batch index.
+Batch k of a stream is a pure function of (seed, k): which cases its patches come from and every random choice of
+its transforms (crop positions, augmentation) are drawn from a generator seeded with (seed, k). So the stream is the
+same with 0 or N loader workers (each worker computes whole batches, and no two batches share random draws), and a
+resumed run continues exactly where the interrupted one stopped by starting at its next batch index.
 """
 
 from __future__ import annotations
@@ -28,7 +28,11 @@ def batch_seed(seed: int, index: int) -> np.random.Generator:
 
 class PatchBatches(Dataset):
     """Batch `index` = one case drawn at random, several patches from it (the transform decides how many, e.g.
-    RandCropByLabelClassesd with num_samples=B), collated to tensors (B, C, ...)."""
+    RandCropByLabelClassesd with num_samples=B), collated to tensors (B, C, ...).
+
+    A case that the patch covers whole has one patch position only: its B patches would be one crop B times (exact
+    copies when the plan does not augment, as on small or coarse images), a batch that costs B steps and teaches
+    one. Then each patch of the batch comes from a case of its own, drawn at random, as nnU-Net draws every batch."""
 
     def __init__(self, items: Sequence[dict], transform: Callable, seed: int, keys: Sequence[str]):
         if not items:
@@ -43,12 +47,19 @@ class PatchBatches(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = batch_seed(self.seed, index)
+        item, patches = self._patches(rng)
+        if len(patches) > 1 and patches[0]["image"].shape[1:] == item["image"].shape[1:]:
+            patches = [patches[0], *(self._patches(rng)[1][0] for _ in patches[1:])]
+        batch = list_data_collate(patches)
+        return {k: _plain(batch[k]) for k in self.keys if k in batch}
+
+    def _patches(self, rng: np.random.Generator) -> tuple[dict, list[dict]]:
+        """A case drawn with `rng` and the transform's patches of it, its random choices drawn with `rng` too."""
         item = self.items[int(rng.integers(len(self.items)))]
         if hasattr(self.transform, "set_random_state"):
             self.transform.set_random_state(seed=int(rng.integers(2**32)))
         patches = self.transform(dict(item))
-        batch = list_data_collate(patches if isinstance(patches, list) else [patches])
-        return {k: _plain(batch[k]) for k in self.keys if k in batch}
+        return item, patches if isinstance(patches, list) else [patches]
 
 
 def patch_stream(items: Sequence[dict], transform: Callable, seed: int, device: torch.device,

@@ -304,6 +304,8 @@ class Trainer:
                                                    exclude=val_ids))
         if self.config.iterations_per_epoch:
             plan.iterations_per_epoch = self.config.iterations_per_epoch
+        if self.config.batch_size:
+            plan.batch_size = self.config.batch_size
         if init_model is not None:  # the model's own hyper-parameters (its networks depend on them), then overrides
             self.config.options = {**init_model.hparams, **self.config.options}
         torch.manual_seed(self.config.seed)  # before the networks exist: their initial weights are part of the run
