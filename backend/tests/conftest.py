@@ -35,10 +35,10 @@ SLOW_FIXTURES = {"trained_single"}  # tests that need a model trained for minute
 # scripts/test.sh runs the suite on two pytest-xdist workers (--dist loadgroup). One group per module keeps a
 # module's fixtures (a server, the panel and its backend) on one worker, and the modules that use the session model
 # form one group, so that it is trained once. The longest groups start first, so that no worker is left with one of
-# them at the end: the two learning modules (about 28 and 19 min at one torch thread on a 2-core AVX2 CPU), then
-# the others (about 600, 500, 430, 300, 225 and 145 s there, 2026-12-07).
-LONGEST_GROUPS_FIRST = ("test_methods.py", "test_cmc_learning.py", "trained_single", "test_real_brats.py",
-                        "test_panel_session.py", "test_training_engine.py", "test_logic.py", "test_demo.py")
+# them at the end: the two learning modules (about 18 and 13 min at one torch thread on a 2-core AVX2 CPU), then
+# the others (the panel's about 430 s there, the session model's group 355 s, real BraTS 280 s; 2026-12-08).
+LONGEST_GROUPS_FIRST = ("test_methods.py", "test_cmc_learning.py", "test_panel_session.py", "trained_single",
+                        "test_real_brats.py", "test_training_engine.py", "test_logic.py", "test_demo.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
