@@ -51,9 +51,10 @@ def test_paired_cases_give_true_pairs(tmp_path):
     assert len(items["labelled_pairs"]) == 4 and not items["labelled_a"]
     for batch in itertools.islice(method.batches(items, seed=0, device=torch.device("cpu")), 6):
         assert "x_pair" in batch
-        a_case = torch.unique(batch["x_a"])
-        assert a_case.numel() == 1
-        assert torch.unique(batch["x_pair"]).tolist() == [a_case.item() + 100]  # its own b-image
+        for x_a, x_pair in zip(batch["x_a"], batch["x_pair"]):  # the patches of a batch may be of several cases
+            a_case = torch.unique(x_a)
+            assert a_case.numel() == 1
+            assert torch.unique(x_pair).tolist() == [a_case.item() + 100]  # its own b-image
 
 
 def test_unpaired_cases_still_train_with_another_cases_b_image(tmp_path):
