@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from phantom_methods import COARSE_SIZE, COARSE_SPACING, SIZE, SPACING
 
 from crossmodalseg.data.phantom import make_phantom_dataset
 from crossmodalseg.data.plan import make_plan
@@ -26,8 +27,7 @@ from crossmodalseg.nets.layout import to_channels_last
 from crossmodalseg.nets.unet import UNet, UNetConfig
 
 # (name, voxels x y z, spacing mm): tests/learning.py's coarse and fine grids and conftest.py's session phantom
-GRIDS = (("coarse", (32, 32, 20), (5.625, 5.625, 7.2)), ("fine", (40, 40, 24), (4.5, 4.5, 6.0)),
-         ("session", (48, 48, 32), (3.0, 3.0, 4.0)))
+GRIDS = (("coarse", COARSE_SIZE, COARSE_SPACING), ("fine", SIZE, SPACING), ("session", (48, 48, 32), (3.0, 3.0, 4.0)))
 
 
 def step_timer(plan, batch: int):

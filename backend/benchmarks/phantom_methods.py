@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 SIZE, SPACING = (40, 40, 24), (4.5, 4.5, 6.0)  # the learning tests' tiny phantom (MAML's; tests/learning.py)
+COARSE_SIZE, COARSE_SPACING = (32, 32, 20), (5.625, 5.625, 7.2)  # MKD's and CMC's (tests/learning.py)
 EPOCHS, ITERATIONS = 12, 25
 # comparison: [(method, dataset, target, assistants, options)], the method first, then its baselines
 COMPARISONS = {

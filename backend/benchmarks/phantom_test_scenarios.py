@@ -25,9 +25,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from phantom_methods import SIZE, SPACING, add_threads_option, emit, held_out_set, set_threads, train_and_score
+from phantom_methods import (
+    COARSE_SIZE,
+    COARSE_SPACING,
+    SIZE,
+    SPACING,
+    add_threads_option,
+    emit,
+    held_out_set,
+    set_threads,
+    train_and_score,
+)
 
-GRIDS = {"fine": (SIZE, SPACING), "coarse": ((32, 32, 20), (5.625, 5.625, 7.2))}  # tests/learning.py's two
+GRIDS = {"fine": (SIZE, SPACING), "coarse": (COARSE_SIZE, COARSE_SPACING)}  # tests/learning.py's two
 
 
 def scenarios(root: Path, grid: str = "fine") -> dict[str, tuple[Path, object, str, str, list[str], dict]]:

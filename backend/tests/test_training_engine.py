@@ -28,7 +28,7 @@ from crossmodalseg.engine.events import EventLog, read_events
 from crossmodalseg.engine.trainer import TrainConfig, learning_rate_factor, train
 from crossmodalseg.errors import UserError
 
-from .learning import FINE_SIZE, FINE_SPACING
+from .learning import FINE_SIZE, FINE_SPACING, SIZE, SPACING
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +169,7 @@ def test_a_batch_of_cases_that_the_patch_covers_takes_each_patch_from_a_case_of_
     """Cases no larger than the patch (small or coarse images) offer one patch position: the batch's patches, drawn
     from one case, were that case B times, identical without augmentation (the `fast` plan's). Each patch now comes
     from a case drawn on its own, image and label together."""
-    spec = make_phantom_dataset(tmp_path / "d", n_cases=4, seed=3, size=(32, 32, 20), spacing=(5.625, 5.625, 7.2),
-                                modalities=("ct",))
+    spec = make_phantom_dataset(tmp_path / "d", n_cases=4, seed=3, size=SIZE, spacing=SPACING, modalities=("ct",))
     plan = make_plan(spec, ["ct"], "fast")
     assert plan.patch_size == [20, 32, 32] and not plan.augment and plan.batch_size == 4
     items = [patch_ready(LoadCased(["ct"], plan, spec)({"case": case}), plan, spec.num_classes)
