@@ -67,13 +67,15 @@ def main(argv: list[str] | None = None) -> int:
                 for b, step in timers.items():
                     times[b].append(step() * 1000)
             for b in args.batches:
-                row = {"grid": name, "patch": plan.patch_size, "batch": b, "ms_median": round(statistics.median(times[b])),
-                       "ms_min": round(min(times[b])), "ms_max": round(max(times[b]))}
+                row = {"grid": name, "patch": plan.patch_size, "batch": b,
+                       "ms_median": round(statistics.median(times[b])), "ms_min": round(min(times[b])),
+                       "ms_max": round(max(times[b]))}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if args.out:
-        args.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                                        "threads": 1, "steps": rows}, indent=1) + "\n")
+        machine = platform.processor() or platform.machine()
+        args.out.write_text(json.dumps({"machine": machine, "torch": torch.__version__, "threads": 1, "steps": rows},
+                                       indent=1) + "\n")
     return 0
 
 

@@ -14,6 +14,8 @@ import torch
 from crossmodalseg.data.phantom import make_phantom_dataset
 from crossmodalseg.data.spec import DatasetSpec
 
+from .learning import BATCH
+
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 # A rotated (30 degrees about z), left-right flipped grid with anisotropic spacing: every geometry bug shows.
@@ -22,12 +24,12 @@ OBLIQUE_DIRECTION = tuple(float(v) for v in np.array([[-_c, -_s, 0], [-_s, _c, 0
 PHANTOM_SIZE = (48, 48, 32)
 PHANTOM_SPACING = (3.0, 3.0, 4.0)
 
-# Training budget of the session model: measured to reach held-out Dice >= 0.8 on every structure. Two patches a
-# step, each a whole case (the patch covers these images), where the plan takes 4: 930 against 1769 ms a step at one
-# thread (AVX2, benchmarks/bench_batch_step.py), and liver / kidney / spleen 0.916 / 0.962 / 0.837 on the held-out pair (2026-12-08).
+# Training budget of the session model: measured to reach held-out Dice >= 0.8 on every structure. It trains the
+# learning tests' 2 patches a step (learning.BATCH), each a whole case (the patch covers these images), where the
+# plan takes 4: 930 against 1769 ms a step at one thread (AVX2, benchmarks/bench_batch_step.py), and liver / kidney /
+# spleen 0.916 / 0.962 / 0.837 on the held-out pair (2026-12-08).
 SESSION_EPOCHS = int(os.environ.get("CMS_TEST_EPOCHS", "12"))
 SESSION_ITERATIONS = 25
-SESSION_BATCH = 2
 
 
 SLOW_FIXTURES = {"trained_single"}  # tests that need a model trained for minutes belong to the slow part
@@ -99,7 +101,7 @@ def trained_single(phantom_split, tmp_path_factory) -> Path:
     train_spec, _ = phantom_split
     out = tmp_path_factory.mktemp("models") / "single_ct"
     config = TrainConfig(method="single", target="ct", epochs=SESSION_EPOCHS, iterations_per_epoch=SESSION_ITERATIONS,
-                         batch_size=SESSION_BATCH, device="cpu", val_every=SESSION_EPOCHS, seed=0)
+                         batch_size=BATCH, device="cpu", val_every=SESSION_EPOCHS, seed=0)
     return train(train_spec.root, out, config)
 
 

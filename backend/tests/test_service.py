@@ -35,8 +35,8 @@ GIVE_UP_AT = 0.25  # of the big prediction's time: it is given up while it runs 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
     """6 paired CT+MR phantom cases (5 to train, 1 to segment) on an oblique grid."""
-    spec = make_phantom_dataset(tmp_path_factory.mktemp("svc-data"), n_cases=6, seed=11, size=FINE_SIZE, spacing=FINE_SPACING,
-                                direction=DIRECTION)
+    spec = make_phantom_dataset(tmp_path_factory.mktemp("svc-data"), n_cases=6, seed=11, size=FINE_SIZE,
+                                spacing=FINE_SPACING, direction=DIRECTION)
     return spec.cases
 
 

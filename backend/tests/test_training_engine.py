@@ -191,7 +191,8 @@ def test_a_batch_of_cases_that_the_patch_covers_takes_each_patch_from_a_case_of_
 def test_the_plan_never_sees_validation_cases(tmp_path: Path):
     """Six CT cases, one of them (held out for validation) ten times brighter: the CT normalisation of the run must
     be that of the five training cases."""
-    spec = make_phantom_dataset(tmp_path / "d", n_cases=6, seed=2, size=FINE_SIZE, spacing=FINE_SPACING, modalities=("ct",))
+    spec = make_phantom_dataset(tmp_path / "d", n_cases=6, seed=2, size=FINE_SIZE, spacing=FINE_SPACING,
+                                modalities=("ct",))
     import SimpleITK as sitk
 
     bright = spec.cases[5]
